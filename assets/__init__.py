@@ -1,0 +1,1 @@
+"""Dagster assets over the engine: partitions, resources, embeddings and the index."""

@@ -1,0 +1,99 @@
+"""faiss_index (build and check, per model version) and search_index (publish, gated by the checks)."""
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetDep,
+    AssetExecutionContext,
+    AutomationCondition,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    MultiToSingleDimensionPartitionMapping,
+    asset,
+)
+
+from assets.embeddings import image_embeddings
+from assets.partitions import model_versions
+from assets.resources import BackfillResource, run_engine
+from backfill.index import build_index, latest_build
+from backfill.manifest import list_shards
+from backfill.publish import publish
+from backfill.registry import read_card
+
+
+@asset(
+    partitions_def=model_versions,
+    deps=[AssetDep(image_embeddings, partition_mapping=MultiToSingleDimensionPartitionMapping(partition_dimension_name="model_version"))],
+    # built once every shard of the version is embedded; rebuilt when shards are re-embedded
+    automation_condition=AutomationCondition.eager(),
+    check_specs=[
+        AssetCheckSpec(
+            "recall_at_10",
+            asset="faiss_index",
+            blocking=True,
+            description="recall@10 against exact search on held-out queries reaches target_recall",
+        )
+    ],
+    kinds={"faiss"},
+    description="An immutable FAISS index build of one model version, with its measured recall.",
+)
+def faiss_index(context: AssetExecutionContext, backfill: BackfillResource) -> MaterializeResult:
+    version = context.partition_key
+    layout = backfill.layout()
+    card = run_engine(read_card, layout, backfill.model, version)
+    shards = list_shards(layout)
+    build = run_engine(
+        build_index, layout, backfill.model, version, shards, backfill.index_config(), model_created=card.created, log=context.log.info
+    )
+    return MaterializeResult(
+        metadata={
+            "build_id": build.build_id,
+            "index_type": build.index_type,
+            "vectors": build.vectors,
+            "rejects": build.rejects,
+            "shards": build.shards,
+            "nlist": build.nlist,
+            "nprobe": build.nprobe,
+            "recall_at_10": MetadataValue.float(build.recall_at_k),
+            "recall_by_nprobe": MetadataValue.json(build.recall_by_nprobe),
+            "bytes": build.index_bytes,
+            "build_s": MetadataValue.float(build.build_s),
+            "path": MetadataValue.path(layout.store.display(build.path)),
+        },
+        check_results=[
+            AssetCheckResult(
+                check_name="recall_at_10",
+                passed=build.passed,
+                metadata={"recall_at_10": build.recall_at_k, "target": build.target_recall, "nprobe": build.nprobe},
+            )
+        ],
+    )
+
+
+@asset(
+    partitions_def=model_versions,
+    deps=[faiss_index],
+    automation_condition=AutomationCondition.eager(),
+    kinds={"faiss"},
+    description="The index build that search serves: CURRENT swapped atomically to the version's checked build.",
+)
+def search_index(context: AssetExecutionContext, backfill: BackfillResource) -> MaterializeResult:
+    version = context.partition_key
+    layout = backfill.layout()
+    build = latest_build(layout, backfill.model, version)
+    if build is None:
+        raise Failure(description=f"no complete index build of {backfill.model}/{version} to publish", allow_retries=False)
+    result = run_engine(publish, layout, backfill.model, build.build_id)
+    context.log.info(result.reason)
+    pointer = result.pointer or {}
+    return MaterializeResult(
+        metadata={
+            "published": result.published,
+            "reason": result.reason,
+            "build_id": build.build_id,
+            "serving_version": pointer.get("version", ""),
+            "serving_build_id": pointer.get("build_id", ""),
+            "recall_at_10": MetadataValue.float(build.recall_at_k),
+        }
+    )

@@ -1,0 +1,54 @@
+"""The one Dagster resource that carries engine settings; each is validated by the engine's dataclasses."""
+
+from __future__ import annotations
+
+import functools
+
+from dagster import ConfigurableResource, Failure
+
+from backfill.config import EmbedConfig, IndexConfig
+from backfill.errors import PermanentError
+from backfill.registry import LoadedModel, load_model, read_card
+from backfill.storage import Layout, Store
+
+
+class BackfillResource(ConfigurableResource):
+    """Where the data lives and how partitions are embedded and indexed."""
+
+    root: str
+    model: str = "refcnn"
+    device: str = "cpu"
+    batch_size: int = 64
+    chunk_size: int = 256
+    max_reject_rate: float = 0.05
+    warn_reject_rate: float = 0.01
+    target_recall: float = 0.95
+
+    def layout(self) -> Layout:
+        return Layout(Store.open(self.root))
+
+    def embed_config(self) -> EmbedConfig:
+        return EmbedConfig(
+            batch_size=self.batch_size, chunk_size=self.chunk_size, device=self.device, max_reject_rate=self.max_reject_rate
+        )
+
+    def index_config(self) -> IndexConfig:
+        return IndexConfig(target_recall=self.target_recall)
+
+    def load_model(self, version: str) -> LoadedModel:
+        return _cached_model(self.root, self.model, version, self.device)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_model(root: str, model: str, version: str, device: str) -> LoadedModel:
+    # built once per process (a pod), reused by every partition it runs
+    layout = Layout(Store.open(root))
+    return load_model(layout, read_card(layout, model, version), device)
+
+
+def run_engine(fn, *args, **kwargs):
+    """Call an engine function; a permanent error fails the step without retries, others retry."""
+    try:
+        return fn(*args, **kwargs)
+    except PermanentError as exc:
+        raise Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False) from exc

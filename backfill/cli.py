@@ -1,0 +1,150 @@
+"""The `backfill` command: make sample data, register models, search, and see what is published."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from backfill.errors import BackfillError
+
+DEFAULT_ROOT = "data"
+DEFAULT_MODEL = "refcnn"
+
+
+def _layout(root: str):
+    from backfill.storage import Layout, Store
+
+    return Layout(Store.open(root))
+
+
+def _bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=None)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from backfill.sample import SampleSpec, make_sample_corpus
+
+    spec = SampleSpec(images=args.images, shards=args.shards, seed=args.seed)
+    with _bar(spec.images, "sample corpus") as bar:
+        result = make_sample_corpus(_layout(args.root), spec, progress=bar.update)
+    print(f"wrote {result['images']} images in {result['groups']} near-duplicate groups, {result['shards']} manifest shards")
+
+
+def cmd_register(args: argparse.Namespace) -> None:
+    from backfill.models import REFERENCE, torchscript_bytes
+    from backfill.registry import register_version
+
+    if args.artifact:
+        with open(args.artifact, "rb") as f:
+            blob = f.read()
+        dim, size = args.dim, args.input_size
+        if not dim or not size:
+            raise BackfillError("--artifact needs --dim and --input-size (what model.json will promise)")
+    else:
+        if args.version not in REFERENCE:
+            raise BackfillError(f"no reference model {args.version!r} (have {', '.join(REFERENCE)}); pass --artifact to register your own")
+        arch = REFERENCE[args.version]
+        blob, dim, size = torchscript_bytes(arch), arch.dim, arch.input_size
+    card = register_version(_layout(args.root), args.model, args.version, blob, dim=dim, input_size=size)
+    print(f"registered {card.name} {card.version}: dim={card.dim} input={card.input_size} sha256={card.sha256[:12]}…")
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from backfill.search import Searcher
+
+    with open(args.image, "rb") as f:
+        data = f.read()
+    result = Searcher(_layout(args.root), args.model).search_image(data, k=args.k)
+    if args.json:
+        print(json.dumps({"model": result.model, "version": result.version, "build_id": result.build_id, "hits": [h.__dict__ for h in result.hits]}, indent=2))
+        return
+    print(f"{result.model} {result.version} (index {result.build_id}):")
+    for rank, hit in enumerate(result.hits, 1):
+        print(f"  {rank:2d}. {hit.score:.4f}  id={hit.image_id:<8d} {hit.uri}")
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from backfill.publish import read_pointer
+    from backfill.registry import list_versions
+
+    layout = _layout(args.root)
+    cards, skipped = list_versions(layout, args.model)
+    print(f"registry {args.model}: {', '.join(c.version for c in cards) or 'no versions'}")
+    for version, reason in skipped.items():
+        print(f"  skipped {version}: {reason}")
+    for model in layout.indexed_models() or [args.model]:
+        pointer = read_pointer(layout, model)
+        if pointer is None:
+            print(f"{model}: nothing published")
+        else:
+            print(
+                f"{model}: serving {pointer['version']} build {pointer['build_id']} ({pointer['index_type']}, "
+                f"{pointer['vectors']} vectors, nprobe={pointer['nprobe']}, recall@{pointer['k']}={pointer['recall_at_k']}, "
+                f"published {pointer['published_at']})"
+            )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from backfill.evaluate import near_duplicate_recall
+    from backfill.manifest import list_shards
+
+    layout = _layout(args.root)
+    result = near_duplicate_recall(layout, args.model, args.version, list_shards(layout), k=args.k)
+    print(f"{args.model} {args.version}: near-duplicate recall@{args.k}={result[f'recall_at_{args.k}']:.4f} top1={result['top1']:.4f} over {int(result['queries'])} queries")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="backfill",
+        description="Model backfill platform: re-embed an image corpus for each model version and publish a FAISS index. "
+        "The Dagster UI (`dagster dev` in the repository) runs the backfills; this command prepares data and queries results.",
+    )
+    parser.add_argument("--root", default=os.environ.get("BACKFILL_ROOT", DEFAULT_ROOT), help="data root: a folder or s3://bucket/prefix (env BACKFILL_ROOT; default %(default)s)")
+    parser.add_argument("--model", default=os.environ.get("BACKFILL_MODEL", DEFAULT_MODEL), help="model name in the registry (env BACKFILL_MODEL; default %(default)s)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample", help="generate a synthetic JPEG corpus with near-duplicate groups and its manifest shards")
+    p.add_argument("--images", type=int, default=2400)
+    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("register", help="register a model version (a built-in reference CNN, or your TorchScript file)")
+    p.add_argument("version", help="version name, e.g. v1; without --artifact, the reference model of that name")
+    p.add_argument("--artifact", help="a TorchScript file to register instead of a reference model")
+    p.add_argument("--dim", type=int, help="embedding size the artifact outputs (with --artifact)")
+    p.add_argument("--input-size", type=int, help="square input size in pixels (with --artifact)")
+    p.set_defaults(fn=cmd_register)
+
+    p = sub.add_parser("search", help="find the images nearest to a query image in the published index")
+    p.add_argument("image", help="path of the query image")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(fn=cmd_search)
+
+    p = sub.add_parser("status", help="registered versions and what is published per model, with its recall")
+    p.set_defaults(fn=cmd_status)
+
+    p = sub.add_parser("evaluate", help="near-duplicate recall@k of a version's embeddings on the sample corpus")
+    p.add_argument("version")
+    p.add_argument("-k", type=int, default=10)
+    p.set_defaults(fn=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (BackfillError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"backfill {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Frozen, validated settings for the engine: every knob is checked once, here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from backfill.errors import ConfigError
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """How one shard is embedded.
+
+    chunk_size is part of the on-storage contract: chunk i covers rows
+    [i*chunk_size, (i+1)*chunk_size) of the shard, so it must not change while a
+    model version is being embedded (a resume with another size is refused).
+    """
+
+    batch_size: int = 64
+    chunk_size: int = 256
+    device: str = "cpu"
+    fetch_workers: int = 16
+    decode_workers: int = 0  # 0: one per CPU the process may use
+    torch_threads: int = 0  # 0: one per CPU the process may use
+    max_reject_rate: float = 0.05
+    max_image_pixels: int = 64_000_000
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.batch_size <= 8192, f"batch_size must be in 1..8192, got {self.batch_size}")
+        _require(1 <= self.chunk_size <= 1_000_000, f"chunk_size must be in 1..1000000, got {self.chunk_size}")
+        _require(
+            self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:"),
+            f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}",
+        )
+        _require(1 <= self.fetch_workers <= 512, f"fetch_workers must be in 1..512, got {self.fetch_workers}")
+        _require(self.decode_workers >= 0, f"decode_workers must be >= 0, got {self.decode_workers}")
+        _require(self.torch_threads >= 0, f"torch_threads must be >= 0, got {self.torch_threads}")
+        _require(
+            0.0 <= self.max_reject_rate <= 1.0,
+            f"max_reject_rate must be a fraction in [0, 1], got {self.max_reject_rate}",
+        )
+        _require(self.max_image_pixels >= 1, f"max_image_pixels must be positive, got {self.max_image_pixels}")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How an index is built and judged.
+
+    Index type rule (by the number of vectors N):
+      N < flat_below                 -> Flat (exact inner product)
+      flat_below <= N < pq_from      -> IVF{nlist},Flat
+      N >= pq_from                   -> IVF{nlist},PQ{pq_m}
+    nlist is the power of two nearest 4*sqrt(N), lowered until every centroid
+    gets at least 39 training points (FAISS's own floor).
+    """
+
+    target_recall: float = 0.95
+    k: int = 10
+    n_queries: int = 200
+    seed: int = 1234
+    flat_below: int = 1_000
+    pq_from: int = 5_000_000
+    pq_m: int = 0  # 0: dim // 4 sub-quantizers
+    train_points_per_centroid: int = 64
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.target_recall <= 1.0, f"target_recall must be in (0, 1], got {self.target_recall}")
+        _require(1 <= self.k <= 1000, f"k must be in 1..1000, got {self.k}")
+        _require(self.n_queries >= 1, f"n_queries must be positive, got {self.n_queries}")
+        _require(self.flat_below >= 1, f"flat_below must be positive, got {self.flat_below}")
+        _require(self.pq_from > self.flat_below, "pq_from must be greater than flat_below")
+        _require(
+            39 <= self.train_points_per_centroid <= 256,
+            f"train_points_per_centroid must be in 39..256, got {self.train_points_per_centroid}",
+        )

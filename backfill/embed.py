@@ -1,0 +1,235 @@
+"""embed_shard: one partition (model version x shard), written as atomic chunks, resumable."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from backfill.config import EmbedConfig
+from backfill.errors import ConfigError, RejectRateError
+from backfill.images import BadImage, decode, make_fetcher
+from backfill.manifest import read_shard
+from backfill.pipeline import bounded_map, cpu_budget
+from backfill.registry import LoadedModel
+from backfill.storage import Layout
+
+MARKER = "_SUCCESS.json"
+
+
+def chunk_name(start: int, end: int) -> str:
+    # the row range is in the name, so a resume can tell a chunk of another chunk_size from a missing one
+    return f"rows-{start:012d}-{end:012d}.parquet"
+
+
+def chunk_plan(rows: int, chunk_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + chunk_size, rows)) for s in range(0, rows, chunk_size)]
+
+
+@dataclass
+class EmbedStats:
+    shard: str
+    model: str
+    version: str
+    images: int = 0
+    embedded: int = 0
+    rejects: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    chunks: int = 0
+    chunks_resumed: int = 0  # committed by an earlier attempt, not redone
+    images_embedded_now: int = 0  # work done by this attempt (wasted-work accounting)
+    wall_s: float = 0.0
+    images_per_s: float = 0.0
+    batch_size: int = 0
+    device: str = "cpu"
+    ids_sha256: str = ""
+
+    def top_reasons(self, n: int = 3) -> list[tuple[str, int]]:
+        return Counter(self.reasons).most_common(n)
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":", 1)[0]
+
+
+def embed_shard(
+    layout: Layout,
+    shard_name: str,
+    model: LoadedModel,
+    config: EmbedConfig,
+    *,
+    progress: Callable[[int], None] | None = None,
+    on_chunk_committed: Callable[[int], None] | None = None,
+) -> EmbedStats:
+    """Embed every row of a manifest shard with one model version.
+
+    Chunk i covers the same rows on every attempt and is committed atomically, so a
+    retried partition skips committed chunks and redoes at most the chunk it was in.
+    Bad images become rows with a null embedding and a reason. The completion marker
+    (counts and an id checksum) is written last.
+    """
+    started = time.perf_counter()
+    card = model.card
+    out = layout.embeddings(card.name, card.version, shard_name)
+    stats = EmbedStats(shard=shard_name, model=card.name, version=card.version, batch_size=config.batch_size, device=config.device)
+    store = layout.store
+    if store.exists(f"{out}/{MARKER}"):
+        done = store.read_json(f"{out}/{MARKER}")
+        stats.__dict__.update({k: v for k, v in done.items() if k in stats.__dict__})
+        stats.chunks_resumed, stats.images_embedded_now = stats.chunks, 0
+        stats.wall_s = time.perf_counter() - started
+        return stats
+
+    shard = read_shard(layout, shard_name)
+    plan = chunk_plan(len(shard), config.chunk_size)
+    committed = {n for n in store.ls(out) if n.endswith(".parquet")}
+    foreign = committed - {chunk_name(s, e) for s, e in plan}
+    if foreign:
+        raise ConfigError(
+            f"shard {shard_name} of {card.name}/{card.version} has committed chunks {sorted(foreign)[:3]} that do not "
+            f"match chunk_size={config.chunk_size}; chunk_size must stay fixed for a model version "
+            f"(delete {store.display(out)} to start this shard over)"
+        )
+    todo = [(s, e) for s, e in plan if chunk_name(s, e) not in committed]
+    stats.chunks, stats.chunks_resumed = len(plan), len(plan) - len(todo)
+    if progress and stats.chunks_resumed:
+        progress(sum(e - s for s, e in plan if chunk_name(s, e) in committed))
+
+    threads = config.torch_threads or cpu_budget()
+    torch.set_num_threads(threads)
+    fetch = make_fetcher()
+    size = card.input_size
+
+    def fetch_row(row: int) -> tuple[int, bytes | str]:
+        try:
+            return row, fetch(shard.uris[row])
+        except BadImage as exc:
+            return row, str(exc)
+
+    def decode_row(item: tuple[int, bytes | str]) -> tuple[int, np.ndarray | str]:
+        row, data = item
+        if isinstance(data, str):
+            return row, data
+        try:
+            return row, decode(data, size, config.max_image_pixels)
+        except BadImage as exc:
+            return row, str(exc)
+
+    rows = (r for s, e in todo for r in range(s, e))
+    fetched = bounded_map(fetch_row, rows, config.fetch_workers, window=4 * config.fetch_workers)
+    decode_workers = config.decode_workers or cpu_budget()
+    decoded = bounded_map(decode_row, fetched, decode_workers, window=max(config.batch_size * 2, 4 * decode_workers))
+
+    for start, end in todo:
+        vectors = np.zeros((end - start, card.dim), dtype=np.float32)
+        valid = np.zeros(end - start, dtype=bool)
+        errors: list[str | None] = [None] * (end - start)
+        batch_rows: list[int] = []
+        batch_pixels: list[np.ndarray] = []
+
+        def flush() -> None:
+            if batch_rows:
+                vecs = model.embed(np.stack(batch_pixels))
+                offsets = np.asarray(batch_rows) - start
+                vectors[offsets] = vecs
+                valid[offsets] = True
+                batch_rows.clear()
+                batch_pixels.clear()
+
+        for _ in range(end - start):
+            row, result = next(decoded)
+            if isinstance(result, str):
+                errors[row - start] = result
+            else:
+                batch_rows.append(row)
+                batch_pixels.append(result)
+                if len(batch_rows) == config.batch_size:
+                    flush()
+        flush()
+        _write_chunk(layout, out, start, end, shard.image_ids[start:end], vectors, valid, errors)
+        stats.images_embedded_now += int(valid.sum())
+        if progress:
+            progress(end - start)
+        if on_chunk_committed:
+            on_chunk_committed(start // config.chunk_size)
+
+    _tally(layout, out, plan, stats)
+    stats.wall_s = time.perf_counter() - started
+    stats.images_per_s = stats.images_embedded_now / stats.wall_s if stats.wall_s else 0.0
+    expected_sha = _ids_sha256(shard.image_ids)
+    if stats.ids_sha256 != expected_sha:
+        raise ConfigError(f"shard {shard_name}: committed chunks do not hold the manifest's ids in order; delete {store.display(out)}")
+    if stats.images and stats.rejects / stats.images > config.max_reject_rate:
+        top = ", ".join(f"{k} ({v})" for k, v in stats.top_reasons())
+        raise RejectRateError(
+            f"shard {shard_name}: {stats.rejects}/{stats.images} images rejected "
+            f"({stats.rejects / stats.images:.1%} > max_reject_rate {config.max_reject_rate:.1%}); top reasons: {top}"
+        )
+    marker = {k: v for k, v in asdict(stats).items() if k not in ("wall_s", "images_per_s", "chunks_resumed", "images_embedded_now")}
+    marker["chunk_size"] = config.chunk_size
+    store.write_json(f"{out}/{MARKER}", marker)
+    return stats
+
+
+def _ids_sha256(ids: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(ids, dtype="<i8").tobytes()).hexdigest()
+
+
+def _write_chunk(
+    layout: Layout,
+    out: str,
+    start: int,
+    end: int,
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    valid: np.ndarray,
+    errors: list[str | None],
+) -> None:
+    dim = vectors.shape[1]
+    values = pa.array(vectors.astype(np.float16).reshape(-1), type=pa.float16())
+    embedding = pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~valid))
+    table = pa.table({"image_id": pa.array(ids, type=pa.int64()), "embedding": embedding, "error": pa.array(errors, type=pa.string())})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    layout.store.write_bytes(f"{out}/{chunk_name(start, end)}", buf.getvalue())
+
+
+def read_chunks(layout: Layout, out: str, columns: list[str] | None = None) -> pa.Table | None:
+    """All committed chunks of a shard, in row order (None when there are none)."""
+    names = [n for n in layout.store.ls(out) if n.endswith(".parquet")]
+    if not names:
+        return None
+    tables = [pq.read_table(io.BytesIO(layout.store.read_bytes(f"{out}/{n}")), columns=columns) for n in names]
+    return pa.concat_tables(tables)
+
+
+def _tally(layout: Layout, out: str, plan: list[tuple[int, int]], stats: EmbedStats) -> None:
+    """Recount the whole shard from what is committed (earlier attempts included)."""
+    table = read_chunks(layout, out, columns=["image_id", "error"])
+    assert table is not None and table.num_rows == (plan[-1][1] if plan else 0)
+    errors = [e for e in table.column("error").to_pylist() if e is not None]
+    stats.images = table.num_rows
+    stats.rejects = len(errors)
+    stats.embedded = stats.images - stats.rejects
+    stats.reasons = dict(Counter(_reason_kind(e) for e in errors))
+    stats.ids_sha256 = _ids_sha256(table.column("image_id").to_numpy())
+
+
+def load_embeddings(layout: Layout, model: str, version: str, shard: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image_ids, vectors float32 (n, dim) with zeros for rejects, valid mask) of a completed shard."""
+    table = read_chunks(layout, layout.embeddings(model, version, shard), columns=["image_id", "embedding"])
+    if table is None:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, bool)
+    emb = table.column("embedding").combine_chunks()
+    dim = emb.type.list_size
+    valid = emb.is_valid().to_numpy(zero_copy_only=False)
+    vectors = emb.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+    return table.column("image_id").to_numpy(), vectors, valid

@@ -1,0 +1,100 @@
+"""search: embed a query image with the serving model version and return the nearest images."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+
+from backfill.errors import BackfillError, IncompleteError
+from backfill.images import decode
+from backfill.index import IDS_FILE, INDEX_FILE, read_build
+from backfill.publish import read_pointer
+from backfill.registry import LoadedModel, load_model, read_card
+from backfill.storage import Layout
+
+
+@dataclass(frozen=True)
+class Hit:
+    image_id: int
+    uri: str
+    score: float
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    model: str
+    version: str
+    build_id: str
+    hits: list[Hit]
+
+
+@dataclass(frozen=True)
+class _Served:
+    """Everything one answer needs, swapped as one object so a query never mixes two builds."""
+
+    build_id: str
+    version: str
+    index: faiss.Index
+    ids: np.ndarray
+    uris: list[str]
+    model: LoadedModel
+
+
+class Searcher:
+    """Answers queries from whatever CURRENT names, reloading when it moves."""
+
+    def __init__(self, layout: Layout, model: str, device: str = "cpu", max_image_pixels: int = 64_000_000) -> None:
+        self.layout, self.model_name, self.device = layout, model, device
+        self.max_image_pixels = max_image_pixels
+        self._served: _Served | None = None
+        self._lock = threading.Lock()
+
+    def current(self) -> _Served:
+        pointer = read_pointer(self.layout, self.model_name)
+        if pointer is None:
+            raise BackfillError(f"no index is published for model {self.model_name!r} yet")
+        served = self._served
+        if served is None or served.build_id != pointer["build_id"]:
+            with self._lock:
+                served = self._served
+                if served is None or served.build_id != pointer["build_id"]:
+                    served = self._load(pointer["build_id"], served)
+                    self._served = served
+        return served
+
+    def _load(self, build_id: str, previous: _Served | None) -> _Served:
+        build = read_build(self.layout, self.model_name, build_id)
+        folder = self.layout.index_build(self.model_name, build_id)
+        blob = self.layout.store.read_bytes(f"{folder}/{INDEX_FILE}")
+        if hashlib.sha256(blob).hexdigest() != build.index_sha256:
+            raise IncompleteError(f"index build {self.model_name}/{build_id}: {INDEX_FILE} does not match its sha256")
+        index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
+        if build.nprobe:
+            faiss.extract_index_ivf(index).nprobe = build.nprobe
+        table = pq.read_table(io.BytesIO(self.layout.store.read_bytes(f"{folder}/{IDS_FILE}")))
+        if previous is not None and previous.version == build.version:
+            model = previous.model
+        else:
+            model = load_model(self.layout, read_card(self.layout, self.model_name, build.version), self.device)
+        return _Served(build_id, build.version, index, table.column("image_id").to_numpy(), table.column("uri").to_pylist(), model)
+
+    def search_image(self, data: bytes, k: int = 10) -> SearchResult:
+        served = self.current()
+        pixels = decode(data, served.model.card.input_size, self.max_image_pixels)
+        vector = served.model.embed(pixels[None])
+        return self._answer(served, vector, k)
+
+    def _answer(self, served: _Served, vector: np.ndarray, k: int) -> SearchResult:
+        scores, positions = served.index.search(np.ascontiguousarray(vector, dtype=np.float32), k)
+        hits = [
+            Hit(int(served.ids[p]), served.uris[p], float(s))
+            for p, s in zip(positions[0], scores[0])
+            if p >= 0
+        ]
+        return SearchResult(self.model_name, served.version, served.build_id, hits)

@@ -1,0 +1,1 @@
+"""Jobs, sensors, schedules and the Definitions that tie the assets to an instance."""

@@ -1,0 +1,47 @@
+"""The Definitions: assets, checks, sensors, schedule and the one resource, configured from the environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dagster import Definitions, define_asset_job, multiprocess_executor
+
+from assets.embeddings import image_embeddings
+from assets.index import faiss_index, search_index
+from assets.partitions import model_versions
+from assets.resources import BackfillResource
+from ops.schedules import embed_job, refresh_schedule
+from ops.sensors import backfill_automation, model_registry_sensor
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def backfill_resource_from_env() -> BackfillResource:
+    """Settings from BACKFILL_* variables; the default root is ./data in the repository."""
+    env = os.environ
+    root = env.get("BACKFILL_ROOT", str(REPO / "data"))
+    if "://" not in root:
+        root = str((REPO / root).resolve()) if not os.path.isabs(root) else root
+    return BackfillResource(
+        root=root,
+        model=env.get("BACKFILL_MODEL", "refcnn"),
+        device=env.get("BACKFILL_DEVICE", "cpu"),
+        batch_size=int(env.get("BACKFILL_BATCH_SIZE", "64")),
+        chunk_size=int(env.get("BACKFILL_CHUNK_SIZE", "256")),
+        max_reject_rate=float(env.get("BACKFILL_MAX_REJECT_RATE", "0.05")),
+        target_recall=float(env.get("BACKFILL_TARGET_RECALL", "0.95")),
+    )
+
+
+index_job = define_asset_job("index_job", selection=[faiss_index, search_index], partitions_def=model_versions)
+
+defs = Definitions(
+    assets=[image_embeddings, faiss_index, search_index],
+    jobs=[embed_job, index_job],
+    sensors=[model_registry_sensor, backfill_automation],
+    schedules=[refresh_schedule],
+    resources={"backfill": backfill_resource_from_env()},
+    # each step its own process, as each partition is its own pod in the cluster
+    executor=multiprocess_executor,
+)
