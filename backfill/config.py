@@ -54,7 +54,7 @@ class IndexConfig:
     Index type rule (by the number of vectors N):
       N < flat_below                 -> Flat (exact inner product)
       flat_below <= N < pq_from      -> IVF{nlist},Flat
-      N >= pq_from                   -> IVF{nlist},PQ{pq_m}
+      N >= pq_from                   -> IVF{nlist},PQ{pq_m}x8 (x4 below 9,984 vectors)
     nlist is the power of two nearest 4*sqrt(N), lowered until every centroid
     gets at least 39 training points (FAISS's own floor).
     """

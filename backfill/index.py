@@ -49,7 +49,9 @@ def choose_index(n: int, dim: int, config: IndexConfig) -> IndexSpec:
     m = config.pq_m or max(1, dim // 4)
     while dim % m:
         m -= 1
-    return IndexSpec(f"IVF{nlist},PQ{m}", nlist)
+    # 8-bit codebooks need 256 centroids per sub-quantizer; small corpora get 4-bit ones
+    bits = 8 if n >= 39 * 256 else 4
+    return IndexSpec(f"IVF{nlist},PQ{m}x{bits}", nlist)
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -30,10 +31,10 @@ REFERENCE = {
 class RefCNN(nn.Module):
     """Conv stages with multi-scale pooling and a projection, L2-normalised output.
 
-    The weights are a fixed random initialisation (seeded), not trained: random
-    convolutional features pooled over space are already a usable near-duplicate
-    signature, and per-image normalisation at the input makes them insensitive to
-    global colour and brightness shifts.
+    The convolutions are a fixed random initialisation (seeded), not trained: random
+    convolutional features pooled over space are a usable near-duplicate signature
+    once centred and PCA-whitened on unlabelled images (calibrate), and per-image
+    normalisation at the input makes them insensitive to global colour shifts.
     """
 
     def __init__(self, arch: Architecture) -> None:
@@ -48,14 +49,17 @@ class RefCNN(nn.Module):
             cin = w
         self.stages = nn.ModuleList(layers)
         pooled = 2 * arch.widths[-1] + arch.widths[-2]
-        self.project = nn.Linear(pooled, arch.dim, bias=False)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-        nn.init.orthogonal_(self.project.weight)
+        # set by calibrate(): centre and PCA-whiten the pooled features (random features
+        # share a large common component that would make every pair look alike)
+        self.register_buffer("feature_mean", torch.zeros(pooled))
+        self.register_buffer("projection", torch.linalg.qr(torch.randn(pooled, arch.dim))[0])
         torch.random.set_rng_state(generator_state)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features before centring and projection."""
         x = self.input_norm(x)
         prev = x
         for stage in self.stages:
@@ -68,13 +72,37 @@ class RefCNN(nn.Module):
             ],
             dim=1,
         )
-        feats = torch.sqrt(feats.clamp_min(0) + 1e-6)  # power-law normalisation: tames bursty channels
-        return F.normalize(self.project(feats), dim=1)
+        return torch.sqrt(feats.clamp_min(0) + 1e-6)  # power-law normalisation: tames bursty channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize((self.features(x) - self.feature_mean) @ self.projection, dim=1)
+
+    @torch.inference_mode()
+    def calibrate(self, images: torch.Tensor, whitening_power: float = 0.5) -> None:
+        """Learn the centring and a PCA projection from unlabelled images (N >= pooled dims)."""
+        feats = self.features(images).double()
+        mean = feats.mean(0)
+        eigval, eigvec = torch.linalg.eigh(torch.cov((feats - mean).T))
+        top = torch.argsort(eigval, descending=True)[: self.projection.shape[1]]
+        scale = eigval[top].clamp_min(1e-12) ** (-whitening_power / 2)
+        self.feature_mean.copy_(mean.float())
+        self.projection.copy_((eigvec[:, top] * scale).float())
+
+
+def calibration_images(arch: Architecture, n: int = 768) -> torch.Tensor:
+    """Normalised synthetic images for calibrate(), drawn apart from any corpus (own seed)."""
+    from backfill.sample import synthetic_image
+
+    rng = np.random.default_rng(10_000 + arch.seed)
+    size = arch.input_size
+    batch = np.stack([np.asarray(synthetic_image(rng).resize((size, size)), dtype=np.float32) for _ in range(n)])
+    return (torch.from_numpy(batch).permute(0, 3, 1, 2) / 255.0 - 0.5) / 0.5
 
 
 def torchscript_bytes(arch: Architecture) -> bytes:
     """The TorchScript artifact of a reference model (loadable without any Python class)."""
     model = RefCNN(arch).eval()
+    model.calibrate(calibration_images(arch))
     example = torch.zeros(2, 3, arch.input_size, arch.input_size)
     with torch.inference_mode():
         scripted = torch.jit.trace(model, example)

@@ -29,7 +29,8 @@ class SampleSpec:
             raise ValueError(f"need 1 <= shards <= images, got images={self.images} shards={self.shards}")
 
 
-def _original(rng: np.random.Generator) -> Image.Image:
+def synthetic_image(rng: np.random.Generator) -> Image.Image:
+    """A random scene: a gradient, texture or flat background with 3-11 coloured shapes."""
     w, h = int(rng.integers(160, 640)), int(rng.integers(160, 640))
     kind = rng.integers(3)
     if kind == 0:  # gradient
@@ -89,7 +90,7 @@ def make_sample_corpus(
     rows: list[tuple[int, str, int, str]] = []
     group = 0
     while len(rows) < spec.images:
-        original = _original(rng)
+        original = synthetic_image(rng)
         members = [("original", original, 92)]
         for kind in rng.choice(TRANSFORMS, size=min(int(rng.integers(0, spec.max_copies + 1)), len(TRANSFORMS)), replace=False):
             img, quality = _transform(original, str(kind), rng)

@@ -1,0 +1,78 @@
+"""Start and stop the real dagster-daemon and dagster-webserver for the local default (demo and e2e tests)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def reset_dagster_home(home: Path) -> None:
+    """Empty a DAGSTER_HOME except its dagster.yaml (the instance settings the project ships)."""
+    home.mkdir(parents=True, exist_ok=True)
+    for entry in home.iterdir():
+        if entry.name == "dagster.yaml":
+            continue
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Start a Dagster process in its own process group with default INT/TERM handling.
+
+    Dagster copies an ignored SIGINT disposition onto SIGTERM; a process started from a
+    non-interactive script inherits SIGINT ignored, so `env --default-signal` restores both.
+    """
+    out = open(log, "ab")
+    return subprocess.Popen(
+        ["env", "--default-signal=INT,TERM", *args],
+        cwd=REPO,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def start_daemon(env: dict[str, str], log: Path) -> subprocess.Popen:
+    return start([str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")], env, log)
+
+
+def start_webserver(env: dict[str, str], log: Path, port: int) -> subprocess.Popen:
+    return start([str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w", str(REPO / "workspace.yaml")], env, log)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after `timeout` seconds."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+
+
+def wait_for(predicate, timeout: float, interval: float = 1.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")

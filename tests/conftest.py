@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny corpus and a tiny registered model in a temporary root."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+from backfill.models import Architecture, RefCNN, calibration_images
+from backfill.registry import register_version
+from backfill.sample import SampleSpec, make_sample_corpus
+from backfill.storage import Layout, Store
+
+MODEL = "refcnn"
+TINY = {
+    "v1": Architecture(widths=(4, 8, 8, 16), dim=16, input_size=32, seed=1),
+    "v2": Architecture(widths=(4, 8, 16, 16), dim=24, input_size=32, seed=2),
+}
+
+warnings.filterwarnings("ignore", message=".*is currently in beta.*")
+warnings.filterwarnings("ignore", message=".*is currently in preview.*")
+
+
+def tiny_artifact(arch: Architecture) -> bytes:
+    import io
+
+    import torch
+
+    model = RefCNN(arch).eval()
+    model.calibrate(calibration_images(arch, n=64))
+    with torch.inference_mode():
+        scripted = torch.jit.trace(model, torch.zeros(2, 3, arch.input_size, arch.input_size))
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf)
+    return buf.getvalue()
+
+
+_ARTIFACTS: dict[str, bytes] = {}
+
+
+def register_tiny(layout: Layout, version: str = "v1", arch: Architecture | None = None):
+    arch = arch or TINY[version]
+    key = repr(arch)
+    if key not in _ARTIFACTS:
+        _ARTIFACTS[key] = tiny_artifact(arch)
+    return register_version(layout, MODEL, version, _ARTIFACTS[key], dim=arch.dim, input_size=arch.input_size)
+
+
+def make_layout(root: Path, images: int = 60, shards: int = 3) -> Layout:
+    layout = Layout(Store.open(str(root)))
+    make_sample_corpus(layout, SampleSpec(images=images, shards=shards, seed=3))
+    return layout
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Layout:
+    """60 images in 3 shards, no model registered."""
+    return make_layout(tmp_path / "root")
+
+
+@pytest.fixture
+def registered(layout: Layout):
+    """The corpus plus tiny v1 registered: (layout, card)."""
+    return layout, register_tiny(layout, "v1")

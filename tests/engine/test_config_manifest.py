@@ -1,0 +1,54 @@
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from backfill.config import EmbedConfig, IndexConfig
+from backfill.errors import ConfigError, ManifestError
+from backfill.manifest import check_unique_across, list_shards, read_shard, write_shard
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"chunk_size": -1}, "chunk_size"),
+        ({"device": "tpu"}, "device"),
+        ({"max_reject_rate": 1.5}, "max_reject_rate"),
+    ],
+)
+def test_embed_config_names_the_bad_setting(kwargs, words):
+    with pytest.raises(ConfigError, match=words):
+        EmbedConfig(**kwargs)
+
+
+def test_index_config_rejects_impossible_target():
+    with pytest.raises(ConfigError, match="target_recall"):
+        IndexConfig(target_recall=0)
+
+
+def test_sample_corpus_manifests(layout):
+    names = list_shards(layout)
+    assert names == ["shard-00000", "shard-00001", "shard-00002"]
+    shards = [read_shard(layout, n) for n in names]
+    ids = np.concatenate([s.image_ids for s in shards])
+    assert sorted(ids.tolist()) == list(range(60))
+    check_unique_across(layout, names)  # no error
+
+
+def test_duplicate_id_within_a_shard_is_refused(layout):
+    write_shard(layout, "dup", pa.table({"image_id": pa.array([1, 2, 1], pa.int64()), "uri": ["a", "b", "c"]}))
+    with pytest.raises(ManifestError, match=r"'dup' repeats image_id \[1\]"):
+        read_shard(layout, "dup")
+
+
+def test_duplicate_id_across_shards_names_both(layout):
+    first = read_shard(layout, "shard-00000")
+    write_shard(layout, "zz-extra", pa.table({"image_id": pa.array([int(first.image_ids[0])], pa.int64()), "uri": ["x"]}))
+    with pytest.raises(ManifestError, match=r"in manifest shards 'shard-00000' and 'zz-extra'"):
+        check_unique_across(layout, list_shards(layout))
+
+
+def test_manifest_without_uri_column_says_what_is_needed(layout):
+    with pytest.raises(ManifestError, match="has no 'uri' column"):
+        write_shard(layout, "bad", pa.table({"image_id": pa.array([1], pa.int64())}))
+    assert "bad" not in list_shards(layout)

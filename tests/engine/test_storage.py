@@ -1,0 +1,28 @@
+import os
+
+import pytest
+
+from backfill.errors import RetryableError
+from backfill.storage import Store
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    store = Store.open(str(tmp_path))
+    store.write_bytes(store.url("a", "b.bin"), b"one")
+    store.write_bytes(store.url("a", "b.bin"), b"two")
+    assert store.read_bytes(store.url("a", "b.bin")) == b"two"
+    assert os.listdir(tmp_path / "a") == ["b.bin"]  # no temporary file left behind
+
+
+def test_failed_write_leaves_nothing_visible(tmp_path, monkeypatch):
+    store = Store.open(str(tmp_path))
+    store.write_bytes(store.url("x.bin"), b"old")
+
+    def disk_full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(RetryableError, match="could not write .*x.bin: .*No space left"):
+        store.write_bytes(store.url("x.bin"), b"new")
+    assert store.read_bytes(store.url("x.bin")) == b"old"
+    assert os.listdir(tmp_path) == ["x.bin"]
