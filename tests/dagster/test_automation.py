@@ -1,0 +1,64 @@
+"""What the backfill_automation sensor will request, evaluated with Dagster's public evaluator.
+
+These tests pin the declarative-automation behaviour the product relies on: a new
+version's partitions are requested together (emitted as one backfill), and the index
+is requested only once every shard of that version is materialized. If a Dagster
+upgrade changes either, these fail.
+"""
+
+from dagster import AssetKey, MultiPartitionKey, evaluate_automation_conditions, instance_for_test, materialize
+
+from assets.embeddings import image_embeddings
+from ops.definitions import defs
+from tests.dagster.test_assets import resources
+
+SHARDS = ["shard-00000", "shard-00001", "shard-00002"]
+
+
+def requested(result, key: str) -> set[str]:
+    for r in result.results:
+        if r.key == AssetKey(key):
+            return set(r.true_subset.expensively_compute_partition_keys())
+    raise AssertionError(key)
+
+
+def test_a_new_version_requests_all_its_shards_in_one_tick():
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions("shard", SHARDS)
+        first = evaluate_automation_conditions(defs=defs, instance=instance)
+        assert first.total_requested == 0  # no version yet: nothing to embed
+        instance.add_dynamic_partitions("model_version", ["v1"])
+        second = evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
+        assert requested(second, "image_embeddings") == {f"v1|{s}" for s in SHARDS}
+        assert requested(second, "faiss_index") == set()  # waits for its shards
+        third = evaluate_automation_conditions(defs=defs, instance=instance, cursor=second.cursor)
+        assert third.total_requested == 0  # requested once, not again every tick
+
+
+def test_index_is_requested_when_every_shard_of_the_version_is_done(registered):
+    layout, _ = registered
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions("shard", SHARDS)
+        instance.add_dynamic_partitions("model_version", ["v1"])
+        cursor = evaluate_automation_conditions(defs=defs, instance=instance).cursor
+        for i, shard in enumerate(SHARDS):
+            materialize(
+                [image_embeddings],
+                partition_key=MultiPartitionKey({"model_version": "v1", "shard": shard}),
+                instance=instance,
+                resources=resources(layout),
+            )
+            result = evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
+            cursor = result.cursor
+            expected = {"v1"} if i == len(SHARDS) - 1 else set()
+            assert requested(result, "faiss_index") == expected, f"after {i + 1} shards"
+
+
+def test_a_new_shard_is_embedded_for_every_known_version():
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions("shard", SHARDS)
+        instance.add_dynamic_partitions("model_version", ["v1", "v2"])
+        cursor = evaluate_automation_conditions(defs=defs, instance=instance).cursor
+        instance.add_dynamic_partitions("shard", ["shard-00003"])
+        result = evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
+        assert requested(result, "image_embeddings") == {"v1|shard-00003", "v2|shard-00003"}

@@ -1,0 +1,38 @@
+"""The real Definitions load, every job resolves, and the layout the UI shows is what we promise."""
+
+from dagster import AssetKey, DefaultScheduleStatus, DefaultSensorStatus
+
+from assets.embeddings import EMBED_RETRY_POLICY, image_embeddings
+from ops.definitions import defs
+
+
+def test_every_job_resolves():
+    repo = defs.get_repository_def()
+    names = {job.name for job in repo.get_all_jobs()}
+    assert {"embed_job", "index_job"} <= names
+    for name in names:
+        assert repo.get_job(name).execute_in_process is not None
+
+
+def test_assets_checks_and_partitions():
+    graph = defs.resolve_asset_graph()
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {"image_embeddings", "faiss_index", "search_index"}
+    checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
+    assert checks == {("image_embeddings", "complete"), ("image_embeddings", "reject_rate"), ("faiss_index", "recall_at_10")}
+    emb = graph.get(AssetKey("image_embeddings"))
+    assert emb.partitions_def.partition_dimension_names == ["model_version", "shard"]
+    assert graph.get(AssetKey("faiss_index")).partitions_def.name == "model_version"
+    assert graph.get(AssetKey("faiss_index")).parent_keys == {AssetKey("image_embeddings")}
+
+
+def test_retry_policy_backs_off_with_jitter():
+    assert EMBED_RETRY_POLICY.max_retries >= 3
+    assert EMBED_RETRY_POLICY.backoff.value == "EXPONENTIAL" and EMBED_RETRY_POLICY.jitter.value == "PLUS_MINUS"
+    assert image_embeddings.op.retry_policy == EMBED_RETRY_POLICY
+
+
+def test_sensors_run_by_default_and_refresh_is_off():
+    repo = defs.get_repository_def()
+    assert repo.get_sensor_def("model_registry_sensor").default_status == DefaultSensorStatus.RUNNING
+    assert repo.get_sensor_def("backfill_automation").default_status == DefaultSensorStatus.RUNNING
+    assert repo.get_schedule_def("refresh_schedule").default_status == DefaultScheduleStatus.STOPPED
