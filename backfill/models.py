@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,13 +100,15 @@ def calibration_images(arch: Architecture, n: int = 768) -> torch.Tensor:
     return (torch.from_numpy(batch).permute(0, 3, 1, 2) / 255.0 - 0.5) / 0.5
 
 
-def torchscript_bytes(arch: Architecture) -> bytes:
+def torchscript_bytes(arch: Architecture, calibration: int = 768) -> bytes:
     """The TorchScript artifact of a reference model (loadable without any Python class)."""
     model = RefCNN(arch).eval()
-    model.calibrate(calibration_images(arch))
+    model.calibrate(calibration_images(arch, n=calibration))
     example = torch.zeros(2, 3, arch.input_size, arch.input_size)
-    with torch.inference_mode():
-        scripted = torch.jit.trace(model, example)
     buf = io.BytesIO()
-    torch.jit.save(scripted, buf)
+    with torch.inference_mode(), warnings.catch_warnings():
+        # TorchScript is deprecated in torch 2.13 but is still the registry's format (registry.FORMATS)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.jit.save(torch.jit.trace(model, example), buf)
     return buf.getvalue()

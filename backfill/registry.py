@@ -179,6 +179,8 @@ class LoadedModel:
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """uint8 NHWC images of the card's input size -> float32 unit vectors (N, dim)."""
+        if not batch.flags.writeable:  # decoded PIL buffers are read-only views
+            batch = batch.copy()
         with torch.inference_mode():
             x = torch.from_numpy(batch).to(self.device, non_blocking=True)
             x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self._mean).div_(self._std)

@@ -9,7 +9,6 @@ from dagster import Definitions, define_asset_job, multiprocess_executor
 
 from assets.embeddings import image_embeddings
 from assets.index import faiss_index, search_index
-from assets.partitions import model_versions
 from assets.resources import BackfillResource
 from ops.schedules import embed_job, refresh_schedule
 from ops.sensors import backfill_automation, model_registry_sensor
@@ -34,7 +33,7 @@ def backfill_resource_from_env() -> BackfillResource:
     )
 
 
-index_job = define_asset_job("index_job", selection=[faiss_index, search_index], partitions_def=model_versions)
+index_job = define_asset_job("index_job", selection=[faiss_index, search_index])
 
 defs = Definitions(
     assets=[image_embeddings, faiss_index, search_index],

@@ -5,11 +5,11 @@ import os
 from dagster import DefaultScheduleStatus, MultiPartitionKey, RunRequest, ScheduleEvaluationContext, SkipReason, define_asset_job, schedule
 
 from assets.embeddings import image_embeddings
-from assets.partitions import embedding_partitions, shards
+from assets.partitions import shards
 from assets.resources import BackfillResource
 from backfill.publish import read_pointer
 
-embed_job = define_asset_job("embed_job", selection=[image_embeddings], partitions_def=embedding_partitions)
+embed_job = define_asset_job("embed_job", selection=[image_embeddings])
 
 REFRESH_CRON = os.environ.get("BACKFILL_REFRESH_CRON", "0 3 * * 0")
 

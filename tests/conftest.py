@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
 
-from backfill.models import Architecture, RefCNN, calibration_images
+from backfill.models import Architecture, torchscript_bytes
 from backfill.registry import register_version
 from backfill.sample import SampleSpec, make_sample_corpus
 from backfill.storage import Layout, Store
@@ -18,24 +17,6 @@ TINY = {
     "v2": Architecture(widths=(4, 8, 16, 16), dim=24, input_size=32, seed=2),
 }
 
-warnings.filterwarnings("ignore", message=".*is currently in beta.*")
-warnings.filterwarnings("ignore", message=".*is currently in preview.*")
-
-
-def tiny_artifact(arch: Architecture) -> bytes:
-    import io
-
-    import torch
-
-    model = RefCNN(arch).eval()
-    model.calibrate(calibration_images(arch, n=64))
-    with torch.inference_mode():
-        scripted = torch.jit.trace(model, torch.zeros(2, 3, arch.input_size, arch.input_size))
-    buf = io.BytesIO()
-    torch.jit.save(scripted, buf)
-    return buf.getvalue()
-
-
 _ARTIFACTS: dict[str, bytes] = {}
 
 
@@ -43,7 +24,7 @@ def register_tiny(layout: Layout, version: str = "v1", arch: Architecture | None
     arch = arch or TINY[version]
     key = repr(arch)
     if key not in _ARTIFACTS:
-        _ARTIFACTS[key] = tiny_artifact(arch)
+        _ARTIFACTS[key] = torchscript_bytes(arch, calibration=64)
     return register_version(layout, MODEL, version, _ARTIFACTS[key], dim=arch.dim, input_size=arch.input_size)
 
 
