@@ -128,40 +128,22 @@ def embed_shard(
     decode_workers = config.decode_workers or cpu_budget()
     decoded = bounded_map(decode_row, fetched, decode_workers, window=max(config.batch_size * 2, 4 * decode_workers))
 
-    for start, end in todo:
-        vectors = np.zeros((end - start, card.dim), dtype=np.float32)
-        valid = np.zeros(end - start, dtype=bool)
-        errors: list[str | None] = [None] * (end - start)
-        batch_rows: list[int] = []
-        batch_pixels: list[np.ndarray] = []
+    fresh: list[tuple[int, np.ndarray, list[str | None]]] = []  # (start, ids, errors) of chunks written now
+    try:
+        for start, end in todo:
+            vectors, valid, errors = _embed_rows(model, decoded, start, end, config.batch_size)
+            _write_chunk(layout, out, start, end, shard.image_ids[start:end], vectors, valid, errors)
+            fresh.append((start, shard.image_ids[start:end], errors))
+            stats.images_embedded_now += int(valid.sum())
+            if progress:
+                progress(end - start)
+            if on_chunk_committed:
+                on_chunk_committed(start // config.chunk_size)
+    finally:
+        decoded.close()  # stop the fetch and decode pools now, not at garbage collection
+        fetched.close()
 
-        def flush() -> None:
-            if batch_rows:
-                vecs = model.embed(np.stack(batch_pixels))
-                offsets = np.asarray(batch_rows) - start
-                vectors[offsets] = vecs
-                valid[offsets] = True
-                batch_rows.clear()
-                batch_pixels.clear()
-
-        for _ in range(end - start):
-            row, result = next(decoded)
-            if isinstance(result, str):
-                errors[row - start] = result
-            else:
-                batch_rows.append(row)
-                batch_pixels.append(result)
-                if len(batch_rows) == config.batch_size:
-                    flush()
-        flush()
-        _write_chunk(layout, out, start, end, shard.image_ids[start:end], vectors, valid, errors)
-        stats.images_embedded_now += int(valid.sum())
-        if progress:
-            progress(end - start)
-        if on_chunk_committed:
-            on_chunk_committed(start // config.chunk_size)
-
-    _tally(layout, out, plan, stats)
+    _tally(layout, out, [(s, e) for s, e in plan if chunk_name(s, e) in committed], fresh, stats)
     stats.wall_s = time.perf_counter() - started
     stats.images_per_s = stats.images_embedded_now / stats.wall_s if stats.wall_s else 0.0
     expected_sha = _ids_sha256(shard.image_ids)
@@ -177,6 +159,30 @@ def embed_shard(
     marker["chunk_size"] = config.chunk_size
     store.write_json(f"{out}/{MARKER}", marker)
     return stats
+
+
+def _embed_rows(
+    model: LoadedModel, decoded, start: int, end: int, batch_size: int
+) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    """Take rows start..end from the decoded stream; embed them in batches. Rejects keep their reason."""
+    vectors = np.zeros((end - start, model.card.dim), dtype=np.float32)
+    valid = np.zeros(end - start, dtype=bool)
+    errors: list[str | None] = [None] * (end - start)
+    rows: list[int] = []
+    pixels: list[np.ndarray] = []
+    for i in range(end - start):
+        row, result = next(decoded)
+        assert row == start + i, f"decoded stream out of order: {row} != {start + i}"
+        if isinstance(result, str):
+            errors[i] = result
+        else:
+            rows.append(i)
+            pixels.append(result)
+        if len(rows) == batch_size or (i == end - start - 1 and rows):
+            vectors[rows] = model.embed(np.stack(pixels))
+            valid[rows] = True
+            rows, pixels = [], []
+    return vectors, valid, errors
 
 
 def _ids_sha256(ids: np.ndarray) -> str:
@@ -211,16 +217,26 @@ def read_chunks(layout: Layout, out: str, columns: list[str] | None = None) -> p
     return pa.concat_tables(tables)
 
 
-def _tally(layout: Layout, out: str, plan: list[tuple[int, int]], stats: EmbedStats) -> None:
-    """Recount the whole shard from what is committed (earlier attempts included)."""
-    table = read_chunks(layout, out, columns=["image_id", "error"])
-    assert table is not None and table.num_rows == (plan[-1][1] if plan else 0)
-    errors = [e for e in table.column("error").to_pylist() if e is not None]
-    stats.images = table.num_rows
-    stats.rejects = len(errors)
+def _tally(
+    layout: Layout,
+    out: str,
+    resumed: list[tuple[int, int]],
+    fresh: list[tuple[int, np.ndarray, list[str | None]]],
+    stats: EmbedStats,
+) -> None:
+    """Count the whole shard: chunks committed by earlier attempts are read back, this attempt's are known."""
+    parts = list(fresh)
+    for start, end in resumed:
+        table = pq.read_table(io.BytesIO(layout.store.read_bytes(f"{out}/{chunk_name(start, end)}")), columns=["image_id", "error"])
+        parts.append((start, table.column("image_id").to_numpy(), table.column("error").to_pylist()))
+    parts.sort(key=lambda part: part[0])
+    rejects = [e for _, _, errors in parts for e in errors if e is not None]
+    ids = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
+    stats.images = len(ids)
+    stats.rejects = len(rejects)
     stats.embedded = stats.images - stats.rejects
-    stats.reasons = dict(Counter(_reason_kind(e) for e in errors))
-    stats.ids_sha256 = _ids_sha256(table.column("image_id").to_numpy())
+    stats.reasons = dict(Counter(_reason_kind(e) for e in rejects))
+    stats.ids_sha256 = _ids_sha256(ids)
 
 
 def load_embeddings(layout: Layout, model: str, version: str, shard: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -137,8 +138,6 @@ def read_card(layout: Layout, name: str, version: str) -> ModelCard:
     except FileNotFoundError:
         raise ModelError(f"model {name} version {version}: no {CARD} at {layout.store.display(path)}") from None
     try:
-        import json
-
         data = json.loads(raw)
     except ValueError as exc:
         raise ModelError(f"model {name} version {version}: {CARD} is not valid JSON ({exc})") from None

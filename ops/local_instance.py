@@ -36,15 +36,15 @@ def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     Dagster copies an ignored SIGINT disposition onto SIGTERM; a process started from a
     non-interactive script inherits SIGINT ignored, so `env --default-signal` restores both.
     """
-    out = open(log, "ab")
-    return subprocess.Popen(
-        ["env", "--default-signal=INT,TERM", *args],
-        cwd=REPO,
-        env=env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with open(log, "ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            ["env", "--default-signal=INT,TERM", *args],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def start_daemon(env: dict[str, str], log: Path) -> subprocess.Popen:
