@@ -1,5 +1,7 @@
 """image_embeddings: one (model version, shard) partition per run, retried on its own."""
 
+import os
+
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
@@ -11,15 +13,20 @@ from dagster import (
     MaterializeResult,
     MetadataValue,
     RetryPolicy,
+    RetryRequested,
     asset,
 )
 
 from assets.partitions import embedding_partitions
 from assets.resources import BackfillResource, run_engine
 from backfill.embed import embed_shard
+from backfill.errors import Preempted
+from backfill.preemption import sigterm_notice
 from backfill.verify import verify_shard
 
 EMBED_RETRY_POLICY = RetryPolicy(max_retries=4, delay=5, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
+# spot capacity can preempt the same shard many times; a preemption is not the shard's fault
+PREEMPTION_RETRIES = 20
 
 
 @asset(
@@ -35,7 +42,8 @@ EMBED_RETRY_POLICY = RetryPolicy(max_retries=4, delay=5, backoff=Backoff.EXPONEN
     description="Embeddings of one manifest shard by one model version, in atomically committed chunks.",
 )
 def image_embeddings(context: AssetExecutionContext, backfill: BackfillResource) -> MaterializeResult:
-    keys = context.partition_key.keys_by_dimension
+    # a MultiPartitionKey from a backfill, a plain "v1|shard-00000" string from a tag or the CLI
+    keys = embedding_partitions.get_partition_key_from_str(str(context.partition_key)).keys_by_dimension
     version, shard = keys["model_version"], keys["shard"]
     layout = backfill.layout()
     model = run_engine(backfill.load_model, version)
@@ -47,7 +55,14 @@ def image_embeddings(context: AssetExecutionContext, backfill: BackfillResource)
         if committed["chunks"] % 10 == 0:
             context.log.info(f"{shard}: {committed['rows']} rows committed")
 
-    stats = run_engine(embed_shard, layout, shard, model, backfill.embed_config(), progress=progress)
+    try:
+        with sigterm_notice() as stop:
+            stats = run_engine(
+                embed_shard, layout, shard, model, backfill.embed_config(), progress=progress, stop=stop, on_batch=work_logger(backfill, version, shard)
+            )
+    except Preempted as exc:
+        context.log.warning(f"preempted: {exc}; committed chunks are kept and the retry resumes after them")
+        raise RetryRequested(max_retries=PREEMPTION_RETRIES, seconds_to_wait=1) from exc
     verdict = run_engine(verify_shard, layout, backfill.model, version, shard)
     reject_rate = stats.rejects / stats.images if stats.images else 0.0
     context.log.info(
@@ -78,3 +93,20 @@ def image_embeddings(context: AssetExecutionContext, backfill: BackfillResource)
             ),
         ],
     )
+
+
+def work_logger(backfill: BackfillResource, version: str, shard: str):
+    """Append embedded-batch sizes to backfill.work_log: what a killed attempt did is still counted."""
+    if not backfill.work_log:
+        return None
+    path = backfill.work_log
+
+    def log(n: int) -> None:
+        # one short O_APPEND write per batch: lines from concurrent processes never interleave
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{os.getpid()} {version} {shard} {n}\n".encode())
+        finally:
+            os.close(fd)
+
+    return log

@@ -23,13 +23,20 @@ class BackfillResource(ConfigurableResource):
     max_reject_rate: float = 0.05
     warn_reject_rate: float = 0.01
     target_recall: float = 0.95
+    grace_s: float = 20.0
+    work_log: str = ""  # if set, a file that every attempt appends "<pid> <version> <shard> <n>" to per embedded batch
+
 
     def layout(self) -> Layout:
         return Layout(Store.open(self.root))
 
     def embed_config(self) -> EmbedConfig:
         return EmbedConfig(
-            batch_size=self.batch_size, chunk_size=self.chunk_size, device=self.device, max_reject_rate=self.max_reject_rate
+            batch_size=self.batch_size,
+            chunk_size=self.chunk_size,
+            device=self.device,
+            max_reject_rate=self.max_reject_rate,
+            grace_s=self.grace_s,
         )
 
     def index_config(self) -> IndexConfig:

@@ -29,6 +29,7 @@ class EmbedConfig:
     torch_threads: int = 0  # 0: one per CPU the process may use
     max_reject_rate: float = 0.05
     max_image_pixels: int = 64_000_000
+    grace_s: float = 20.0  # after a preemption notice: time to finish and commit the chunk in hand
 
     def __post_init__(self) -> None:
         _require(1 <= self.batch_size <= 8192, f"batch_size must be in 1..8192, got {self.batch_size}")
@@ -45,6 +46,7 @@ class EmbedConfig:
             f"max_reject_rate must be a fraction in [0, 1], got {self.max_reject_rate}",
         )
         _require(self.max_image_pixels >= 1, f"max_image_pixels must be positive, got {self.max_image_pixels}")
+        _require(0 <= self.grace_s <= 3600, f"grace_s must be in 0..3600 seconds, got {self.grace_s}")
 
 
 @dataclass(frozen=True)

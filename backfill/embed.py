@@ -15,10 +15,11 @@ import pyarrow.parquet as pq
 import torch
 
 from backfill.config import EmbedConfig
-from backfill.errors import ConfigError, RejectRateError
+from backfill.errors import ConfigError, Preempted, RejectRateError
 from backfill.images import BadImage, decode, make_fetcher
 from backfill.manifest import read_shard
 from backfill.pipeline import bounded_map, cpu_budget
+from backfill.preemption import StopSignal
 from backfill.registry import LoadedModel
 from backfill.storage import Layout
 
@@ -68,6 +69,8 @@ def embed_shard(
     *,
     progress: Callable[[int], None] | None = None,
     on_chunk_committed: Callable[[int], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    stop: StopSignal | None = None,
 ) -> EmbedStats:
     """Embed every row of a manifest shard with one model version.
 
@@ -75,6 +78,11 @@ def embed_shard(
     retried partition skips committed chunks and redoes at most the chunk it was in.
     Bad images become rows with a null embedding and a reason. The completion marker
     (counts and an id checksum) is written last.
+
+    When `stop` is set (a preemption notice), the chunk in hand is finished and committed
+    if the rate so far says it fits in config.grace_s, else abandoned; then Preempted is
+    raised so the caller retries. `on_batch(n)` reports every n images embedded (work
+    accounting: images embedded but never committed are the cost of a kill).
     """
     started = time.perf_counter()
     card = model.card
@@ -131,7 +139,9 @@ def embed_shard(
     fresh: list[tuple[int, np.ndarray, list[str | None]]] = []  # (start, ids, errors) of chunks written now
     try:
         for start, end in todo:
-            vectors, valid, errors = _embed_rows(model, decoded, start, end, config.batch_size)
+            if stop is not None and stop.is_set():
+                raise Preempted(f"shard {shard_name}: stopped ({stop.reason}) before rows {start}-{end}; {len(fresh)} chunks committed now")
+            vectors, valid, errors = _embed_rows(model, decoded, start, end, config.batch_size, on_batch, stop, config.grace_s)
             _write_chunk(layout, out, start, end, shard.image_ids[start:end], vectors, valid, errors)
             fresh.append((start, shard.image_ids[start:end], errors))
             stats.images_embedded_now += int(valid.sum())
@@ -139,6 +149,8 @@ def embed_shard(
                 progress(end - start)
             if on_chunk_committed:
                 on_chunk_committed(start // config.chunk_size)
+        if stop is not None and stop.is_set() and fresh:
+            raise Preempted(f"shard {shard_name}: stopped ({stop.reason}) after committing rows up to {todo[len(fresh) - 1][1]}")
     finally:
         decoded.close()  # stop the fetch and decode pools now, not at garbage collection
         fetched.close()
@@ -162,7 +174,14 @@ def embed_shard(
 
 
 def _embed_rows(
-    model: LoadedModel, decoded, start: int, end: int, batch_size: int
+    model: LoadedModel,
+    decoded,
+    start: int,
+    end: int,
+    batch_size: int,
+    on_batch: Callable[[int], None] | None = None,
+    stop: StopSignal | None = None,
+    grace_s: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
     """Take rows start..end from the decoded stream; embed them in batches. Rejects keep their reason."""
     vectors = np.zeros((end - start, model.card.dim), dtype=np.float32)
@@ -170,6 +189,7 @@ def _embed_rows(
     errors: list[str | None] = [None] * (end - start)
     rows: list[int] = []
     pixels: list[np.ndarray] = []
+    began = time.monotonic()
     for i in range(end - start):
         row, result = next(decoded)
         assert row == start + i, f"decoded stream out of order: {row} != {start + i}"
@@ -181,7 +201,17 @@ def _embed_rows(
         if len(rows) == batch_size or (i == end - start - 1 and rows):
             vectors[rows] = model.embed(np.stack(pixels))
             valid[rows] = True
+            if on_batch:
+                on_batch(len(rows))
             rows, pixels = [], []
+            if stop is not None and stop.is_set():
+                done = i + 1
+                needed = (time.monotonic() - began) / done * (end - start - done)
+                if needed > stop.seconds_left(grace_s):
+                    raise Preempted(
+                        f"stopped ({stop.reason}) in rows {start}-{end}: finishing needed ~{needed:.1f}s, "
+                        f"{max(0.0, stop.seconds_left(grace_s)):.1f}s of grace left; chunk abandoned"
+                    )
     return vectors, valid, errors
 
 

@@ -35,3 +35,7 @@ class QualityGateError(PermanentError):
 
 class ConfigError(PermanentError):
     """A setting is out of range or inconsistent."""
+
+
+class Preempted(RetryableError):
+    """The partition was asked to stop (SIGTERM on a spot node); committed chunks are kept for the retry."""

@@ -30,6 +30,8 @@ def backfill_resource_from_env() -> BackfillResource:
         chunk_size=int(env.get("BACKFILL_CHUNK_SIZE", "256")),
         max_reject_rate=float(env.get("BACKFILL_MAX_REJECT_RATE", "0.05")),
         target_recall=float(env.get("BACKFILL_TARGET_RECALL", "0.95")),
+        grace_s=float(env.get("BACKFILL_GRACE_S", "20")),
+        work_log=env.get("BACKFILL_WORK_LOG", ""),
     )
 
 

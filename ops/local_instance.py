@@ -76,3 +76,42 @@ def wait_for(predicate, timeout: float, interval: float = 1.0, what: str = "cond
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+        tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def step_worker_pids(root_pid: int) -> list[int]:
+    """Pids of the multiprocess executor's step processes below root_pid (Linux /proc).
+
+    The executor forks each step from a multiprocessing forkserver, so a step process
+    is a child of a process whose command line is the forkserver's.
+    """
+    tree = _children()
+    found, stack = [], [root_pid]
+    while stack:
+        pid = stack.pop()
+        for child in tree.get(pid, []):
+            if "multiprocessing.forkserver" in _cmdline(pid) or "spawn_main" in _cmdline(child):
+                found.append(child)
+            stack.append(child)
+    return sorted(set(found))
