@@ -35,7 +35,8 @@ PREEMPTION_RETRIES = 20
     # new partitions (a new model version or a new shard) are embedded as one backfill per tick
     automation_condition=AutomationCondition.on_missing(),
     check_specs=[
-        AssetCheckSpec("complete", asset="image_embeddings", description="every manifest row committed exactly once"),
+        # blocking: a shard that fails re-verification from storage holds back what depends on it
+        AssetCheckSpec("complete", asset="image_embeddings", blocking=True, description="every manifest row committed exactly once"),
         AssetCheckSpec("reject_rate", asset="image_embeddings", description="share of images rejected (warns above warn_reject_rate)"),
     ],
     kinds={"pytorch", "parquet"},

@@ -22,6 +22,9 @@ from backfill.publish import publish
 from backfill.registry import read_card
 
 
+PUBLISH_POOL = "index_publish"
+
+
 @asset(
     partitions_def=model_versions,
     deps=[AssetDep(image_embeddings, partition_mapping=MultiToSingleDimensionPartitionMapping(partition_dimension_name="model_version"))],
@@ -75,6 +78,8 @@ def faiss_index(context: AssetExecutionContext, backfill: BackfillResource) -> M
     partitions_def=model_versions,
     deps=[faiss_index],
     automation_condition=AutomationCondition.eager(),
+    # publishes read CURRENT, compare and write it: one at a time (dagster.yaml gives pools a limit of 1)
+    pool=PUBLISH_POOL,
     kinds={"faiss"},
     description="The index build that search serves: CURRENT swapped atomically to the version's checked build.",
 )

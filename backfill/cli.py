@@ -54,11 +54,17 @@ def cmd_register(args: argparse.Namespace) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
+    from backfill.images import BadImage
     from backfill.search import Searcher
 
+    if not 1 <= args.k <= 1000:
+        raise BackfillError(f"-k must be in 1..1000, got {args.k}")
     with open(args.image, "rb") as f:
         data = f.read()
-    result = Searcher(_layout(args.root), args.model).search_image(data, k=args.k)
+    try:
+        result = Searcher(_layout(args.root), args.model).search_image(data, k=args.k)
+    except BadImage as exc:
+        raise BackfillError(f"query {args.image}: {exc}") from None
     if args.json:
         print(json.dumps({"model": result.model, "version": result.version, "build_id": result.build_id, "hits": [h.__dict__ for h in result.hits]}, indent=2))
         return

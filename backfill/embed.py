@@ -163,9 +163,13 @@ def embed_shard(
         raise ConfigError(f"shard {shard_name}: committed chunks do not hold the manifest's ids in order; delete {store.display(out)}")
     if stats.images and stats.rejects / stats.images > config.max_reject_rate:
         top = ", ".join(f"{k} ({v})" for k, v in stats.top_reasons())
+        # the rejects may have a systemic cause (a decoder, a mount): drop the chunks so a
+        # rerun after the fix embeds the shard again instead of resuming past them
+        store.rm(out, recursive=True)
         raise RejectRateError(
             f"shard {shard_name}: {stats.rejects}/{stats.images} images rejected "
-            f"({stats.rejects / stats.images:.1%} > max_reject_rate {config.max_reject_rate:.1%}); top reasons: {top}"
+            f"({stats.rejects / stats.images:.1%} > max_reject_rate {config.max_reject_rate:.1%}); top reasons: {top}; "
+            "its chunks were removed so that a rerun starts the shard over"
         )
     marker = {k: v for k, v in asdict(stats).items() if k not in ("wall_s", "images_per_s", "chunks_resumed", "images_embedded_now")}
     marker["chunk_size"] = config.chunk_size

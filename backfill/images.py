@@ -38,7 +38,8 @@ def make_fetcher() -> Callable[[str | None], bytes]:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise BadImage(f"missing object: {uri}") from None
         except PermissionError as exc:
-            raise BadImage(f"permission denied: {uri} ({exc})") from None
+            # expired or missing credentials are systemic: retry the partition, never null the row
+            raise RetryableError(f"permission denied fetching {uri}: {exc}") from exc
         except (ConnectionError, TimeoutError) as exc:
             raise RetryableError(f"storage unreachable fetching {uri}: {exc}") from exc
         except OSError as exc:

@@ -37,12 +37,16 @@ class IndexSpec:
         return self.nlist > 0
 
 
-def choose_index(n: int, dim: int, config: IndexConfig) -> IndexSpec:
-    """The index type from the vector count (the rule is documented on IndexConfig)."""
+def choose_index(n: int, dim: int, config: IndexConfig, trainable: int | None = None) -> IndexSpec:
+    """The index type from the vector count (the rule is documented on IndexConfig).
+
+    `trainable` is how many vectors may be used for training (the held-out queries may not).
+    """
+    trainable = n if trainable is None else trainable
     if n < config.flat_below:
         return IndexSpec("Flat", 0)
     nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
-    while nlist > 1 and n < 39 * nlist:
+    while nlist > 1 and trainable < 39 * nlist:
         nlist //= 2
     if n < config.pq_from:
         return IndexSpec(f"IVF{nlist},Flat", nlist)
@@ -120,6 +124,59 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     return hits / (len(truth) * k)
 
 
+@dataclass
+class TrainedIndex:
+    index: faiss.Index
+    spec: IndexSpec
+    nprobe: int
+    recall: float
+    recall_by_nprobe: dict[str, float]
+    k: int
+
+
+def train_index(vectors: np.ndarray, config: IndexConfig) -> TrainedIndex:
+    """Choose, train and fill an index, then tune nprobe to config.target_recall.
+
+    Recall@k is measured against exact search on held-out queries: a deterministic
+    sample of the vectors that the training sample never includes. Each query is also
+    in the index, so its own position is dropped from both answers: recall counts only
+    the other neighbours.
+    """
+    n, dim = vectors.shape
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(n)
+    n_queries = min(config.n_queries, max(1, n // 10))
+    query_pos = order[:n_queries]
+    spec = choose_index(n, dim, config, trainable=n - n_queries)
+    index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
+    if spec.is_ivf:
+        index.train(vectors[order[n_queries : n_queries + config.train_points_per_centroid * spec.nlist]])
+    index.add(vectors)  # ids are positions; the ids file maps them back to image ids
+
+    k = min(config.k, n - 1) if n > 1 else 1
+    queries = vectors[query_pos]
+
+    def answer(idx: faiss.Index) -> np.ndarray:
+        _, found = idx.search(queries, k + 1)
+        return np.array([[p for p in row if p != q][:k] for row, q in zip(found, query_pos)])
+
+    exact = faiss.IndexFlatIP(dim)
+    exact.add(vectors)
+    truth = answer(exact)
+    recall_by_nprobe: dict[str, float] = {}
+    if not spec.is_ivf:
+        return TrainedIndex(index, spec, 0, recall_at_k(answer(index), truth, k), recall_by_nprobe, k)
+    ivf = faiss.extract_index_ivf(index)
+    nprobe = 1
+    while True:
+        ivf.nprobe = nprobe
+        recall_by_nprobe[str(nprobe)] = recall_at_k(answer(index), truth, k)
+        if recall_by_nprobe[str(nprobe)] >= config.target_recall or nprobe >= spec.nlist:
+            break
+        nprobe = min(nprobe * 2, spec.nlist)
+    return TrainedIndex(index, spec, nprobe, recall_by_nprobe[str(nprobe)], recall_by_nprobe, k)
+
+
 def build_index(
     layout: Layout,
     model: str,
@@ -134,45 +191,10 @@ def build_index(
     started = time.perf_counter()
     vectors, ids, uris, rejects = collect(layout, model, version, shards)
     n, dim = vectors.shape
-    spec = choose_index(n, dim, config)
-    log(f"{n} vectors of dim {dim} from {len(shards)} shards ({rejects} rejects): building {spec.factory}")
+    log(f"{n} vectors of dim {dim} from {len(shards)} shards ({rejects} rejects)")
 
-    rng = np.random.default_rng(config.seed)
-    order = rng.permutation(n)
-    n_queries = min(config.n_queries, max(1, n // 10))
-    queries = vectors[order[:n_queries]]
-    index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
-    if spec.is_ivf:
-        # held-out queries stay out of the training sample; the sample is deterministic
-        train = vectors[order[n_queries : n_queries + config.train_points_per_centroid * spec.nlist]]
-        if len(train) < 39 * spec.nlist:
-            train = vectors[order[: config.train_points_per_centroid * spec.nlist]]
-        index.train(train)
-    index.add(vectors)  # ids are positions; the ids file maps them back to image ids
-
-    k = min(config.k, n)
-    exact = faiss.IndexFlatIP(dim)
-    exact.add(vectors)
-    _, truth = exact.search(queries, k)
-    recall_by_nprobe: dict[str, float] = {}
-    nprobe = 0
-    if spec.is_ivf:
-        ivf = faiss.extract_index_ivf(index)
-        candidate = 1
-        while True:
-            ivf.nprobe = candidate
-            _, found = index.search(queries, k)
-            recall_by_nprobe[str(candidate)] = recall_at_k(found, truth, k)
-            if recall_by_nprobe[str(candidate)] >= config.target_recall or candidate >= spec.nlist:
-                break
-            candidate = min(candidate * 2, spec.nlist)
-        nprobe = candidate
-        recall = recall_by_nprobe[str(candidate)]
-        ivf.nprobe = nprobe
-    else:
-        _, found = index.search(queries, k)
-        recall = recall_at_k(found, truth, k)
-
+    trained = train_index(vectors, config)
+    index, spec, nprobe, recall = trained.index, trained.spec, trained.nprobe, trained.recall
     blob = faiss.serialize_index(index).tobytes()
     build_id = f"{version}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     path = layout.index_build(model, build_id)
@@ -188,10 +210,10 @@ def build_index(
         nlist=spec.nlist,
         nprobe=nprobe,
         recall_at_k=round(recall, 4),
-        k=k,
+        k=trained.k,
         target_recall=config.target_recall,
         passed=recall >= config.target_recall,
-        recall_by_nprobe=recall_by_nprobe,
+        recall_by_nprobe=trained.recall_by_nprobe,
         index_bytes=len(blob),
         index_sha256=hashlib.sha256(blob).hexdigest(),
         build_s=0.0,
@@ -206,7 +228,7 @@ def build_index(
     layout.store.write_bytes(f"{path}/{IDS_FILE}", buf.getvalue())
     build.build_s = round(time.perf_counter() - started, 3)
     layout.store.write_json(f"{path}/{BUILD_FILE}", asdict(build))  # last: the build exists once this does
-    log(f"{spec.factory}: recall@{k}={recall:.4f} at nprobe={nprobe} (target {config.target_recall}) in {build.build_s:.1f}s")
+    log(f"{spec.factory}: recall@{trained.k}={recall:.4f} at nprobe={nprobe} (target {config.target_recall}) in {build.build_s:.1f}s")
     return build
 
 

@@ -32,7 +32,9 @@ def publish(layout: Layout, model: str, build_id: str, *, force: bool = False) -
 
     The previous index keeps serving until the single write of CURRENT lands. A build
     of an older model version than the one serving is not published unless forced
-    (that is a rollback, and says so).
+    (that is a rollback, and says so). The read-check-write is not atomic across
+    processes: callers serialise publishes (the search_index asset runs in a Dagster
+    concurrency pool of one).
     """
     build = read_build(layout, model, build_id)
     if not build.passed:
@@ -44,7 +46,7 @@ def publish(layout: Layout, model: str, build_id: str, *, force: bool = False) -
     current = read_pointer(layout, model)
     if current and current.get("build_id") == build_id:
         return PublishResult(False, f"{build_id} is already published", current)
-    if current and not force and current.get("model_created", "") > build.model_created:
+    if current and not force and _created(current.get("model_created")) > _created(build.model_created):
         return PublishResult(
             False,
             f"not published: {model}/{current['version']} (newer than {build.version}) is serving; use rollback to go back",
@@ -65,6 +67,14 @@ def publish(layout: Layout, model: str, build_id: str, *, force: bool = False) -
     }
     layout.store.write_json(layout.pointer(model), pointer)
     return PublishResult(True, f"published {build_id}" + (" (rollback)" if force else ""), pointer)
+
+
+def _created(stamp: str | None) -> datetime:
+    """A model's registration time; unknown sorts first."""
+    if not stamp:
+        return datetime.min.replace(tzinfo=timezone.utc)
+    parsed = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 def _verify_index_file(layout: Layout, build: IndexBuild) -> None:

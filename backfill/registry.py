@@ -125,9 +125,13 @@ def register_version(
     return card
 
 
+def valid_name(value: str) -> bool:
+    """Names that become folder names and Dagster partition keys (no '|', ',', '/', spaces)."""
+    return bool(value) and value[0] != "." and all(c.isascii() and (c.isalnum() or c in "-_.") for c in value)
+
+
 def _check_name(what: str, value: str) -> None:
-    # these become folder names and Dagster partition keys
-    if not value or not all(c.isalnum() or c in "-_." for c in value) or value[0] == ".":
+    if not valid_name(value):
         raise ConfigError(f"{what} {value!r} may only use letters, digits, '-', '_' and '.'")
 
 
@@ -158,6 +162,9 @@ def list_versions(layout: Layout, name: str) -> tuple[list[ModelCard], dict[str,
             continue
         if not layout.store.exists(f"{layout.model_dir(name, version)}/{CARD}"):
             continue  # still being registered: the card is written last
+        if not valid_name(version):
+            skipped[version] = f"version name {version!r} may only use letters, digits, '-', '_' and '.'"
+            continue
         try:
             cards.append(read_card(layout, name, version))
         except ModelError as exc:

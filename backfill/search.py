@@ -54,6 +54,7 @@ class Searcher:
         self.max_image_pixels = max_image_pixels
         self._served: _Served | None = None
         self._lock = threading.Lock()
+        self.load_error: str | None = None  # why the build CURRENT names could not be loaded, if it could not
 
     def current(self) -> _Served:
         pointer = read_pointer(self.layout, self.model_name)
@@ -64,8 +65,15 @@ class Searcher:
             with self._lock:
                 served = self._served
                 if served is None or served.build_id != pointer["build_id"]:
-                    served = self._load(pointer["build_id"], served)
-                    self._served = served
+                    try:
+                        served = self._load(pointer["build_id"], served)
+                    except BackfillError as exc:
+                        if served is None:
+                            raise
+                        # keep answering from the build that works; say why the new one does not
+                        self.load_error = f"{pointer['build_id']}: {exc}"
+                        return served
+                    self._served, self.load_error = served, None
         return served
 
     def _load(self, build_id: str, previous: _Served | None) -> _Served:
@@ -78,6 +86,8 @@ class Searcher:
         if build.nprobe:
             faiss.extract_index_ivf(index).nprobe = build.nprobe
         table = pq.read_table(io.BytesIO(self.layout.store.read_bytes(f"{folder}/{IDS_FILE}")))
+        if table.num_rows != index.ntotal:
+            raise IncompleteError(f"index build {self.model_name}/{build_id}: {IDS_FILE} has {table.num_rows} rows for {index.ntotal} vectors")
         if previous is not None and previous.version == build.version:
             model = previous.model
         else:

@@ -16,6 +16,14 @@ from ops.sensors import backfill_automation, model_registry_sensor
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _env(name: str, default: str, parse=str):
+    raw = os.environ.get(name, default)
+    try:
+        return parse(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not a valid {parse.__name__}") from None
+
+
 def backfill_resource_from_env() -> BackfillResource:
     """Settings from BACKFILL_* variables; the default root is ./data in the repository."""
     env = os.environ
@@ -26,11 +34,11 @@ def backfill_resource_from_env() -> BackfillResource:
         root=root,
         model=env.get("BACKFILL_MODEL", "refcnn"),
         device=env.get("BACKFILL_DEVICE", "cpu"),
-        batch_size=int(env.get("BACKFILL_BATCH_SIZE", "64")),
-        chunk_size=int(env.get("BACKFILL_CHUNK_SIZE", "256")),
-        max_reject_rate=float(env.get("BACKFILL_MAX_REJECT_RATE", "0.05")),
-        target_recall=float(env.get("BACKFILL_TARGET_RECALL", "0.95")),
-        grace_s=float(env.get("BACKFILL_GRACE_S", "20")),
+        batch_size=_env("BACKFILL_BATCH_SIZE", "64", int),
+        chunk_size=_env("BACKFILL_CHUNK_SIZE", "256", int),
+        max_reject_rate=_env("BACKFILL_MAX_REJECT_RATE", "0.05", float),
+        target_recall=_env("BACKFILL_TARGET_RECALL", "0.95", float),
+        grace_s=_env("BACKFILL_GRACE_S", "20", float),
         work_log=env.get("BACKFILL_WORK_LOG", ""),
     )
 

@@ -1,4 +1,4 @@
-"""A periodic refresh of the serving version's embeddings (off by default)."""
+"""A periodic refresh (reconciliation) of the serving version's embeddings (off by default)."""
 
 import os
 
@@ -19,9 +19,11 @@ REFRESH_CRON = os.environ.get("BACKFILL_REFRESH_CRON", "0 3 * * 0")
     cron_schedule=REFRESH_CRON,
     job=embed_job,
     default_status=DefaultScheduleStatus.STOPPED,
-    description="Re-embeds every shard with the serving model version; faiss_index and search_index rebuild and "
-    "republish once all shards are done (their automation condition waits for the last one). "
-    "Dagster 1.13 schedules cannot launch a backfill, so this launches one run per shard.",
+    description="Re-runs every shard partition of the serving model version: a shard whose completion marker is "
+    "in storage is verified and kept (the model is deterministic, so embedding it again would write the same "
+    "vectors), a shard that is missing or incomplete (lost data, a failed partition) is embedded; then "
+    "faiss_index and search_index rebuild and republish. Dagster 1.13 schedules cannot launch a backfill, so "
+    "this launches one run per shard.",
 )
 def refresh_schedule(context: ScheduleEvaluationContext, backfill: BackfillResource):
     pointer = read_pointer(backfill.layout(), backfill.model)

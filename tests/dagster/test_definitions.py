@@ -11,7 +11,8 @@ def test_every_job_resolves():
     names = {job.name for job in repo.get_all_jobs()}
     assert {"embed_job", "index_job"} <= names
     for name in names:
-        assert repo.get_job(name).execute_in_process is not None
+        job = repo.get_job(name)  # resolves the selection against the asset graph, or raises
+        assert job.asset_layer.executable_asset_keys, name
 
 
 def test_assets_checks_and_partitions():
@@ -36,3 +37,25 @@ def test_sensors_run_by_default_and_refresh_is_off():
     assert repo.get_sensor_def("model_registry_sensor").default_status == DefaultSensorStatus.RUNNING
     assert repo.get_sensor_def("backfill_automation").default_status == DefaultSensorStatus.RUNNING
     assert repo.get_schedule_def("refresh_schedule").default_status == DefaultScheduleStatus.STOPPED
+
+
+def test_publishing_is_serialised_by_a_pool_of_one():
+    import yaml
+
+    from assets.index import PUBLISH_POOL, search_index
+    from ops.local_instance import REPO
+
+    assert search_index.op.pool == PUBLISH_POOL
+    instance = yaml.safe_load((REPO / "dagster_home" / "dagster.yaml").read_text())
+    assert instance["concurrency"]["pools"]["default_limit"] == 1
+    assert instance["run_retries"]["enabled"] and instance["run_monitoring"]["enabled"]
+
+
+def test_a_malformed_setting_names_the_variable(monkeypatch):
+    import pytest
+
+    from ops.definitions import backfill_resource_from_env
+
+    monkeypatch.setenv("BACKFILL_BATCH_SIZE", "abc")
+    with pytest.raises(ValueError, match="BACKFILL_BATCH_SIZE='abc' is not a valid int"):
+        backfill_resource_from_env()

@@ -29,5 +29,26 @@ def test_errors_name_the_problem_and_exit_2(tmp_path, capsys):
     query.write_bytes(b"whatever")
     assert main(["--root", root, "search", str(query)]) == 2
     assert "no index is published for model 'refcnn'" in capsys.readouterr().err
+    assert main(["--root", root, "search", str(query), "-k", "0"]) == 2
+    assert "-k must be in 1..1000, got 0" in capsys.readouterr().err
     assert main(["--root", root, "sample", "--images", "2", "--shards", "3"]) == 2
     assert "need 1 <= shards <= images" in capsys.readouterr().err
+
+
+def test_searching_with_a_non_image_names_the_file(registered, tmp_path, capsys):
+    from backfill.config import EmbedConfig, IndexConfig
+    from backfill.embed import embed_shard
+    from backfill.index import build_index
+    from backfill.manifest import list_shards
+    from backfill.publish import publish
+    from backfill.registry import load_model
+
+    layout, card = registered
+    model = load_model(layout, card)
+    for shard in list_shards(layout):
+        embed_shard(layout, shard, model, EmbedConfig(torch_threads=1))
+    publish(layout, "refcnn", build_index(layout, "refcnn", "v1", list_shards(layout), IndexConfig()).build_id)
+    query = tmp_path / "notes.jpg"
+    query.write_text("not a picture")
+    assert main(["--root", layout.store.root, "search", str(query)]) == 2
+    assert f"query {query}: not an image" in capsys.readouterr().err

@@ -5,7 +5,7 @@ import pytest
 from backfill.config import EmbedConfig, IndexConfig
 from backfill.embed import MARKER, embed_shard
 from backfill.errors import IncompleteError
-from backfill.index import BUILD_FILE, build_index, choose_index, latest_build, recall_at_k
+from backfill.index import BUILD_FILE, build_index, choose_index, latest_build, recall_at_k, train_index
 from backfill.manifest import list_shards
 from backfill.registry import load_model
 from tests.conftest import MODEL
@@ -42,19 +42,41 @@ def test_build_index_flat_is_exact(registered):
     assert latest_build(layout, MODEL, "v1").build_id == build.build_id
 
 
-def test_ivf_nprobe_is_tuned_to_the_target(registered):
+def clustered(n: int, dim: int, clusters: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim))
+    x = centres[rng.integers(clusters, size=n)] + 0.6 * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_ivf_nprobe_is_the_smallest_that_meets_the_target():
+    vectors = clustered(4000, 32, 50)
+    trained = train_index(vectors, IndexConfig(target_recall=0.95))
+    assert trained.spec.factory == "IVF64,Flat" and trained.index.ntotal == 4000
+    tried = {int(k): v for k, v in trained.recall_by_nprobe.items()}
+    assert trained.nprobe > 1 and tried[trained.nprobe] >= 0.95 and trained.recall == tried[trained.nprobe]
+    assert all(v < 0.95 for p, v in tried.items() if p < trained.nprobe)
+    # the measured recall is what a query really gets at that nprobe
+    faiss.extract_index_ivf(trained.index).nprobe = trained.nprobe
+    _, found = trained.index.search(vectors[:50], 11)
+    exact = faiss.IndexFlatIP(32)
+    exact.add(vectors)
+    _, truth = exact.search(vectors[:50], 11)
+    assert recall_at_k(found[:, 1:], truth[:, 1:], 10) >= 0.85
+
+
+def test_training_never_uses_the_held_out_queries():
+    # 2,500 vectors would get IVF256; with 200 held out only 2,300 may train, so nlist drops
+    assert choose_index(2500, 16, IndexConfig()).nlist == 64
+    assert choose_index(2500, 16, IndexConfig(), trainable=2300).nlist == 32
+
+
+def test_build_index_ivf_from_storage(registered):
     layout, card = registered
     embed_all(layout, card)
-    config = IndexConfig(flat_below=10, target_recall=0.9, n_queries=20)
-    build = build_index(layout, MODEL, "v1", list_shards(layout), config)
-    assert build.index_type.startswith("IVF") and build.nlist >= 1
-    assert build.recall_at_k >= 0.9 and build.passed
-    # nprobe is the smallest power of two (or nlist) that met the target
-    tried = {int(k): v for k, v in build.recall_by_nprobe.items()}
-    assert tried[build.nprobe] >= 0.9
-    assert all(v < 0.9 for k, v in tried.items() if k < build.nprobe)
-    index = faiss.read_index(f"{build.path}/index.faiss")
-    assert index.ntotal == 60
+    build = build_index(layout, MODEL, "v1", list_shards(layout), IndexConfig(flat_below=10, target_recall=0.9, n_queries=20))
+    assert build.index_type.startswith("IVF") and build.passed
+    assert faiss.read_index(f"{build.path}/index.faiss").ntotal == 60
 
 
 def test_unreachable_target_builds_but_does_not_pass(registered):

@@ -81,27 +81,45 @@ def test_searches_during_a_swap_never_mix_builds(registered):
     card2 = register_tiny(layout, "v2")
     b2 = build_version(layout, card2)
     searcher = Searcher(layout, MODEL)
-    _, data = query_bytes(layout)
+    image_id, data = query_bytes(layout)
     seen, errors = [], []
-    swap_done = threading.Event()
+    started, swap_done = threading.Event(), threading.Event()
 
     def query_until_swapped():
         try:
             while True:
                 r = searcher.search_image(data, k=3)
-                seen.append((r.version, r.build_id, len(r.hits)))
+                # a mix (one build's model with the other's index) would not find the query itself
+                seen.append((r.version, r.build_id, r.hits[0].image_id, round(r.hits[0].score, 2)))
+                started.set()
                 if swap_done.is_set() and r.version == "v2":
                     return
         except Exception as exc:  # a search must never fail during a swap
             errors.append(exc)
+            started.set()
 
     thread = threading.Thread(target=query_until_swapped)
     thread.start()
-    while not seen and not errors:
-        pass
+    started.wait(timeout=60)
     publish(layout, MODEL, b2.build_id)
     swap_done.set()
     thread.join(timeout=60)
     assert not errors
-    assert {(v, b) for v, b, _ in seen} <= {("v1", b1.build_id), ("v2", b2.build_id)}
-    assert all(n == 3 for _, _, n in seen)
+    assert {(v, b) for v, b, _, _ in seen} == {("v1", b1.build_id), ("v2", b2.build_id)}
+    assert {(top, score) for _, _, top, score in seen} == {(image_id, 1.0)}
+
+
+def test_a_build_that_cannot_load_leaves_the_previous_one_serving(registered):
+    layout, card1 = registered
+    b1 = build_version(layout, card1)
+    publish(layout, MODEL, b1.build_id)
+    searcher = Searcher(layout, MODEL)
+    _, data = query_bytes(layout)
+    assert searcher.search_image(data).build_id == b1.build_id
+    card2 = register_tiny(layout, "v2")
+    b2 = build_version(layout, card2)
+    publish(layout, MODEL, b2.build_id)
+    layout.store.rm(f"{layout.model_dir(MODEL, 'v2')}/model.pt")  # the new build's model is gone
+    answer = searcher.search_image(data)
+    assert answer.build_id == b1.build_id and answer.hits
+    assert b2.build_id in searcher.load_error and "artifact missing" in searcher.load_error
