@@ -24,11 +24,16 @@ from backfill.registry import LoadedModel
 from backfill.storage import Layout
 
 MARKER = "_SUCCESS.json"
+REJECTS = "rejects.parquet"
 
 
 def chunk_name(start: int, end: int) -> str:
     # the row range is in the name, so a resume can tell a chunk of another chunk_size from a missing one
     return f"rows-{start:012d}-{end:012d}.parquet"
+
+
+def is_chunk(name: str) -> bool:
+    return name.startswith("rows-") and name.endswith(".parquet")
 
 
 def chunk_plan(rows: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -98,7 +103,7 @@ def embed_shard(
 
     shard = read_shard(layout, shard_name)
     plan = chunk_plan(len(shard), config.chunk_size)
-    committed = {n for n in store.ls(out) if n.endswith(".parquet")}
+    committed = {n for n in store.ls(out) if is_chunk(n)}
     foreign = committed - {chunk_name(s, e) for s, e in plan}
     if foreign:
         raise ConfigError(
@@ -171,6 +176,7 @@ def embed_shard(
             f"({stats.rejects / stats.images:.1%} > max_reject_rate {config.max_reject_rate:.1%}); top reasons: {top}; "
             "its chunks were removed so that a rerun starts the shard over"
         )
+    _write_rejects(layout, out, shard)
     marker = {k: v for k, v in asdict(stats).items() if k not in ("wall_s", "images_per_s", "chunks_resumed", "images_embedded_now")}
     marker["chunk_size"] = config.chunk_size
     store.write_json(f"{out}/{MARKER}", marker)
@@ -242,9 +248,33 @@ def _write_chunk(
     layout.store.write_bytes(f"{out}/{chunk_name(start, end)}", buf.getvalue())
 
 
+def _write_rejects(layout: Layout, out: str, shard) -> None:
+    """rejects.parquet: image_id, uri, reason of every rejected row of the shard (queryable, before the marker)."""
+    table = read_chunks(layout, out, columns=["image_id", "error"])
+    mask = table.column("error").is_valid()
+    rejected = table.filter(mask)
+    uri_of = dict(zip(shard.image_ids.tolist(), shard.uris))
+    ids = rejected.column("image_id").to_pylist()
+    rejects = pa.table(
+        {
+            "image_id": pa.array(ids, pa.int64()),
+            "uri": pa.array([None if uri_of[i] is None else str(uri_of[i]).encode("utf-8", "surrogateescape").decode("utf-8", "replace") for i in ids], pa.string()),
+            "reason": rejected.column("error"),
+        }
+    )
+    buf = io.BytesIO()
+    pq.write_table(rejects, buf)
+    layout.store.write_bytes(f"{out}/{REJECTS}", buf.getvalue())
+
+
+def read_rejects(layout: Layout, model: str, version: str, shard: str) -> pa.Table:
+    """The rejects table of a completed shard: image_id, uri, reason."""
+    return pq.read_table(io.BytesIO(layout.store.read_bytes(f"{layout.embeddings(model, version, shard)}/{REJECTS}")))
+
+
 def read_chunks(layout: Layout, out: str, columns: list[str] | None = None) -> pa.Table | None:
     """All committed chunks of a shard, in row order (None when there are none)."""
-    names = [n for n in layout.store.ls(out) if n.endswith(".parquet")]
+    names = [n for n in layout.store.ls(out) if is_chunk(n)]
     if not names:
         return None
     tables = [pq.read_table(io.BytesIO(layout.store.read_bytes(f"{out}/{n}")), columns=columns) for n in names]

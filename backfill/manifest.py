@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,7 +54,12 @@ def read_shard(layout: Layout, name: str) -> Shard:
     if len(uniq) != len(ids):
         dup = uniq[counts > 1][:5].tolist()
         raise ManifestError(f"manifest shard {name!r} repeats image_id {dup}: every image_id must appear once")
-    return Shard(name=name, image_ids=ids.astype(np.int64), uris=table.column("uri").to_pylist())
+    uris = table.column("uri").to_pylist()
+    if pa.types.is_binary(table.schema.field("uri").type) or pa.types.is_large_binary(table.schema.field("uri").type):
+        # raw bytes: local paths that are not valid UTF-8 (Parquet strings must be); decoded
+        # the way the OS does, so open() gets the very same bytes back
+        uris = [None if u is None else os.fsdecode(u) for u in uris]
+    return Shard(name=name, image_ids=ids.astype(np.int64), uris=uris)
 
 
 def _validate_columns(name: str, table: pa.Table) -> None:
@@ -69,8 +75,9 @@ def _validate_columns(name: str, table: pa.Table) -> None:
         )
     if table.column("image_id").null_count:
         raise ManifestError(f"manifest shard {name!r}: image_id has {table.column('image_id').null_count} null values")
-    if not (pa.types.is_string(table.schema.field("uri").type) or pa.types.is_large_string(table.schema.field("uri").type)):
-        raise ManifestError(f"manifest shard {name!r}: uri must be a string column, got {table.schema.field('uri').type}")
+    uri_type = table.schema.field("uri").type
+    if not any(check(uri_type) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)):
+        raise ManifestError(f"manifest shard {name!r}: uri must be a string (or binary, for non-UTF-8 paths) column, got {uri_type}")
     if table.num_rows and pc.min(table.column("image_id")).as_py() < 0:
         raise ManifestError(f"manifest shard {name!r}: image_id must be non-negative")
 

@@ -101,17 +101,24 @@ def _cmdline(pid: int) -> str:
 
 
 def step_worker_pids(root_pid: int) -> list[int]:
-    """Pids of the multiprocess executor's step processes below root_pid (Linux /proc).
+    """Pids of step processes below root_pid (Linux /proc), e.g. below a dagster-daemon.
 
-    The executor forks each step from a multiprocessing forkserver, so a step process
-    is a child of a process whose command line is the forkserver's.
+    The code server (`dagster api grpc`) starts each run worker; the run worker's
+    multiprocess executor starts each step as a child process. A step process is thus a
+    multiprocessing child of a child of a code server (its resource tracker aside).
     """
     tree = _children()
-    found, stack = [], [root_pid]
+    servers, stack = [], [root_pid]
     while stack:
         pid = stack.pop()
-        for child in tree.get(pid, []):
-            if "multiprocessing.forkserver" in _cmdline(pid) or "spawn_main" in _cmdline(child):
-                found.append(child)
-            stack.append(child)
-    return sorted(set(found))
+        if "dagster api grpc" in _cmdline(pid):
+            servers.append(pid)
+        stack.extend(tree.get(pid, []))
+    steps = []
+    for server in servers:
+        for run_worker in tree.get(server, []):
+            for child in tree.get(run_worker, []):
+                cmd = _cmdline(child)
+                if "multiprocessing" in cmd and "resource_tracker" not in cmd:
+                    steps.append(child)
+    return sorted(steps)

@@ -69,5 +69,8 @@ backfill_automation = AutomationConditionSensorDefinition(
     default_status=DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=AUTOMATION_INTERVAL_S,
     emit_backfills=True,
+    # a run retry re-executes the whole run (one shard, or index + publish): the default
+    # "from failure" finds nothing to redo when the run worker died before its step started
+    run_tags={"dagster/retry_strategy": "ALL_STEPS"},
     description="Launches one backfill for the partitions the registry sensor added, then index build and publish.",
 )

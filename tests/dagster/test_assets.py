@@ -103,3 +103,35 @@ def test_permanent_error_fails_without_retries(registered):
         failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
         assert len(failure) == 1 and "sha256" in failure[0].event_specific_data.error.message
         assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+
+
+def test_a_write_that_fails_halfway_leaves_nothing_visible_and_is_retried(registered, monkeypatch):
+    import errno
+    import os
+
+    layout, _ = registered
+    real_fsync, failures = os.fsync, []
+
+    def disk_full_once(fd):
+        if not failures:
+            failures.append(fd)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", disk_full_once)
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions("shard", list_shards(layout))
+        instance.add_dynamic_partitions("model_version", ["v1"])
+        result = materialize(
+            [image_embeddings],
+            partition_key=MultiPartitionKey({"model_version": "v1", "shard": "shard-00000"}),
+            instance=instance,
+            resources=resources(layout),
+        )
+    assert result.success and failures
+    kinds = [e.event_type_value for e in result.all_events]
+    assert "STEP_UP_FOR_RETRY" in kinds  # RetryableError -> the RetryPolicy fired
+    out = layout.embeddings(MODEL, "v1", "shard-00000")
+    names = layout.store.ls(out)
+    assert not [n for n in names if n.endswith(".tmp")]  # the half-written file was removed
+    assert len([n for n in names if n.startswith("rows-")]) == 3

@@ -3,7 +3,7 @@ import pyarrow as pa
 import pytest
 
 from backfill.config import EmbedConfig
-from backfill.embed import MARKER, embed_shard, load_embeddings
+from backfill.embed import MARKER, REJECTS, embed_shard, is_chunk, load_embeddings, read_rejects
 from backfill.errors import ConfigError, RejectRateError
 from backfill.manifest import read_shard, write_shard
 from backfill.registry import load_model
@@ -22,7 +22,7 @@ def test_embed_shard_writes_chunks_and_marker(registered):
     assert (stats.images, stats.rejects, stats.chunks, stats.chunks_resumed) == (20, 0, 4, 0)
     out = layout.embeddings(MODEL, "v1", "shard-00000")
     names = layout.store.ls(out)
-    assert MARKER in names and len([n for n in names if n.endswith(".parquet")]) == 4
+    assert MARKER in names and REJECTS in names and len([n for n in names if is_chunk(n)]) == 4
     ids, vectors, valid = load_embeddings(layout, MODEL, "v1", "shard-00000")
     assert np.array_equal(ids, read_shard(layout, "shard-00000").image_ids)
     assert valid.all() and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-2)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from backfill.config import EmbedConfig, IndexConfig
-from backfill.embed import MARKER, embed_shard
+from backfill.embed import MARKER, embed_shard, is_chunk
 from backfill.errors import IncompleteError
 from backfill.index import BUILD_FILE, build_index, choose_index, latest_build, recall_at_k, train_index
 from backfill.manifest import list_shards
@@ -99,7 +99,7 @@ def test_missing_chunk_is_reported_as_missing_rows(registered):
     layout, card = registered
     embed_all(layout, card)
     out = layout.embeddings(MODEL, "v1", "shard-00001")
-    first_chunk = [n for n in layout.store.ls(out) if n.endswith(".parquet")][0]
+    first_chunk = [n for n in layout.store.ls(out) if is_chunk(n)][0]
     layout.store.rm(f"{out}/{first_chunk}")
     with pytest.raises(IncompleteError, match=r"shard-00001: 12 committed rows for 20 manifest ids \(8 missing"):
         build_index(layout, MODEL, "v1", list_shards(layout), IndexConfig())

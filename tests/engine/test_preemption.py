@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from backfill.config import EmbedConfig
-from backfill.embed import embed_shard, load_embeddings
+from backfill.embed import embed_shard, is_chunk, load_embeddings
 from backfill.errors import Preempted, RetryableError
 from backfill.preemption import StopSignal, sigterm_notice
 from backfill.registry import load_model
@@ -18,7 +18,7 @@ SHARD = "shard-00002"  # 20 rows: chunks of 6, 6, 6, 2
 
 
 def committed(layout):
-    return [n for n in layout.store.ls(layout.embeddings(MODEL, "v1", SHARD)) if n.endswith(".parquet")]
+    return [n for n in layout.store.ls(layout.embeddings(MODEL, "v1", SHARD)) if is_chunk(n)]
 
 
 def reference(layout, model):

@@ -5,7 +5,7 @@ import pytest
 from backfill.config import EmbedConfig, IndexConfig
 from backfill.embed import embed_shard
 from backfill.errors import BackfillError, QualityGateError
-from backfill.index import build_index
+from backfill.index import build_index, latest_build
 from backfill.manifest import list_shards, read_shard
 from backfill.publish import publish, read_pointer
 from backfill.registry import load_model
@@ -123,3 +123,39 @@ def test_a_build_that_cannot_load_leaves_the_previous_one_serving(registered):
     answer = searcher.search_image(data)
     assert answer.build_id == b1.build_id and answer.hits
     assert b2.build_id in searcher.load_error and "artifact missing" in searcher.load_error
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs, not even except-Exception handlers."""
+
+
+@pytest.mark.parametrize("writes_before_kill", [0, 1, 2])
+def test_killing_the_index_build_at_any_write_leaves_the_old_index_serving(registered, monkeypatch, writes_before_kill):
+    layout, card1 = registered
+    b1 = build_version(layout, card1)
+    publish(layout, MODEL, b1.build_id)
+    card2 = register_tiny(layout, "v2")
+    model = load_model(layout, card2)
+    for shard in list_shards(layout):
+        embed_shard(layout, shard, model, EmbedConfig(batch_size=8, chunk_size=8, torch_threads=1))
+
+    real_write = type(layout.store).write_bytes
+    calls = []
+
+    def dying_write(self, path, data):
+        if "/indexes/" in path and len(calls) == writes_before_kill:
+            raise Killed(path)
+        calls.append(path)
+        return real_write(self, path, data)
+
+    monkeypatch.setattr(type(layout.store), "write_bytes", dying_write)
+    with pytest.raises(Killed):
+        build_index(layout, MODEL, "v2", list_shards(layout), IndexConfig(), model_created=card2.created)
+    monkeypatch.setattr(type(layout.store), "write_bytes", real_write)
+
+    assert read_pointer(layout, MODEL)["build_id"] == b1.build_id  # the old index still serves
+    assert latest_build(layout, MODEL, "v2") is None  # a build without build.json does not exist
+    _, data = query_bytes(layout)
+    assert Searcher(layout, MODEL).search_image(data).build_id == b1.build_id
+    retry = build_index(layout, MODEL, "v2", list_shards(layout), IndexConfig(), model_created=card2.created)
+    assert publish(layout, MODEL, retry.build_id).published

@@ -1,0 +1,245 @@
+"""Chaos harness: real backfills under the daemon while step processes are killed; verified from storage alone."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from backfill.embed import MARKER, read_chunks
+from backfill.index import BUILD_FILE, IDS_FILE, INDEX_FILE, read_build
+from backfill.manifest import list_shards, read_shard
+from backfill.models import Architecture, torchscript_bytes
+from backfill.publish import read_pointer
+from backfill.registry import register_version
+from backfill.sample import SampleSpec, make_sample_corpus
+from backfill.storage import Layout, Store
+from ops.local_instance import REPO, start_daemon, step_worker_pids, stop
+
+MODEL = "refcnn"
+
+
+@dataclass(frozen=True)
+class ChaosConfig:
+    rounds: int = 20
+    images: int = 480
+    shards: int = 6
+    chunk_size: int = 8
+    batch_size: int = 4
+    kills_per_round: int = 3  # below the RetryPolicy's max_retries, so no shard can run out of retries
+    sigterm_share: float = 0.5
+    grace_s: float = 2.0
+    round_timeout_s: float = 420.0
+    seed: int = 1
+
+
+@dataclass
+class RoundResult:
+    version: str
+    sigterm: int = 0
+    sigkill: int = 0
+    index_kills: int = 0
+    step_retries: int = 0
+    run_retries: int = 0
+    embedded_total: int = 0  # images embedded by every attempt, killed ones included
+    rows: int = 0
+    rejects: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    index_mismatch: int = 0
+    pointer_ok: bool = False
+    wall_s: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def wasted(self) -> int:
+        """Images embedded more than once: all embedding work minus what one clean pass does."""
+        return max(0, self.embedded_total - (self.rows - self.rejects))
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == 0 and self.duplicated == 0 and self.index_mismatch == 0 and self.pointer_ok and not self.problems
+
+
+def verify_version(layout: Layout, version: str) -> dict:
+    """Exactly-once from storage alone: chunks vs manifests, the published index vs the chunks, the pointer."""
+    lost = duplicated = 0
+    problems: list[str] = []
+    valid_ids = []
+    rows = rejects = 0
+    for shard in list_shards(layout):
+        manifest = read_shard(layout, shard)
+        out = layout.embeddings(MODEL, version, shard)
+        table = read_chunks(layout, out, columns=["image_id", "embedding"])
+        ids = table.column("image_id").to_numpy() if table is not None else np.zeros(0, np.int64)
+        lost += len(np.setdiff1d(manifest.image_ids, ids))
+        duplicated += len(ids) - len(np.unique(ids))
+        extra = len(np.setdiff1d(ids, manifest.image_ids))
+        if extra:
+            problems.append(f"{shard}: {extra} ids not in the manifest")
+        if not layout.store.exists(f"{out}/{MARKER}"):
+            problems.append(f"{shard}: no completion marker")
+        if table is not None:
+            valid = table.column("embedding").is_valid().to_numpy(zero_copy_only=False)
+            valid_ids.append(ids[valid])
+            rejects += int((~valid).sum())
+        rows += len(manifest)
+    pointer = read_pointer(layout, MODEL)
+    index_mismatch, pointer_ok = 0, False
+    if pointer is None or pointer.get("version") != version:
+        problems.append(f"CURRENT names {pointer and pointer.get('build_id')}, not a build of {version}")
+    else:
+        build = read_build(layout, MODEL, pointer["build_id"])
+        folder = layout.index_build(MODEL, build.build_id)
+        indexed = pq.read_table(f"{folder}/{IDS_FILE}").column("image_id").to_numpy()
+        expected = np.concatenate(valid_ids) if valid_ids else np.zeros(0, np.int64)
+        index_mismatch = len(np.setxor1d(indexed, expected)) + (len(indexed) - len(np.unique(indexed)))
+        import faiss
+
+        ntotal = faiss.read_index(f"{folder}/{INDEX_FILE}").ntotal
+        pointer_ok = build.passed and layout.store.exists(f"{folder}/{BUILD_FILE}") and ntotal == len(indexed)
+    return {"rows": rows, "rejects": rejects, "lost": lost, "duplicated": duplicated, "index_mismatch": index_mismatch, "pointer_ok": pointer_ok, "problems": problems}
+
+
+def _work_done(log: Path, version: str) -> tuple[int, set[int]]:
+    if not log.exists():
+        return 0, set()
+    total, pids = 0, set()
+    for line in log.read_text().splitlines():
+        pid, v, _, n = line.split()
+        if v == version:
+            total += int(n)
+            pids.add(int(pid))
+    return total, pids
+
+
+def _retries(instance, version: str) -> tuple[int, int]:
+    from dagster import DagsterEventType, RunsFilter
+
+    step_retries = run_retries = 0
+    for tags in ({"dagster/partition/model_version": version}, {"dagster/partition": version}):
+        for record in instance.get_run_records(RunsFilter(tags=tags)):
+            run = record.dagster_run
+            step_retries += len(instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_RESTARTED))
+            run_retries += 1 if run.parent_run_id else 0
+    return step_retries, run_retries
+
+
+def run_chaos(config: ChaosConfig, workdir: Path, say: Callable[[str], None] = print) -> list[RoundResult]:
+    from dagster import DagsterInstance
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    home, root, work_log = workdir / "dagster_home", workdir / "root", workdir / "work.log"
+    home.mkdir(parents=True)
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    layout = Layout(Store.open(str(root)))
+    made = make_sample_corpus(layout, SampleSpec(images=config.images, shards=config.shards, seed=config.seed))
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "BACKFILL_ROOT": str(root),
+        "BACKFILL_SENSOR_INTERVAL": "2",
+        "BACKFILL_AUTOMATION_INTERVAL": "2",
+        "BACKFILL_CHUNK_SIZE": str(config.chunk_size),
+        "BACKFILL_BATCH_SIZE": str(config.batch_size),
+        "BACKFILL_GRACE_S": str(config.grace_s),
+        "BACKFILL_WORK_LOG": str(work_log),
+    }
+    say(f"corpus: {made['images']} images in {made['shards']} shards, chunks of {config.chunk_size}; logs in {workdir}")
+    rng = random.Random(config.seed)
+    daemon = start_daemon(env, workdir / "daemon.log")
+    os.environ["DAGSTER_HOME"] = str(home)
+    results: list[RoundResult] = []
+    try:
+        instance = DagsterInstance.from_config(str(home))
+        for i in range(1, config.rounds + 1):
+            version = f"r{i:02d}"
+            result = RoundResult(version=version)
+            started = time.monotonic()
+            arch = Architecture(widths=(8, 16, 16, 32), dim=32, input_size=48, seed=100 + i)
+            register_version(layout, MODEL, version, torchscript_bytes(arch, calibration=128), dim=arch.dim, input_size=arch.input_size)
+            done = threading.Event()
+            kills: list[tuple[int, int]] = []
+            killer = threading.Thread(target=_kill_randomly, args=(daemon.pid, rng, config, done, kills), daemon=True)
+            killer.start()
+            try:
+                while True:
+                    pointer = read_pointer(layout, MODEL)
+                    if pointer and pointer["version"] == version:
+                        break
+                    if daemon.poll() is not None:
+                        raise RuntimeError(f"dagster-daemon exited with {daemon.returncode}; see {workdir / 'daemon.log'}")
+                    if time.monotonic() - started > config.round_timeout_s:
+                        result.problems.append(f"not published within {config.round_timeout_s:.0f}s")
+                        break
+                    time.sleep(0.5)
+            finally:
+                done.set()
+                killer.join()
+            result.wall_s = time.monotonic() - started
+            _, worker_pids = _work_done(work_log, version)
+            for signo, pid in kills:
+                result.sigterm += signo == signal.SIGTERM
+                result.sigkill += signo == signal.SIGKILL
+                result.index_kills += pid not in worker_pids  # a step that embedded nothing: index/publish
+            verdict = verify_version(layout, version)
+            result.rows, result.rejects = verdict["rows"], verdict["rejects"]
+            result.lost, result.duplicated = verdict["lost"], verdict["duplicated"]
+            result.index_mismatch, result.pointer_ok = verdict["index_mismatch"], verdict["pointer_ok"]
+            result.problems += verdict["problems"]
+            result.embedded_total, _ = _work_done(work_log, version)
+            result.step_retries, result.run_retries = _retries(instance, version)
+            results.append(result)
+            say(_row(result))
+    finally:
+        stop(daemon)
+    return results
+
+
+def _kill_randomly(daemon_pid: int, rng: random.Random, config: ChaosConfig, done: threading.Event, kills: list) -> None:
+    while len(kills) < config.kills_per_round and not done.wait(rng.uniform(0.5, 6.0)):
+        pids = step_worker_pids(daemon_pid)
+        if not pids:
+            continue
+        pid = rng.choice(pids)
+        signo = signal.SIGTERM if rng.random() < config.sigterm_share else signal.SIGKILL
+        try:
+            os.kill(pid, signo)
+        except ProcessLookupError:
+            continue
+        kills.append((signo, pid))
+
+
+HEADER = f"{'round':>5} {'SIGTERM':>7} {'SIGKILL':>7} {'idx':>3} {'step_rt':>7} {'run_rt':>6} {'wasted':>6} {'waste%':>6} {'lost':>4} {'dup':>4} {'idx_diff':>8} {'ptr':>3} {'wall_s':>6}"
+
+
+def _row(r: RoundResult) -> str:
+    pct = 100.0 * r.wasted / r.rows if r.rows else 0.0
+    row = (
+        f"{r.version:>5} {r.sigterm:>7} {r.sigkill:>7} {r.index_kills:>3} {r.step_retries:>7} {r.run_retries:>6} "
+        f"{r.wasted:>6} {pct:>5.1f}% {r.lost:>4} {r.duplicated:>4} {r.index_mismatch:>8} {'ok' if r.pointer_ok else 'NO':>3} {r.wall_s:>6.0f}"
+    )
+    return row + ("  " + "; ".join(r.problems) if r.problems else "")
+
+
+def summary(results: list[RoundResult], chunk_size: int) -> str:
+    kills = sum(r.sigterm + r.sigkill for r in results)
+    wasted = sum(r.wasted for r in results)
+    rows = sum(r.rows for r in results)
+    return (
+        f"rounds={len(results)} kills={kills} (SIGTERM {sum(r.sigterm for r in results)}, SIGKILL {sum(r.sigkill for r in results)}, "
+        f"index/publish steps {sum(r.index_kills for r in results)}) step_retries={sum(r.step_retries for r in results)} "
+        f"run_retries={sum(r.run_retries for r in results)} wasted={wasted}/{rows} ({100.0 * wasted / max(1, rows):.2f}%, "
+        f"{wasted / max(1, kills):.1f} images per kill, chunk={chunk_size}) lost={sum(r.lost for r in results)} "
+        f"duplicated={sum(r.duplicated for r in results)} index_mismatch={sum(r.index_mismatch for r in results)} "
+        f"rounds_ok={sum(r.ok for r in results)}/{len(results)} wall={sum(r.wall_s for r in results):.0f}s"
+    )
