@@ -17,6 +17,7 @@ from dagster import (
     asset,
 )
 
+from assets.k8s import STEP_K8S_TAGS
 from assets.partitions import embedding_partitions
 from assets.resources import BackfillResource, run_engine
 from backfill.embed import embed_shard
@@ -40,6 +41,7 @@ PREEMPTION_RETRIES = 20
         AssetCheckSpec("reject_rate", asset="image_embeddings", description="share of images rejected (warns above warn_reject_rate)"),
     ],
     kinds={"pytorch", "parquet"},
+    op_tags=STEP_K8S_TAGS,
     description="Embeddings of one manifest shard by one model version, in atomically committed chunks.",
 )
 def image_embeddings(context: AssetExecutionContext, backfill: BackfillResource) -> MaterializeResult:

@@ -14,6 +14,7 @@ from dagster import (
 )
 
 from assets.embeddings import image_embeddings
+from assets.k8s import STEP_K8S_TAGS
 from assets.partitions import model_versions
 from assets.resources import BackfillResource, run_engine
 from backfill.index import build_index, latest_build
@@ -39,6 +40,7 @@ PUBLISH_POOL = "index_publish"
         )
     ],
     kinds={"faiss"},
+    op_tags=STEP_K8S_TAGS,
     description="An immutable FAISS index build of one model version, with its measured recall.",
 )
 def faiss_index(context: AssetExecutionContext, backfill: BackfillResource) -> MaterializeResult:
@@ -81,6 +83,7 @@ def faiss_index(context: AssetExecutionContext, backfill: BackfillResource) -> M
     # publishes read CURRENT, compare and write it: one at a time (dagster.yaml gives pools a limit of 1)
     pool=PUBLISH_POOL,
     kinds={"faiss"},
+    op_tags=STEP_K8S_TAGS,
     description="The index build that search serves: CURRENT swapped atomically to the version's checked build.",
 )
 def search_index(context: AssetExecutionContext, backfill: BackfillResource) -> MaterializeResult:

@@ -103,6 +103,29 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"{args.model} {args.version}: near-duplicate recall@{args.k}={result[f'recall_at_{args.k}']:.4f} top1={result['top1']:.4f} over {int(result['queries'])} queries")
 
 
+def cmd_rejects(args: argparse.Namespace) -> None:
+    from collections import Counter
+
+    from backfill.embed import MARKER, read_rejects
+    from backfill.manifest import list_shards
+
+    layout = _layout(args.root)
+    shards = [args.shard] if args.shard else list_shards(layout)
+    reasons: Counter = Counter()
+    for shard in shards:
+        if not layout.store.exists(f"{layout.embeddings(args.model, args.version, shard)}/{MARKER}"):
+            print(f"{shard}: not embedded by {args.version} yet")
+            continue
+        rows = read_rejects(layout, args.model, args.version, shard).to_pylist()
+        for row in rows:
+            reasons[row["reason"].split(":", 1)[0]] += 1
+            if args.list:
+                print(f"{shard}\t{row['image_id']}\t{row['uri']}\t{row['reason']}")
+    print(f"{args.model} {args.version}: {sum(reasons.values())} rejects in {len(shards)} shards")
+    for reason, count in reasons.most_common():
+        print(f"  {count:8d}  {reason}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="backfill",
@@ -134,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="registered versions and what is published per model, with its recall")
     p.set_defaults(fn=cmd_status)
+
+    p = sub.add_parser("rejects", help="images a version could not embed, with the reason (from each shard's rejects table)")
+    p.add_argument("version")
+    p.add_argument("--shard", help="only this shard")
+    p.add_argument("--list", action="store_true", help="one line per rejected image: shard, image_id, uri, reason")
+    p.set_defaults(fn=cmd_rejects)
 
     p = sub.add_parser("evaluate", help="near-duplicate recall@k of a version's embeddings on the sample corpus")
     p.add_argument("version")

@@ -17,7 +17,10 @@ Image.MAX_IMAGE_PIXELS = None  # we enforce our own bound, before decoding, with
 
 
 class BadImage(Exception):
-    """This image cannot be embedded; str(exc) is the reject reason stored with its row."""
+    """This image cannot be embedded; str(exc) is the reject reason stored with its row.
+
+    Reasons read "<kind>: <detail>"; the kind (before the first colon) is what gets counted.
+    """
 
 
 def make_fetcher() -> Callable[[str | None], bytes]:
@@ -32,7 +35,7 @@ def make_fetcher() -> Callable[[str | None], bytes]:
             try:
                 filesystems[protocol] = fsspec.filesystem(protocol)
             except (ValueError, ImportError) as exc:
-                raise BadImage(f"malformed uri {uri!r}: unsupported protocol {protocol!r}") from exc
+                raise BadImage(f"malformed uri: {uri!r} uses unsupported protocol {protocol!r}") from exc
         try:
             return filesystems[protocol].cat_file(uri)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
@@ -44,7 +47,7 @@ def make_fetcher() -> Callable[[str | None], bytes]:
             raise RetryableError(f"storage unreachable fetching {uri}: {exc}") from exc
         except OSError as exc:
             if "name too long" in str(exc).lower() or "invalid" in str(exc).lower():
-                raise BadImage(f"malformed uri {uri!r}: {exc}") from None
+                raise BadImage(f"malformed uri: {uri!r} ({exc})") from None
             raise RetryableError(f"storage error fetching {uri}: {exc}") from exc
 
     return fetch

@@ -47,7 +47,7 @@ class RoundResult:
     version: str
     sigterm: int = 0
     sigkill: int = 0
-    index_kills: int = 0
+    index_kills: int = 0  # kills after every shard was embedded: the index build or publish step
     step_retries: int = 0
     run_retries: int = 0
     embedded_total: int = 0  # images embedded by every attempt, killed ones included
@@ -110,16 +110,11 @@ def verify_version(layout: Layout, version: str) -> dict:
     return {"rows": rows, "rejects": rejects, "lost": lost, "duplicated": duplicated, "index_mismatch": index_mismatch, "pointer_ok": pointer_ok, "problems": problems}
 
 
-def _work_done(log: Path, version: str) -> tuple[int, set[int]]:
+def _work_done(log: Path, version: str) -> int:
+    """Images embedded for a version by every attempt, from the work log (killed attempts included)."""
     if not log.exists():
-        return 0, set()
-    total, pids = 0, set()
-    for line in log.read_text().splitlines():
-        pid, v, _, n = line.split()
-        if v == version:
-            total += int(n)
-            pids.add(int(pid))
-    return total, pids
+        return 0
+    return sum(int(line.split()[3]) for line in log.read_text().splitlines() if line.split()[1] == version)
 
 
 def _retries(instance, version: str) -> tuple[int, int]:
@@ -169,7 +164,10 @@ def run_chaos(config: ChaosConfig, workdir: Path, say: Callable[[str], None] = p
             register_version(layout, MODEL, version, torchscript_bytes(arch, calibration=128), dim=arch.dim, input_size=arch.input_size)
             done = threading.Event()
             kills: list[tuple[int, int]] = []
-            killer = threading.Thread(target=_kill_randomly, args=(daemon.pid, rng, config, done, kills), daemon=True)
+            all_embedded = lambda: all(  # noqa: E731 - once true, only index build and publish are left
+                layout.store.exists(f"{layout.embeddings(MODEL, version, s)}/{MARKER}") for s in list_shards(layout)
+            )
+            killer = threading.Thread(target=_kill_randomly, args=(daemon.pid, rng, config, done, kills, all_embedded), daemon=True)
             killer.start()
             try:
                 while True:
@@ -186,17 +184,16 @@ def run_chaos(config: ChaosConfig, workdir: Path, say: Callable[[str], None] = p
                 done.set()
                 killer.join()
             result.wall_s = time.monotonic() - started
-            _, worker_pids = _work_done(work_log, version)
-            for signo, pid in kills:
+            for signo, late in kills:
                 result.sigterm += signo == signal.SIGTERM
                 result.sigkill += signo == signal.SIGKILL
-                result.index_kills += pid not in worker_pids  # a step that embedded nothing: index/publish
+                result.index_kills += late
             verdict = verify_version(layout, version)
             result.rows, result.rejects = verdict["rows"], verdict["rejects"]
             result.lost, result.duplicated = verdict["lost"], verdict["duplicated"]
             result.index_mismatch, result.pointer_ok = verdict["index_mismatch"], verdict["pointer_ok"]
             result.problems += verdict["problems"]
-            result.embedded_total, _ = _work_done(work_log, version)
+            result.embedded_total = _work_done(work_log, version)
             result.step_retries, result.run_retries = _retries(instance, version)
             results.append(result)
             say(_row(result))
@@ -205,18 +202,27 @@ def run_chaos(config: ChaosConfig, workdir: Path, say: Callable[[str], None] = p
     return results
 
 
-def _kill_randomly(daemon_pid: int, rng: random.Random, config: ChaosConfig, done: threading.Event, kills: list) -> None:
-    while len(kills) < config.kills_per_round and not done.wait(rng.uniform(0.5, 6.0)):
+def _kill_randomly(daemon_pid: int, rng: random.Random, config: ChaosConfig, done: threading.Event, kills: list, late) -> None:
+    """Every 0.5-6 s, signal a random step process; record (signal, whether only index/publish was left).
+
+    In half the rounds, the first step that starts once every shard is embedded (the
+    index build) is hunted down and killed too.
+    """
+    hunt_index = rng.random() < 0.5
+    while len(kills) < config.kills_per_round:
+        index_phase = late()
+        if done.wait(0.05 if index_phase and hunt_index else rng.uniform(0.5, 6.0)):
+            return
         pids = step_worker_pids(daemon_pid)
         if not pids:
             continue
-        pid = rng.choice(pids)
         signo = signal.SIGTERM if rng.random() < config.sigterm_share else signal.SIGKILL
         try:
-            os.kill(pid, signo)
+            os.kill(rng.choice(pids), signo)
         except ProcessLookupError:
             continue
-        kills.append((signo, pid))
+        kills.append((signo, index_phase))
+        hunt_index = hunt_index and not index_phase
 
 
 HEADER = f"{'round':>5} {'SIGTERM':>7} {'SIGKILL':>7} {'idx':>3} {'step_rt':>7} {'run_rt':>6} {'wasted':>6} {'waste%':>6} {'lost':>4} {'dup':>4} {'idx_diff':>8} {'ptr':>3} {'wall_s':>6}"

@@ -59,3 +59,16 @@ def test_a_malformed_setting_names_the_variable(monkeypatch):
     monkeypatch.setenv("BACKFILL_BATCH_SIZE", "abc")
     with pytest.raises(ValueError, match="BACKFILL_BATCH_SIZE='abc' is not a valid int"):
         backfill_resource_from_env()
+
+
+def test_step_jobs_render_with_backoff_limit_zero():
+    from dagster_k8s.job import DagsterK8sJobConfig, construct_dagster_k8s_job, get_user_defined_k8s_config
+
+    from assets.index import faiss_index, search_index
+
+    config = DagsterK8sJobConfig(job_image="backfill:test", dagster_home="/opt/dagster/dagster_home", instance_config_map="dagster-instance")
+    for asset in (image_embeddings, faiss_index, search_index):
+        user = get_user_defined_k8s_config(asset.op.tags)
+        assert user.job_spec_config == {"backoff_limit": 0}, asset.key
+        job = construct_dagster_k8s_job(config, ["dagster", "api", "execute_step"], "dagster-step-test", user)
+        assert job.spec.backoff_limit == 0

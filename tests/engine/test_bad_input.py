@@ -89,7 +89,7 @@ def bad_shard(registered, tmp_path):
     for uri, reason in [
         (os.fsencode(str(folder / "missing.jpg")), "missing object: "),
         (None, "manifest uri is null or empty"),
-        (b"nosuchproto://bucket/key.jpg", "malformed uri 'nosuchproto://bucket/key.jpg': unsupported protocol 'nosuchproto'"),
+        (b"nosuchproto://bucket/key.jpg", "malformed uri: 'nosuchproto://bucket/key.jpg' uses unsupported protocol 'nosuchproto'"),
     ]:
         uris.append(uri)
         expected.append(reason)
@@ -110,6 +110,18 @@ def test_each_input_is_embedded_or_rejected_with_its_reason(bad_shard):
     assert [r["image_id"] for r in rejects] == [i for i, e in zip(ids, expected) if e is not None]
     for row, reason in zip(rejects, [e for e in expected if e is not None]):
         assert row["reason"].startswith(reason), (row, reason)
+
+
+def test_rejects_are_listed_by_the_cli(bad_shard, capsys):
+    from backfill.cli import main
+
+    layout, card, ids, expected = bad_shard
+    embed_shard(layout, "odd", load_model(layout, card), EmbedConfig(batch_size=4, chunk_size=5, max_reject_rate=0.6))
+    assert main(["--root", layout.store.root, "rejects", "v1", "--shard", "odd", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "refcnn v1: 7 rejects in 1 shards" in out
+    assert "1  decompression bomb\n" in out and "1  malformed uri\n" in out
+    assert "\t5014\tNone\tmanifest uri is null or empty" in out
 
 
 @pytest.mark.parametrize("name", sorted(VALID))
