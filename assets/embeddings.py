@@ -49,7 +49,7 @@ def image_embeddings(context: AssetExecutionContext, backfill: BackfillResource)
     keys = embedding_partitions.get_partition_key_from_str(str(context.partition_key)).keys_by_dimension
     version, shard = keys["model_version"], keys["shard"]
     layout = backfill.layout()
-    model = run_engine(backfill.load_model, version)
+    model = run_engine(context, backfill.load_model, version)
     committed = {"rows": 0, "chunks": 0}
 
     def progress(rows: int) -> None:
@@ -61,12 +61,13 @@ def image_embeddings(context: AssetExecutionContext, backfill: BackfillResource)
     try:
         with sigterm_notice() as stop:
             stats = run_engine(
+                context,
                 embed_shard, layout, shard, model, backfill.embed_config(), progress=progress, stop=stop, on_batch=work_logger(backfill, version, shard)
             )
     except Preempted as exc:
         context.log.warning(f"preempted: {exc}; committed chunks are kept and the retry resumes after them")
         raise RetryRequested(max_retries=PREEMPTION_RETRIES, seconds_to_wait=1) from exc
-    verdict = run_engine(verify_shard, layout, backfill.model, version, shard)
+    verdict = run_engine(context, verify_shard, layout, backfill.model, version, shard)
     reject_rate = stats.rejects / stats.images if stats.images else 0.0
     context.log.info(
         f"{shard} x {version}: {stats.images} images, {stats.rejects} rejects, {stats.chunks_resumed}/{stats.chunks} chunks resumed, "

@@ -16,9 +16,9 @@ from dagster import (
 from assets.embeddings import image_embeddings
 from assets.k8s import STEP_K8S_TAGS
 from assets.partitions import model_versions
+from assets.partitions import shards as shards_def
 from assets.resources import BackfillResource, run_engine
 from backfill.index import build_index, latest_build
-from backfill.manifest import list_shards
 from backfill.publish import publish
 from backfill.registry import read_card
 
@@ -46,10 +46,11 @@ PUBLISH_POOL = "index_publish"
 def faiss_index(context: AssetExecutionContext, backfill: BackfillResource) -> MaterializeResult:
     version = context.partition_key
     layout = backfill.layout()
-    card = run_engine(read_card, layout, backfill.model, version)
-    shards = list_shards(layout)
+    card = run_engine(context, read_card, layout, backfill.model, version)
+    # the registered shard partitions: a manifest the registry sensor refused is not part of the corpus yet
+    registered = sorted(context.instance.get_dynamic_partitions(shards_def.name))
     build = run_engine(
-        build_index, layout, backfill.model, version, shards, backfill.index_config(), model_created=card.created, log=context.log.info
+        context, build_index, layout, backfill.model, version, registered, backfill.index_config(), model_created=card.created, log=context.log.info
     )
     return MaterializeResult(
         metadata={
@@ -92,7 +93,7 @@ def search_index(context: AssetExecutionContext, backfill: BackfillResource) -> 
     build = latest_build(layout, backfill.model, version)
     if build is None:
         raise Failure(description=f"no complete index build of {backfill.model}/{version} to publish", allow_retries=False)
-    result = run_engine(publish, layout, backfill.model, build.build_id)
+    result = run_engine(context, publish, layout, backfill.model, build.build_id)
     context.log.info(result.reason)
     pointer = result.pointer or {}
     return MaterializeResult(

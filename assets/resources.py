@@ -53,9 +53,12 @@ def _cached_model(root: str, model: str, version: str, device: str) -> LoadedMod
     return load_model(layout, read_card(layout, model, version), device)
 
 
-def run_engine(fn, *args, **kwargs):
-    """Call an engine function; a permanent error fails the step without retries, others retry."""
+def run_engine(context, fn, *args, **kwargs):
+    """Call an engine function; a permanent error fails the step and its run for good, others retry."""
     try:
         return fn(*args, **kwargs)
     except PermanentError as exc:
+        # no step retry, and no run retry either: the instance retries failed runs (for
+        # interrupted steps and lost workers), which would only repeat this failure
+        context.instance.add_run_tags(context.run_id, {"dagster/retry_on_asset_or_op_failure": "false"})
         raise Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False) from exc

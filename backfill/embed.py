@@ -94,16 +94,18 @@ def embed_shard(
     out = layout.embeddings(card.name, card.version, shard_name)
     stats = EmbedStats(shard=shard_name, model=card.name, version=card.version, batch_size=config.batch_size, device=config.device)
     store = layout.store
-    if store.exists(f"{out}/{MARKER}"):
-        done = store.read_json(f"{out}/{MARKER}")
-        stats.__dict__.update({k: v for k, v in done.items() if k in stats.__dict__})
-        stats.chunks_resumed, stats.images_embedded_now = stats.chunks, 0
-        stats.wall_s = time.perf_counter() - started
-        return stats
-
     shard = read_shard(layout, shard_name)
     plan = chunk_plan(len(shard), config.chunk_size)
     committed = {n for n in store.ls(out) if is_chunk(n)}
+    if store.exists(f"{out}/{MARKER}"):
+        done = store.read_json(f"{out}/{MARKER}")
+        if {chunk_name(s, e) for s, e in plan} <= committed:
+            stats.__dict__.update({k: v for k, v in done.items() if k in stats.__dict__})
+            stats.chunks_resumed, stats.images_embedded_now = stats.chunks, 0
+            stats.wall_s = time.perf_counter() - started
+            return stats
+        # a chunk went missing after completion (lost data): unmark, then embed what is missing
+        store.rm(f"{out}/{MARKER}")
     foreign = committed - {chunk_name(s, e) for s, e in plan}
     if foreign:
         raise ConfigError(
@@ -163,7 +165,7 @@ def embed_shard(
     _tally(layout, out, [(s, e) for s, e in plan if chunk_name(s, e) in committed], fresh, stats)
     stats.wall_s = time.perf_counter() - started
     stats.images_per_s = stats.images_embedded_now / stats.wall_s if stats.wall_s else 0.0
-    expected_sha = _ids_sha256(shard.image_ids)
+    expected_sha = ids_sha256(shard.image_ids)
     if stats.ids_sha256 != expected_sha:
         raise ConfigError(f"shard {shard_name}: committed chunks do not hold the manifest's ids in order; delete {store.display(out)}")
     if stats.images and stats.rejects / stats.images > config.max_reject_rate:
@@ -209,14 +211,16 @@ def _embed_rows(
             rows.append(i)
             pixels.append(result)
         if len(rows) == batch_size or (i == end - start - 1 and rows):
+            if on_batch:
+                on_batch(len(rows))  # reported before the work: a kill mid-batch still counts it
             vectors[rows] = model.embed(np.stack(pixels))
             valid[rows] = True
-            if on_batch:
-                on_batch(len(rows))
             rows, pixels = [], []
             if stop is not None and stop.is_set():
                 done = i + 1
-                needed = (time.monotonic() - began) / done * (end - start - done)
+                # the rest of the chunk at the rate so far, with a margin for the write and for
+                # the notice itself arriving late (the handler runs between bytecodes)
+                needed = 1.25 * (time.monotonic() - began) / done * (end - start - done) + 0.5
                 if needed > stop.seconds_left(grace_s):
                     raise Preempted(
                         f"stopped ({stop.reason}) in rows {start}-{end}: finishing needed ~{needed:.1f}s, "
@@ -225,7 +229,7 @@ def _embed_rows(
     return vectors, valid, errors
 
 
-def _ids_sha256(ids: np.ndarray) -> str:
+def ids_sha256(ids: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(ids, dtype="<i8").tobytes()).hexdigest()
 
 
@@ -300,7 +304,7 @@ def _tally(
     stats.rejects = len(rejects)
     stats.embedded = stats.images - stats.rejects
     stats.reasons = dict(Counter(_reason_kind(e) for e in rejects))
-    stats.ids_sha256 = _ids_sha256(ids)
+    stats.ids_sha256 = ids_sha256(ids)
 
 
 def load_embeddings(layout: Layout, model: str, version: str, shard: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

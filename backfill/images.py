@@ -41,8 +41,9 @@ def make_fetcher() -> Callable[[str | None], bytes]:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise BadImage(f"missing object: {uri}") from None
         except PermissionError as exc:
-            # expired or missing credentials are systemic: retry the partition, never null the row
-            raise RetryableError(f"permission denied fetching {uri}: {exc}") from exc
+            # one unreadable object (or S3's 403 for a missing key) is that image's problem; expired
+            # credentials reject every image, and the reject-rate limit fails the partition
+            raise BadImage(f"permission denied: {uri} ({exc})") from None
         except (ConnectionError, TimeoutError) as exc:
             raise RetryableError(f"storage unreachable fetching {uri}: {exc}") from exc
         except OSError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
@@ -12,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
-from backfill.embed import MARKER, read_chunks
-from backfill.index import BUILD_FILE, IDS_FILE, INDEX_FILE, read_build
+from backfill.embed import MARKER, ids_sha256, read_chunks
+from backfill.index import IDS_FILE, INDEX_FILE, read_build
 from backfill.manifest import list_shards, read_shard
 from backfill.models import Architecture, torchscript_bytes
 from backfill.publish import read_pointer
@@ -31,13 +33,14 @@ MODEL = "refcnn"
 @dataclass(frozen=True)
 class ChaosConfig:
     rounds: int = 20
-    images: int = 480
+    images: int = 1200
     shards: int = 6
     chunk_size: int = 8
     batch_size: int = 4
     kills_per_round: int = 3  # below the RetryPolicy's max_retries, so no shard can run out of retries
     sigterm_share: float = 0.5
-    grace_s: float = 2.0
+    grace_s: float = 2.0  # the engine's budget after SIGTERM
+    pod_grace_s: float = 4.0  # then SIGKILL, as terminationGracePeriodSeconds would
     round_timeout_s: float = 420.0
     seed: int = 1
 
@@ -70,8 +73,12 @@ class RoundResult:
         return self.lost == 0 and self.duplicated == 0 and self.index_mismatch == 0 and self.pointer_ok and not self.problems
 
 
-def verify_version(layout: Layout, version: str) -> dict:
-    """Exactly-once from storage alone: chunks vs manifests, the published index vs the chunks, the pointer."""
+def verify_version(layout: Layout, version: str, expected_rejects: int = 0) -> dict:
+    """Exactly-once from storage alone: chunks vs manifests, the published index vs the chunks, the pointer.
+
+    The sample corpus has no bad images, so any reject (a good image turned into a null
+    row) is a problem too, not a legitimate outcome.
+    """
     lost = duplicated = 0
     problems: list[str] = []
     valid_ids = []
@@ -88,11 +95,17 @@ def verify_version(layout: Layout, version: str) -> dict:
             problems.append(f"{shard}: {extra} ids not in the manifest")
         if not layout.store.exists(f"{out}/{MARKER}"):
             problems.append(f"{shard}: no completion marker")
+        else:
+            marker = layout.store.read_json(f"{out}/{MARKER}")
+            if marker["ids_sha256"] != ids_sha256(manifest.image_ids) or marker["images"] != len(manifest):
+                problems.append(f"{shard}: completion marker does not match the manifest")
         if table is not None:
             valid = table.column("embedding").is_valid().to_numpy(zero_copy_only=False)
             valid_ids.append(ids[valid])
             rejects += int((~valid).sum())
         rows += len(manifest)
+    if rejects != expected_rejects:
+        problems.append(f"{rejects} rejects where {expected_rejects} were expected")
     pointer = read_pointer(layout, MODEL)
     index_mismatch, pointer_ok = 0, False
     if pointer is None or pointer.get("version") != version:
@@ -103,10 +116,14 @@ def verify_version(layout: Layout, version: str) -> dict:
         indexed = pq.read_table(f"{folder}/{IDS_FILE}").column("image_id").to_numpy()
         expected = np.concatenate(valid_ids) if valid_ids else np.zeros(0, np.int64)
         index_mismatch = len(np.setxor1d(indexed, expected)) + (len(indexed) - len(np.unique(indexed)))
-        import faiss
-
-        ntotal = faiss.read_index(f"{folder}/{INDEX_FILE}").ntotal
-        pointer_ok = build.passed and layout.store.exists(f"{folder}/{BUILD_FILE}") and ntotal == len(indexed)
+        blob = layout.store.read_bytes(f"{folder}/{INDEX_FILE}")
+        ntotal = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8)).ntotal
+        pointer_ok = (
+            build.passed
+            and build.version == version
+            and hashlib.sha256(blob).hexdigest() == build.index_sha256
+            and ntotal == len(indexed)
+        )
     return {"rows": rows, "rejects": rejects, "lost": lost, "duplicated": duplicated, "index_mismatch": index_mismatch, "pointer_ok": pointer_ok, "problems": problems}
 
 
@@ -152,7 +169,6 @@ def run_chaos(config: ChaosConfig, workdir: Path, say: Callable[[str], None] = p
     say(f"corpus: {made['images']} images in {made['shards']} shards, chunks of {config.chunk_size}; logs in {workdir}")
     rng = random.Random(config.seed)
     daemon = start_daemon(env, workdir / "daemon.log")
-    os.environ["DAGSTER_HOME"] = str(home)
     results: list[RoundResult] = []
     try:
         instance = DagsterInstance.from_config(str(home))
@@ -167,7 +183,10 @@ def run_chaos(config: ChaosConfig, workdir: Path, say: Callable[[str], None] = p
             all_embedded = lambda: all(  # noqa: E731 - once true, only index build and publish are left
                 layout.store.exists(f"{layout.embeddings(MODEL, version, s)}/{MARKER}") for s in list_shards(layout)
             )
-            killer = threading.Thread(target=_kill_randomly, args=(daemon.pid, rng, config, done, kills, all_embedded), daemon=True)
+            embedding = lambda: _embedding_pids(work_log, version)  # noqa: E731
+            killer = threading.Thread(
+                target=_kill_randomly, args=(daemon.pid, rng, config, done, kills, all_embedded, embedding), daemon=True
+            )
             killer.start()
             try:
                 while True:
@@ -202,25 +221,59 @@ def run_chaos(config: ChaosConfig, workdir: Path, say: Callable[[str], None] = p
     return results
 
 
-def _kill_randomly(daemon_pid: int, rng: random.Random, config: ChaosConfig, done: threading.Event, kills: list, late) -> None:
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _kill_if_alive(pid: int, born: str | None) -> None:
+    if born is None or _start_time(pid) != born:
+        return  # it ended (and the pid may now be someone else's)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _embedding_pids(log: Path, version: str) -> set[int]:
+    if not log.exists():
+        return set()
+    return {int(line.split()[0]) for line in log.read_text().splitlines() if line.split()[1] == version}
+
+
+def _kill_randomly(
+    daemon_pid: int, rng: random.Random, config: ChaosConfig, done: threading.Event, kills: list, late, embedding
+) -> None:
     """Every 0.5-6 s, signal a random step process; record (signal, whether only index/publish was left).
 
-    In half the rounds, the first step that starts once every shard is embedded (the
-    index build) is hunted down and killed too.
+    Half the kills go to a step that is embedding (it has written to the work log), so
+    they land mid-chunk rather than during process start-up. In half the rounds, the
+    first step that starts once every shard is embedded (the index build) is hunted too.
     """
     hunt_index = rng.random() < 0.5
     while len(kills) < config.kills_per_round:
-        index_phase = late()
-        if done.wait(0.05 if index_phase and hunt_index else rng.uniform(0.5, 6.0)):
+        if done.wait(0.05 if late() and hunt_index else rng.uniform(0.5, 6.0)):
             return
+        index_phase = late()
         pids = step_worker_pids(daemon_pid)
+        busy = [p for p in pids if p in embedding()]
+        if busy and rng.random() < 0.5:
+            pids = busy
         if not pids:
             continue
         signo = signal.SIGTERM if rng.random() < config.sigterm_share else signal.SIGKILL
+        pid = rng.choice(pids)
+        born = _start_time(pid)
         try:
-            os.kill(rng.choice(pids), signo)
+            os.kill(pid, signo)
         except ProcessLookupError:
             continue
+        if signo == signal.SIGTERM:
+            # as Kubernetes does: whatever is still running after the grace period is killed
+            threading.Timer(config.pod_grace_s, _kill_if_alive, args=(pid, born)).start()
         kills.append((signo, index_phase))
         hunt_index = hunt_index and not index_phase
 

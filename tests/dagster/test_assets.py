@@ -103,6 +103,8 @@ def test_permanent_error_fails_without_retries(registered):
         failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
         assert len(failure) == 1 and "sha256" in failure[0].event_specific_data.error.message
         assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+        # and the instance's run retries are told not to repeat it
+        assert instance.get_run_by_id(result.run_id).tags["dagster/retry_on_asset_or_op_failure"] == "false"
 
 
 def test_a_write_that_fails_halfway_leaves_nothing_visible_and_is_retried(registered, monkeypatch):

@@ -94,3 +94,15 @@ def test_reject_rate_over_threshold_fails_naming_shard_and_reasons(registered, t
     assert layout.store.ls(layout.embeddings(MODEL, "v1", "bad")) == []
     stats = embed_shard(layout, "bad", load_model(layout, card), EmbedConfig(batch_size=4, chunk_size=6, max_reject_rate=0.5))
     assert stats.chunks_resumed == 0 and stats.images_embedded_now == 8
+
+
+def test_a_chunk_lost_after_completion_is_embedded_again(registered):
+    layout, card = registered
+    model = load_model(layout, card)
+    embed_shard(layout, "shard-00000", model, CONFIG)
+    out = layout.embeddings(MODEL, "v1", "shard-00000")
+    lost = [n for n in layout.store.ls(out) if is_chunk(n)][1]
+    layout.store.rm(f"{out}/{lost}")
+    again = embed_shard(layout, "shard-00000", model, CONFIG)
+    assert again.chunks_resumed == 3 and again.images_embedded_now == 6
+    assert lost in layout.store.ls(out) and MARKER in layout.store.ls(out)

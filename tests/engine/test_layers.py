@@ -33,3 +33,16 @@ def test_the_probe_does_catch_a_dagster_import():
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True)
     assert result.returncode != 0
     assert "dagster is not allowed in the engine" in result.stderr
+
+
+def test_nothing_unpickles_untrusted_files():
+    import re
+
+    offenders = []
+    for folder in ("backfill", "assets", "ops", "scripts"):
+        for path in (REPO / folder).rglob("*.py"):
+            text = path.read_text()
+            for pattern in (r"pickle\.loads?\(", r"torch\.load\((?![^)]*weights_only=True)", r"np\.load\([^)]*allow_pickle=True"):
+                if re.search(pattern, text):
+                    offenders.append(f"{path.relative_to(REPO)}: {pattern}")
+    assert offenders == []
