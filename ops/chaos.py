@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -134,14 +135,17 @@ def _work_done(log: Path, version: str) -> int:
     return sum(int(line.split()[3]) for line in log.read_text().splitlines() if line.split()[1] == version)
 
 
-def _retries(instance, version: str) -> tuple[int, int]:
+def retries(instance, version: str) -> tuple[int, int]:
+    """(steps put up for retry, runs retried) for a version's embedding and index runs."""
     from dagster import DagsterEventType, RunsFilter
 
     step_retries = run_retries = 0
     for tags in ({"dagster/partition/model_version": version}, {"dagster/partition": version}):
         for record in instance.get_run_records(RunsFilter(tags=tags)):
             run = record.dagster_run
-            step_retries += len(instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_RESTARTED))
+            # counted when the step asks for a retry: a retried step may be killed again
+            # before it starts, so counting restarts would miss it
+            step_retries += len(instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_UP_FOR_RETRY))
             run_retries += 1 if run.parent_run_id else 0
     return step_retries, run_retries
 
@@ -213,8 +217,10 @@ def run_chaos(config: ChaosConfig, workdir: Path, say: Callable[[str], None] = p
             result.index_mismatch, result.pointer_ok = verdict["index_mismatch"], verdict["pointer_ok"]
             result.problems += verdict["problems"]
             result.embedded_total = _work_done(work_log, version)
-            result.step_retries, result.run_retries = _retries(instance, version)
+            result.step_retries, result.run_retries = retries(instance, version)
             results.append(result)
+            with open(workdir / "results.jsonl", "a") as f:
+                f.write(json.dumps({**asdict(result), "wasted": result.wasted}) + "\n")
             say(_row(result))
     finally:
         stop(daemon)
@@ -258,6 +264,8 @@ def _kill_randomly(
         if done.wait(0.05 if late() and hunt_index else rng.uniform(0.5, 6.0)):
             return
         index_phase = late()
+        if hunt_index and not index_phase and len(kills) == config.kills_per_round - 1:
+            continue  # the last kill of a hunting round is kept for the index build
         pids = step_worker_pids(daemon_pid)
         busy = [p for p in pids if p in embedding()]
         if busy and rng.random() < 0.5:

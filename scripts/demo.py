@@ -85,13 +85,25 @@ def show_search(layout: Layout, version: str) -> None:
 
 
 def show_backfills() -> None:
-    from dagster import DagsterInstance
+    import statistics
+
+    from dagster import AssetKey, DagsterInstance
 
     instance = DagsterInstance.get()
     for backfill in sorted(instance.get_backfills(), key=lambda b: b.backfill_timestamp):
         target = backfill.asset_backfill_data.target_subset if backfill.asset_backfill_data else None
         size = target.num_partitions_and_non_partitioned_assets if target else "?"
         print(f"backfill {backfill.backfill_id}: {backfill.status.value}, {size} partitions of image_embeddings")
+    per_version: dict[str, list[tuple[float, float]]] = {}
+    for record in instance.fetch_materializations(AssetKey("image_embeddings"), limit=1000).records:
+        m = record.asset_materialization
+        per_version.setdefault(m.partition.split("|")[0], []).append((m.metadata["images_per_s"].value, m.metadata["wall_s"].value))
+    for version, rows in sorted(per_version.items()):
+        rates, walls = [r for r, _ in rows], [w for _, w in rows]
+        print(
+            f"{version}: {len(rows)} partitions, images/s per partition median {statistics.median(rates):.0f} "
+            f"(min {min(rates):.0f}, max {max(rates):.0f}), embedding wall per partition median {statistics.median(walls):.2f}s"
+        )
 
 
 def main() -> None:
