@@ -26,7 +26,7 @@ from backfill.publish import read_pointer
 from backfill.registry import register_version
 from backfill.sample import SampleSpec, make_sample_corpus
 from backfill.storage import Layout, Store
-from ops.local_instance import REPO, start_daemon, step_worker_pids, stop
+from ops.local_instance import REPO, init_instance, start_daemon, step_worker_pids, stop
 
 MODEL = "refcnn"
 
@@ -172,6 +172,7 @@ def run_chaos(config: ChaosConfig, workdir: Path, say: Callable[[str], None] = p
     }
     say(f"corpus: {made['images']} images in {made['shards']} shards, chunks of {config.chunk_size}; logs in {workdir}")
     rng = random.Random(config.seed)
+    init_instance(home)
     daemon = start_daemon(env, workdir / "daemon.log")
     results: list[RoundResult] = []
     try:

@@ -30,6 +30,21 @@ def reset_dagster_home(home: Path) -> None:
         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
+def init_instance(home: Path) -> None:
+    """Create the instance's SQLite storage once, before any Dagster process starts.
+
+    Two processes that open a fresh instance at the same time race to create and stamp
+    its schema; the loser's code server then fails with "alembic_version has more than
+    one head" on every load.
+    """
+    from dagster import AssetKey, DagsterInstance, RunsFilter
+
+    with DagsterInstance.from_config(str(home)) as instance:
+        instance.get_run_records(RunsFilter(), limit=1)  # run storage
+        instance.all_instigator_state()  # schedule storage
+        instance.get_latest_materialization_event(AssetKey("_init"))  # event log index
+
+
 def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     """Start a Dagster process in its own process group with default INT/TERM handling.
 

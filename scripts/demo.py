@@ -25,7 +25,7 @@ from backfill.registry import register_version  # noqa: E402
 from backfill.sample import SampleSpec, make_sample_corpus  # noqa: E402
 from backfill.search import Searcher  # noqa: E402
 from backfill.storage import Layout, Store  # noqa: E402
-from ops.local_instance import reset_dagster_home, start_daemon, stop  # noqa: E402
+from ops.local_instance import init_instance, reset_dagster_home, start_daemon, stop  # noqa: E402
 
 MODEL = "refcnn"
 TIMEOUT_S = 420
@@ -131,6 +131,7 @@ def main() -> None:
 
     log = home / "daemon.log"
     say(f"starting dagster-daemon (log: {log})")
+    init_instance(home)
     daemon = start_daemon(env, log)
     try:
         timings = {}

@@ -10,7 +10,7 @@ import requests
 from backfill.manifest import read_shard
 from backfill.publish import read_pointer
 from backfill.search import Searcher
-from ops.local_instance import REPO, free_port, start_daemon, start_webserver, stop, wait_for
+from ops.local_instance import REPO, free_port, init_instance, start_daemon, start_webserver, stop, wait_for
 from tests.conftest import MODEL, make_layout, register_tiny
 
 pytestmark = pytest.mark.e2e
@@ -46,6 +46,7 @@ def dagster(tmp_path: Path):
         "BACKFILL_CHUNK_SIZE": "16",
     }
     port = free_port()
+    init_instance(home)
     web = start_webserver(env, tmp_path / "webserver.log", port)
     daemon = start_daemon(env, tmp_path / "daemon.log")
     url = f"http://127.0.0.1:{port}/graphql"
