@@ -16,18 +16,26 @@ def resources(layout, **overrides):
     return {"backfill": BackfillResource(root=layout.store.root, batch_size=8, chunk_size=8, **overrides)}
 
 
-def embed_all(instance: DagsterInstance, layout, version: str = "v1"):
+def add_partitions(instance: DagsterInstance, layout, version: str = "v1") -> list[str]:
     shards = list_shards(layout)
     instance.add_dynamic_partitions("shard", shards)
     instance.add_dynamic_partitions("model_version", [version])
-    for shard in shards:
-        result = materialize(
-            [image_embeddings],
-            partition_key=MultiPartitionKey({"model_version": version, "shard": shard}),
-            instance=instance,
-            resources=resources(layout),
-        )
-        assert result.success
+    return shards
+
+
+def embed_one(instance: DagsterInstance, layout, shard: str, version: str = "v1", **kwargs):
+    return materialize(
+        [image_embeddings],
+        partition_key=MultiPartitionKey({"model_version": version, "shard": shard}),
+        instance=instance,
+        resources=resources(layout),
+        **kwargs,
+    )
+
+
+def embed_all(instance: DagsterInstance, layout, version: str = "v1"):
+    for shard in add_partitions(instance, layout, version):
+        assert embed_one(instance, layout, shard, version).success
 
 
 def latest_metadata(instance, key: str, partition: str):
@@ -42,14 +50,8 @@ def latest_metadata(instance, key: str, partition: str):
 def test_embedding_partition_metadata_and_checks(registered):
     layout, _ = registered
     with instance_for_test() as instance:
-        instance.add_dynamic_partitions("shard", list_shards(layout))
-        instance.add_dynamic_partitions("model_version", ["v1"])
-        result = materialize(
-            [image_embeddings],
-            partition_key=MultiPartitionKey({"model_version": "v1", "shard": "shard-00001"}),
-            instance=instance,
-            resources=resources(layout),
-        )
+        add_partitions(instance, layout)
+        result = embed_one(instance, layout, "shard-00001")
         meta = latest_metadata(instance, "image_embeddings", "v1|shard-00001")
         assert meta["images"] == 20 and meta["rejects"] == 0 and meta["device"] == "cpu" and meta["batch_size"] == 8
         assert meta["images_per_s"] > 0 and meta["wall_s"] > 0 and meta["chunks"] == 3
@@ -90,15 +92,8 @@ def test_permanent_error_fails_without_retries(registered):
     layout, _ = registered
     layout.store.write_bytes(f"{layout.model_dir(MODEL, 'v1')}/model.pt", b"tampered")
     with instance_for_test() as instance:
-        instance.add_dynamic_partitions("shard", list_shards(layout))
-        instance.add_dynamic_partitions("model_version", ["v1"])
-        result = materialize(
-            [image_embeddings],
-            partition_key=MultiPartitionKey({"model_version": "v1", "shard": "shard-00000"}),
-            instance=instance,
-            resources=resources(layout),
-            raise_on_error=False,
-        )
+        add_partitions(instance, layout)
+        result = embed_one(instance, layout, "shard-00000", raise_on_error=False)
         assert not result.success
         failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
         assert len(failure) == 1 and "sha256" in failure[0].event_specific_data.error.message
@@ -122,14 +117,8 @@ def test_a_write_that_fails_halfway_leaves_nothing_visible_and_is_retried(regist
 
     monkeypatch.setattr(os, "fsync", disk_full_once)
     with instance_for_test() as instance:
-        instance.add_dynamic_partitions("shard", list_shards(layout))
-        instance.add_dynamic_partitions("model_version", ["v1"])
-        result = materialize(
-            [image_embeddings],
-            partition_key=MultiPartitionKey({"model_version": "v1", "shard": "shard-00000"}),
-            instance=instance,
-            resources=resources(layout),
-        )
+        add_partitions(instance, layout)
+        result = embed_one(instance, layout, "shard-00000")
     assert result.success and failures
     kinds = [e.event_type_value for e in result.all_events]
     assert "STEP_UP_FOR_RETRY" in kinds  # RetryableError -> the RetryPolicy fired
