@@ -1,6 +1,5 @@
 """Materialize the assets with partition keys on a test instance: metadata, checks, publish, failures."""
 
-import pytest
 from dagster import AssetKey, DagsterInstance, MultiPartitionKey, instance_for_test, materialize
 
 from assets.embeddings import image_embeddings

@@ -3,7 +3,7 @@ import pyarrow as pa
 import pytest
 
 from backfill.config import EmbedConfig
-from backfill.embed import MARKER, REJECTS, embed_shard, is_chunk, load_embeddings, read_rejects
+from backfill.embed import MARKER, REJECTS, embed_shard, is_chunk, load_embeddings
 from backfill.errors import ConfigError, RejectRateError
 from backfill.manifest import read_shard, write_shard
 from backfill.registry import load_model
