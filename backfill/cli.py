@@ -106,7 +106,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_rejects(args: argparse.Namespace) -> None:
     from collections import Counter
 
-    from backfill.embed import MARKER, read_rejects
+    from backfill.embed import MARKER, read_rejects, reason_kind
     from backfill.manifest import list_shards
 
     layout = _layout(args.root)
@@ -118,7 +118,7 @@ def cmd_rejects(args: argparse.Namespace) -> None:
             continue
         rows = read_rejects(layout, args.model, args.version, shard).to_pylist()
         for row in rows:
-            reasons[row["reason"].split(":", 1)[0]] += 1
+            reasons[reason_kind(row["reason"])] += 1
             if args.list:
                 print(f"{shard}\t{row['image_id']}\t{row['uri']}\t{row['reason']}")
     print(f"{args.model} {args.version}: {sum(reasons.values())} rejects in {len(shards)} shards")

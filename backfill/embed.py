@@ -62,7 +62,8 @@ class EmbedStats:
         return Counter(self.reasons).most_common(n)
 
 
-def _reason_kind(reason: str) -> str:
+def reason_kind(reason: str) -> str:
+    """The countable part of a reject reason ("<kind>: <detail>")."""
     return reason.split(":", 1)[0]
 
 
@@ -162,7 +163,7 @@ def embed_shard(
         decoded.close()  # stop the fetch and decode pools now, not at garbage collection
         fetched.close()
 
-    _tally(layout, out, [(s, e) for s, e in plan if chunk_name(s, e) in committed], fresh, stats)
+    errors = _tally(layout, out, [(s, e) for s, e in plan if chunk_name(s, e) in committed], fresh, stats)
     stats.wall_s = time.perf_counter() - started
     stats.images_per_s = stats.images_embedded_now / stats.wall_s if stats.wall_s else 0.0
     expected_sha = ids_sha256(shard.image_ids)
@@ -178,7 +179,7 @@ def embed_shard(
             f"({stats.rejects / stats.images:.1%} > max_reject_rate {config.max_reject_rate:.1%}); top reasons: {top}; "
             "its chunks were removed so that a rerun starts the shard over"
         )
-    _write_rejects(layout, out, shard)
+    _write_rejects(layout, out, shard, errors)
     marker = {k: v for k, v in asdict(stats).items() if k not in ("wall_s", "images_per_s", "chunks_resumed", "images_embedded_now")}
     marker["chunk_size"] = config.chunk_size
     store.write_json(f"{out}/{MARKER}", marker)
@@ -252,18 +253,19 @@ def _write_chunk(
     layout.store.write_bytes(f"{out}/{chunk_name(start, end)}", buf.getvalue())
 
 
-def _write_rejects(layout: Layout, out: str, shard) -> None:
-    """rejects.parquet: image_id, uri, reason of every rejected row of the shard (queryable, before the marker)."""
-    table = read_chunks(layout, out, columns=["image_id", "error"])
-    mask = table.column("error").is_valid()
-    rejected = table.filter(mask)
-    uri_of = dict(zip(shard.image_ids.tolist(), shard.uris))
-    ids = rejected.column("image_id").to_pylist()
+def _write_rejects(layout: Layout, out: str, shard, errors: list[str | None]) -> None:
+    """rejects.parquet: image_id, uri, reason of every rejected row of the shard (queryable, before the marker).
+
+    `errors` is the whole shard's error column in row order, as _tally assembled it (its
+    id checksum has matched the manifest, so row i is manifest row i).
+    """
+    rows = [i for i, e in enumerate(errors) if e is not None]
+    uris = [shard.uris[i] for i in rows]
     rejects = pa.table(
         {
-            "image_id": pa.array(ids, pa.int64()),
-            "uri": pa.array([None if uri_of[i] is None else str(uri_of[i]).encode("utf-8", "surrogateescape").decode("utf-8", "replace") for i in ids], pa.string()),
-            "reason": rejected.column("error"),
+            "image_id": pa.array(shard.image_ids[rows], pa.int64()),
+            "uri": pa.array([None if u is None else u.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for u in uris], pa.string()),
+            "reason": pa.array([errors[i] for i in rows], pa.string()),
         }
     )
     buf = io.BytesIO()
@@ -291,20 +293,25 @@ def _tally(
     resumed: list[tuple[int, int]],
     fresh: list[tuple[int, np.ndarray, list[str | None]]],
     stats: EmbedStats,
-) -> None:
-    """Count the whole shard: chunks committed by earlier attempts are read back, this attempt's are known."""
+) -> list[str | None]:
+    """Count the whole shard: chunks committed by earlier attempts are read back, this attempt's are known.
+
+    Returns the shard's error column in row order (None for embedded rows).
+    """
     parts = list(fresh)
     for start, end in resumed:
         table = pq.read_table(io.BytesIO(layout.store.read_bytes(f"{out}/{chunk_name(start, end)}")), columns=["image_id", "error"])
         parts.append((start, table.column("image_id").to_numpy(), table.column("error").to_pylist()))
     parts.sort(key=lambda part: part[0])
-    rejects = [e for _, _, errors in parts for e in errors if e is not None]
+    errors = [e for _, _, part_errors in parts for e in part_errors]
+    rejects = [e for e in errors if e is not None]
     ids = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
     stats.images = len(ids)
     stats.rejects = len(rejects)
     stats.embedded = stats.images - stats.rejects
-    stats.reasons = dict(Counter(_reason_kind(e) for e in rejects))
+    stats.reasons = dict(Counter(reason_kind(e) for e in rejects))
     stats.ids_sha256 = ids_sha256(ids)
+    return errors
 
 
 def load_embeddings(layout: Layout, model: str, version: str, shard: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
