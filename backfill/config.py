@@ -24,7 +24,7 @@ class EmbedConfig:
     batch_size: int = 64
     chunk_size: int = 256
     device: str = "cpu"
-    fetch_workers: int = 16
+    fetch_workers: int = 64  # requests in flight: object-store GETs wait on latency, not CPU
     decode_workers: int = 0  # 0: one per CPU the process may use
     torch_threads: int = 0  # 0: one per CPU the process may use
     max_reject_rate: float = 0.05

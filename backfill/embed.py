@@ -16,7 +16,7 @@ import torch
 
 from backfill.config import EmbedConfig
 from backfill.errors import ConfigError, Preempted, RejectRateError
-from backfill.images import BadImage, decode, make_fetcher
+from backfill.images import BadImage, decode, fetch_many
 from backfill.manifest import read_shard
 from backfill.pipeline import bounded_map, cpu_budget
 from backfill.preemption import StopSignal
@@ -121,14 +121,7 @@ def embed_shard(
 
     threads = config.torch_threads or cpu_budget()
     torch.set_num_threads(threads)
-    fetch = make_fetcher()
     size = card.input_size
-
-    def fetch_row(row: int) -> tuple[int, bytes | str]:
-        try:
-            return row, fetch(shard.uris[row])
-        except BadImage as exc:
-            return row, str(exc)
 
     def decode_row(item: tuple[int, bytes | str]) -> tuple[int, np.ndarray | str]:
         row, data = item
@@ -140,7 +133,7 @@ def embed_shard(
             return row, str(exc)
 
     rows = (r for s, e in todo for r in range(s, e))
-    fetched = bounded_map(fetch_row, rows, config.fetch_workers, window=4 * config.fetch_workers)
+    fetched = fetch_many(shard.uris, rows, config.fetch_workers)
     decode_workers = config.decode_workers or cpu_budget()
     decoded = bounded_map(decode_row, fetched, decode_workers, window=max(config.batch_size * 2, 4 * decode_workers))
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import fsspec
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from backfill.errors import RetryableError
+from backfill.pipeline import bounded_map
+from backfill.storage import filesystem_options, protocol_of, transient_errors
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own bound, before decoding, with a reason
@@ -30,10 +32,10 @@ def make_fetcher() -> Callable[[str | None], bytes]:
     def fetch(uri: str | None) -> bytes:
         if uri is None or not isinstance(uri, str) or not uri.strip():
             raise BadImage("manifest uri is null or empty")
-        protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+        protocol = protocol_of(uri)
         if protocol not in filesystems:
             try:
-                filesystems[protocol] = fsspec.filesystem(protocol)
+                filesystems[protocol] = fsspec.filesystem(protocol, **filesystem_options(protocol))
             except (ValueError, ImportError) as exc:
                 raise BadImage(f"malformed uri: {uri!r} uses unsupported protocol {protocol!r}") from exc
         try:
@@ -44,7 +46,7 @@ def make_fetcher() -> Callable[[str | None], bytes]:
             # one unreadable object (or S3's 403 for a missing key) is that image's problem; expired
             # credentials reject every image, and the reject-rate limit fails the partition
             raise BadImage(f"permission denied: {uri} ({exc})") from None
-        except (ConnectionError, TimeoutError) as exc:
+        except transient_errors() as exc:
             raise RetryableError(f"storage unreachable fetching {uri}: {exc}") from exc
         except OSError as exc:
             if "name too long" in str(exc).lower() or "invalid" in str(exc).lower():
@@ -52,6 +54,24 @@ def make_fetcher() -> Callable[[str | None], bytes]:
             raise RetryableError(f"storage error fetching {uri}: {exc}") from exc
 
     return fetch
+
+
+def fetch_many(uris, rows: Iterable[int], workers: int) -> Iterator[tuple[int, bytes | str]]:
+    """(row, bytes) in row order with up to `workers` requests in flight; a bad image gives (row, reason).
+
+    Object-store GETs are latency-bound (tens of ms to first byte), so throughput is requests
+    in flight / latency; the window (4 x workers) bounds how much fetched data waits for decode.
+    Outages raise RetryableError: an unreachable store is never taken for a missing image.
+    """
+    fetch = make_fetcher()
+
+    def fetch_row(row: int) -> tuple[int, bytes | str]:
+        try:
+            return row, fetch(uris[row])
+        except BadImage as exc:
+            return row, str(exc)
+
+    return bounded_map(fetch_row, rows, workers, window=4 * workers)
 
 
 def decode(data: bytes, size: int, max_pixels: int) -> np.ndarray:

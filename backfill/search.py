@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
+import os
 import threading
 from dataclasses import dataclass
 
@@ -16,7 +16,7 @@ from backfill.images import decode
 from backfill.index import IDS_FILE, INDEX_FILE, read_build
 from backfill.publish import read_pointer
 from backfill.registry import LoadedModel, load_model, read_card
-from backfill.storage import Layout
+from backfill.storage import Layout, local_copy
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,19 @@ class _Served:
     model: LoadedModel
 
 
+def default_cache_dir() -> str:
+    return os.environ.get("BACKFILL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "backfill")
+
+
 class Searcher:
     """Answers queries from whatever CURRENT names, reloading when it moves."""
 
-    def __init__(self, layout: Layout, model: str, device: str = "cpu", max_image_pixels: int = 64_000_000) -> None:
+    def __init__(
+        self, layout: Layout, model: str, device: str = "cpu", max_image_pixels: int = 64_000_000, cache_dir: str | None = None
+    ) -> None:
         self.layout, self.model_name, self.device = layout, model, device
+        # index files from an object store are downloaded here (verified) before FAISS reads them
+        self.cache_dir = cache_dir or default_cache_dir()
         self.max_image_pixels = max_image_pixels
         self._served: _Served | None = None
         self._lock = threading.Lock()
@@ -79,10 +87,13 @@ class Searcher:
     def _load(self, build_id: str, previous: _Served | None) -> _Served:
         build = read_build(self.layout, self.model_name, build_id)
         folder = self.layout.index_build(self.model_name, build_id)
-        blob = self.layout.store.read_bytes(f"{folder}/{INDEX_FILE}")
-        if hashlib.sha256(blob).hexdigest() != build.index_sha256:
-            raise IncompleteError(f"index build {self.model_name}/{build_id}: {INDEX_FILE} does not match its sha256")
-        index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
+        try:
+            local = local_copy(self.layout.store, f"{folder}/{INDEX_FILE}", build.index_sha256, self.cache_dir)
+        except IncompleteError as exc:
+            raise IncompleteError(f"index build {self.model_name}/{build_id}: {exc}") from None
+        except FileNotFoundError:
+            raise IncompleteError(f"index build {self.model_name}/{build_id} has no {INDEX_FILE}") from None
+        index = faiss.read_index(local)
         if build.nprobe:
             faiss.extract_index_ivf(index).nprobe = build.nprobe
         table = pq.read_table(io.BytesIO(self.layout.store.read_bytes(f"{folder}/{IDS_FILE}")))

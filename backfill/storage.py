@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -12,7 +14,56 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from backfill.errors import RetryableError
+from backfill.errors import ConfigError, IncompleteError, RetryableError
+
+# The one setting an S3-compatible store (MinIO, SeaweedFS, Ceph, R2) needs beyond the standard
+# AWS credential chain (env, ~/.aws, IRSA web identity), which botocore reads by itself.
+S3_ENDPOINT_ENV = "BACKFILL_S3_ENDPOINT_URL"
+OBJECT_STORES = ("s3", "s3a")
+
+
+def filesystem_options(protocol: str) -> dict[str, Any]:
+    """How this process opens a filesystem of `protocol`: the same for stores, manifests and images.
+
+    Object stores never use fsspec's listing cache: other processes (pods) write the keys
+    this one lists, so a cached listing would hide committed chunks and markers.
+    """
+    if protocol not in OBJECT_STORES:
+        return {}
+    # one GET per whole-object read: with max_concurrency > 1, s3fs sends a HEAD first to decide
+    # whether to split the read, which doubles the requests for every small image
+    options: dict[str, Any] = {"use_listings_cache": False, "max_concurrency": 1}
+    endpoint = os.environ.get(S3_ENDPOINT_ENV, "").strip()
+    if endpoint:
+        if not endpoint.startswith(("http://", "https://")):
+            raise ConfigError(f"{S3_ENDPOINT_ENV}={endpoint!r} is not a URL; expected e.g. https://minio.example.com:9000")
+        options["endpoint_url"] = endpoint
+    return options
+
+
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "the store is unreachable or overloaded right now", not "no such object".
+
+    botocore's connection errors are not OSErrors, so they are named here (when installed).
+    """
+    kinds: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        from botocore.exceptions import BotoCoreError
+
+        kinds.append(BotoCoreError)
+    except ImportError:
+        pass
+    try:
+        from aiohttp import ClientError
+
+        kinds.append(ClientError)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+def protocol_of(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -33,7 +84,11 @@ class Store:
 
     @classmethod
     def open(cls, root: str, **storage_options: Any) -> "Store":
-        fs, path = fsspec.core.url_to_fs(root, **storage_options)
+        options = {**filesystem_options(protocol_of(root)), **storage_options}
+        try:
+            fs, path = fsspec.core.url_to_fs(root, **options)
+        except ImportError as exc:
+            raise ConfigError(f"root {root!r}: no filesystem for protocol {protocol_of(root)!r} ({exc})") from None
         if _is_local(fs):
             path = os.path.abspath(path)
         return cls(root=path.rstrip("/"), fs=fs)
@@ -47,18 +102,39 @@ class Store:
         return path if _is_local(self.fs) else self.fs.unstrip_protocol(path)
 
     def exists(self, path: str) -> bool:
-        return self.fs.exists(path)
+        with self._transient("check", path):
+            return self.fs.exists(path)
 
     def ls(self, path: str) -> list[str]:
         """Names (not paths) directly under a folder; [] when it does not exist."""
-        try:
-            entries = self.fs.ls(path, detail=False, refresh=True)
-        except FileNotFoundError:
-            return []
-        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        with self._transient("list", path):
+            try:
+                entries = self.fs.ls(path, detail=False, refresh=True)
+            except FileNotFoundError:
+                return []
+        # some S3-compatible stores (SeaweedFS's filer) list an emptied folder as an entry of itself
+        here = path.rstrip("/")
+        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != here)
 
     def read_bytes(self, path: str) -> bytes:
-        return self.fs.cat_file(path)
+        with self._transient("read", path):
+            return self.fs.cat_file(path)
+
+    def get_file(self, path: str, local_path: str) -> None:
+        """Download path to a local file (streamed, not held in memory)."""
+        with self._transient("download", path):
+            self.fs.get_file(path, local_path)
+
+    @contextlib.contextmanager
+    def _transient(self, action: str, path: str):
+        # an unreachable store is retryable (the step's retry policy waits for it); FileNotFoundError
+        # and PermissionError are answers, not outages, and pass through unchanged
+        try:
+            yield
+        except (FileNotFoundError, PermissionError):
+            raise
+        except transient_errors() as exc:
+            raise RetryableError(f"could not {action} {self.display(path)}: store unreachable ({type(exc).__name__}: {exc})") from exc
 
     def read_json(self, path: str) -> Any:
         return json.loads(self.read_bytes(path))
@@ -70,7 +146,7 @@ class Store:
                 _local_atomic_write(path, data)
             else:
                 self.fs.pipe_file(path, data)
-        except OSError as exc:
+        except (OSError, *transient_errors()) as exc:
             # a full disk or a dropped connection: the same write may succeed on retry
             raise RetryableError(f"could not write {self.display(path)}: {exc}") from exc
 
@@ -78,7 +154,44 @@ class Store:
         self.write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
 
     def rm(self, path: str, recursive: bool = False) -> None:
-        self.fs.rm(path, recursive=recursive)
+        with self._transient("remove", path):
+            self.fs.rm(path, recursive=recursive)
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def local_copy(store: Store, path: str, sha256: str, cache_dir: str) -> str:
+    """A local file with the verified content of path, for readers that need a file (FAISS).
+
+    On a local store that is the file itself. From an object store the file is downloaded once
+    into cache_dir under its checksum (builds are immutable, so the checksum names the content),
+    to a temporary name first, and kept only if it matches.
+    """
+    if not _is_local(store.fs):
+        local = os.path.join(cache_dir, sha256[:2], sha256 + "-" + os.path.basename(path))
+        if os.path.exists(local) and file_sha256(local) != sha256:
+            os.unlink(local)  # a damaged cache entry: fetch it again rather than fail
+        if not os.path.exists(local):
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            tmp = f"{local}.{uuid.uuid4().hex[:8]}.part"
+            try:
+                store.get_file(path, tmp)
+                if file_sha256(tmp) != sha256:
+                    raise IncompleteError(f"{store.display(path)} does not match its recorded sha256 {sha256[:12]}…")
+                os.replace(tmp, local)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        return local
+    if file_sha256(path) != sha256:
+        raise IncompleteError(f"{path} does not match its recorded sha256 {sha256[:12]}…")
+    return path
 
 
 def _local_atomic_write(path: str, data: bytes) -> None:

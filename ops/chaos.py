@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -114,7 +115,7 @@ def verify_version(layout: Layout, version: str, expected_rejects: int = 0) -> d
     else:
         build = read_build(layout, MODEL, pointer["build_id"])
         folder = layout.index_build(MODEL, build.build_id)
-        indexed = pq.read_table(f"{folder}/{IDS_FILE}").column("image_id").to_numpy()
+        indexed = pq.read_table(io.BytesIO(layout.store.read_bytes(f"{folder}/{IDS_FILE}"))).column("image_id").to_numpy()
         expected = np.concatenate(valid_ids) if valid_ids else np.zeros(0, np.int64)
         index_mismatch = len(np.setxor1d(indexed, expected)) + (len(indexed) - len(np.unique(indexed)))
         blob = layout.store.read_bytes(f"{folder}/{INDEX_FILE}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ def register_tiny(layout: Layout, version: str = "v1", arch: Architecture | None
     return register_version(layout, MODEL, version, _ARTIFACTS[key], dim=arch.dim, input_size=arch.input_size)
 
 
-def make_layout(root: Path, images: int = 60, shards: int = 3) -> Layout:
+def make_layout(root: Path | str, images: int = 60, shards: int = 3) -> Layout:
     layout = Layout(Store.open(str(root)))
     make_sample_corpus(layout, SampleSpec(images=images, shards=shards, seed=3))
     return layout
@@ -44,3 +45,21 @@ def layout(tmp_path: Path) -> Layout:
 def registered(layout: Layout):
     """The corpus plus tiny v1 registered: (layout, card)."""
     return layout, register_tiny(layout, "v1")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One real S3-compatible server (SeaweedFS) on loopback for the whole session."""
+    from ops.local_s3 import LocalS3
+
+    server = LocalS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_root(s3_server, monkeypatch) -> str:
+    """s3://<fresh bucket>/root, with this process (and its children) pointed at the server."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return s3_server.make_bucket(f"t-{uuid.uuid4().hex[:12]}") + "/root"
