@@ -1,17 +1,16 @@
 """The real thing: dagster-daemon and dagster-webserver on loopback, a version registered, a backfill, a search."""
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
-import requests
 
+from backfill.images import make_fetcher
 from backfill.manifest import read_shard
 from backfill.publish import read_pointer
 from backfill.search import Searcher
-from ops.local_instance import REPO, free_port, init_instance, start_daemon, start_webserver, stop, wait_for
+from ops.local_instance import wait_for
 from tests.conftest import MODEL, make_layout, register_tiny
+from tests.e2e.conftest import running_dagster
 
 pytestmark = pytest.mark.e2e
 
@@ -30,46 +29,13 @@ PUBLISHED = """
 """
 
 
-@pytest.fixture
-def dagster(tmp_path: Path):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
-    root = tmp_path / "root"
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "BACKFILL_ROOT": str(root),
-        "BACKFILL_SENSOR_INTERVAL": "2",
-        "BACKFILL_AUTOMATION_INTERVAL": "2",
-        "BACKFILL_BATCH_SIZE": "16",
-        "BACKFILL_CHUNK_SIZE": "16",
-    }
-    port = free_port()
-    init_instance(home)
-    web = start_webserver(env, tmp_path / "webserver.log", port)
-    daemon = start_daemon(env, tmp_path / "daemon.log")
-    url = f"http://127.0.0.1:{port}/graphql"
-
-    def graphql(query: str) -> dict:
-        response = requests.post(url, json={"query": query}, timeout=30)
-        response.raise_for_status()
-        body = response.json()
-        assert "errors" not in body, body
-        return body["data"]
-
-    def server_up():
-        try:
-            return requests.get(f"http://127.0.0.1:{port}/server_info", timeout=5).ok
-        except requests.ConnectionError:
-            return False
-
-    try:
-        wait_for(server_up, timeout=120, what="dagster-webserver")
+@pytest.fixture(params=["local", "s3"])
+def dagster(request, tmp_path: Path):
+    """The real daemon and webserver over a root on local disk, then over a real S3 server."""
+    # s3_root also points this process (and so the daemon's children) at the server
+    root = request.getfixturevalue("s3_root") if request.param == "s3" else tmp_path / "root"
+    with running_dagster(tmp_path, root) as graphql:
         yield make_layout(root, images=90, shards=3), graphql, tmp_path
-    finally:
-        stop(daemon)
-        stop(web)
 
 
 def test_register_version_backfill_publish_search(dagster):
@@ -104,6 +70,7 @@ def test_register_version_backfill_publish_search(dagster):
     assert pointer["version"] == "v1" and pointer["vectors"] == 90
 
     shard = read_shard(layout, "shard-00001")
-    with open(shard.uris[3], "rb") as f:
-        answer = Searcher(layout, MODEL).search_image(f.read(), k=5)
+    answer = Searcher(layout, MODEL, cache_dir=str(logs / "cache")).search_image(make_fetcher()(shard.uris[3]), k=5)
     assert answer.version == "v1" and answer.hits[0].image_id == int(shard.image_ids[3])
+    if layout.store.display(layout.store.root).startswith("s3://"):
+        assert not (logs / "root").exists(), "an s3:// root must not write to local disk"

@@ -1,0 +1,59 @@
+"""The real Dagster processes for end-to-end tests: webserver and daemon on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+import requests
+
+from ops.local_instance import REPO, free_port, init_instance, start_daemon, start_webserver, stop, wait_for
+
+
+@contextlib.contextmanager
+def running_dagster(tmp_path: Path, root: Path | str, **env_overrides: str) -> Iterator[Callable[[str], dict]]:
+    """Start dagster-webserver and dagster-daemon over `root`; yields a GraphQL query function.
+
+    Logs go to tmp_path (webserver.log, daemon.log); the instance lives in tmp_path/dagster_home.
+    """
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "BACKFILL_ROOT": str(root),
+        "BACKFILL_SENSOR_INTERVAL": "2",
+        "BACKFILL_AUTOMATION_INTERVAL": "2",
+        "BACKFILL_BATCH_SIZE": "16",
+        "BACKFILL_CHUNK_SIZE": "16",
+        **env_overrides,
+    }
+    port = free_port()
+    init_instance(home)
+    web = start_webserver(env, tmp_path / "webserver.log", port)
+    daemon = start_daemon(env, tmp_path / "daemon.log")
+    url = f"http://127.0.0.1:{port}/graphql"
+
+    def graphql(query: str) -> dict:
+        response = requests.post(url, json={"query": query}, timeout=30)
+        response.raise_for_status()
+        body = response.json()
+        assert "errors" not in body, body
+        return body["data"]
+
+    def server_up() -> bool:
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/server_info", timeout=5).ok
+        except requests.ConnectionError:
+            return False
+
+    try:
+        wait_for(server_up, timeout=120, what="dagster-webserver")
+        yield graphql
+    finally:
+        stop(daemon)
+        stop(web)
