@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="backfill",
         description="Model backfill platform: re-embed an image corpus for each model version and publish a FAISS index. "
         "The Dagster UI (`dagster dev` in the repository) runs the backfills; this command prepares data and queries results.",
+        epilog="On S3: credentials come from the standard AWS chain (AWS_* variables, ~/.aws, IAM role); "
+        "an S3-compatible store also needs BACKFILL_S3_ENDPOINT_URL=https://host:port.",
     )
     parser.add_argument("--root", default=os.environ.get("BACKFILL_ROOT", DEFAULT_ROOT), help="data root: a folder or s3://bucket/prefix (env BACKFILL_ROOT; default %(default)s)")
     parser.add_argument("--model", default=os.environ.get("BACKFILL_MODEL", DEFAULT_MODEL), help="model name in the registry (env BACKFILL_MODEL; default %(default)s)")
