@@ -30,6 +30,7 @@ class EmbedConfig:
     max_reject_rate: float = 0.05
     max_image_pixels: int = 64_000_000
     grace_s: float = 20.0  # after a preemption notice: time to finish and commit the chunk in hand
+    gpu_decode: bool = True  # on CUDA with torchvision installed: JPEGs decoded by nvjpeg (PIL for the rest)
 
     def __post_init__(self) -> None:
         _require(1 <= self.batch_size <= 8192, f"batch_size must be in 1..8192, got {self.batch_size}")
