@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         cuda = args.device.startswith("cuda")
         prep = Preprocessor(size, 64_000_000, args.device, gpu_decode=not args.no_gpu_decode)
         if cuda and prep.gpu_decode:
-            rows["b decode-only, nvjpeg batched + resize"] = (decode_gpu(prep, blobs, args.batch, work), f"batch {args.batch}")
+            rate = decode_gpu(prep, blobs, args.batch, work)
+            rows["b decode-only, nvjpeg batched + resize"] = (rate, f"batch {args.batch}, {prep.fallbacks} fell back to PIL")
         elif cuda:
             why = "disabled (--no-gpu-decode)" if args.no_gpu_decode else "torchvision not installed"
             rows["b decode-only, nvjpeg batched + resize"] = (float("nan"), why)

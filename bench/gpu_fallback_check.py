@@ -64,6 +64,9 @@ def main() -> int:
         print(f"{name:20} {path:8} {'ok':40} {diff:17.2f}")
         bad += diff > 8
     bad += "corrupt jpeg" not in rejected and names.index("corrupt jpeg") not in failed
+    if prep.fallbacks != 1:  # only the corrupt JPEG should have needed PIL
+        print(f"expected 1 fallback (the corrupt JPEG), got {prep.fallbacks}: nvjpeg refused good JPEGs")
+        bad += 1
     print(f"fallbacks to PIL inside batch(): {prep.fallbacks}; problems: {bad}")
     return 1 if bad else 0
 
