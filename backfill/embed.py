@@ -95,7 +95,8 @@ def embed_shard(
     started = time.perf_counter()
     card = model.card
     out = layout.embeddings(card.name, card.version, shard_name)
-    stats = EmbedStats(shard=shard_name, model=card.name, version=card.version, batch_size=config.batch_size, device=config.device)
+    batch_size = config.images_per_batch
+    stats = EmbedStats(shard=shard_name, model=card.name, version=card.version, batch_size=batch_size, device=config.device)
     store = layout.store
     shard = read_shard(layout, shard_name)
     plan = chunk_plan(len(shard), config.chunk_size)
@@ -152,8 +153,8 @@ def embed_shard(
     rows = grouped((r for s, e in todo for r in range(s, e)), STAGE_GROUP)
     fetched = bounded_map(fetch_rows, rows, config.fetch_workers, window=config.fetch_workers + 2)
     decode_workers = config.decode_workers or cpu_budget()
-    decoded = bounded_map(decode_rows, fetched, decode_workers, window=2 * decode_workers + -(-config.batch_size // STAGE_GROUP))
-    batches = bounded_map(prep.prepare, _spans(flattened(decoded), todo, config.batch_size), 1, window=2)
+    decoded = bounded_map(decode_rows, fetched, decode_workers, window=2 * decode_workers + -(-batch_size // STAGE_GROUP))
+    batches = bounded_map(prep.prepare, _spans(flattened(decoded), todo, batch_size), 1, window=2)
 
     fresh: list[tuple[int, np.ndarray, list[str | None]]] = []  # (start, ids, errors) of chunks written now
     try:

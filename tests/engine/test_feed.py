@@ -134,3 +134,24 @@ def test_embed_shard_same_vectors_through_the_decoder_path(registered, monkeypat
     assert calls and np.array_equal(ids, ids2)
     cosine = (reference * vectors).sum(1)
     assert cosine.mean() > 0.97, cosine.mean()
+
+
+def test_batch_size_zero_is_chosen_per_device():
+    from backfill.config import EmbedConfig
+    from backfill.errors import ConfigError
+
+    assert EmbedConfig(batch_size=0).images_per_batch == 32
+    assert EmbedConfig(batch_size=0, device="cuda:1").images_per_batch == 256
+    assert EmbedConfig(batch_size=48, device="cuda").images_per_batch == 48
+    with pytest.raises(ConfigError, match=r"batch_size must be in 1..8192 \(or 0: per device\), got -1"):
+        EmbedConfig(batch_size=-1)
+
+
+def test_embed_shard_with_per_device_batch(registered):
+    from backfill.config import EmbedConfig
+    from backfill.embed import embed_shard
+    from backfill.registry import load_model
+
+    layout, card = registered
+    stats = embed_shard(layout, "shard-00001", load_model(layout, card), EmbedConfig(batch_size=0, chunk_size=8))
+    assert stats.batch_size == 32 and stats.embedded + stats.rejects == stats.images == 20
