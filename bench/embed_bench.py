@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="torch threads and decode workers; 0: the CPUs of this process")
     p.add_argument("--no-gpu-decode", action="store_true", help="on CUDA: decode with PIL on the CPU cores, not nvjpeg")
+    p.add_argument("--repeat", type=int, default=1, help="rounds of rows a-e, interleaved; each row keeps its best")
     p.add_argument("--skip", default="", help="comma list of rows to skip: naive,ray")
     p.add_argument("--root", default="", help="work folder (default: a temporary one, removed after)")
     p.add_argument("--out", default=os.environ.get("OUT", ""), help="folder for the table and JSON (default: $OUT)")
@@ -227,21 +228,43 @@ def main(argv: list[str] | None = None) -> int:
         pixels = torch.from_numpy(np.stack([decode(b, size, 64_000_000) for b in sample[: max(args.batch, 256)]]))
         pixels = pixels.permute(0, 3, 1, 2).to(args.device)
         work = max(args.images, 4 * args.batch)
-        rows["a model-only (preloaded pixels)"] = (model_only(model, pixels, args.batch, work), f"{work} images, batch {args.batch}")
-        log("model-only done")
-        one = decode_cpu(sample[:256], size, 1)
-        rows["b decode-only, PIL, 1 core"] = (one, "draft + resize, per core")
-        rows[f"b decode-only, PIL, {cores} threads"] = (decode_cpu(sample, size, cores), f"{len(sample)} images")
         cuda = args.device.startswith("cuda")
         prep = Preprocessor(size, 64_000_000, args.device, gpu_decode=not args.no_gpu_decode)
-        if cuda and prep.gpu_decode:
-            rate = decode_gpu(prep, blobs, args.batch, work)
-            rows["b decode-only, nvjpeg batched + resize"] = (rate, f"batch {args.batch}, {prep.fallbacks} fell back to PIL")
-        elif cuda:
-            why = "disabled (--no-gpu-decode)" if args.no_gpu_decode else "torchvision not installed"
-            rows["b decode-only, nvjpeg batched + resize"] = (float("nan"), why)
-        log("decode-only done")
+        config = EmbedConfig(
+            batch_size=args.batch,
+            chunk_size=max(1024, args.batch),
+            device=args.device,
+            torch_threads=cores,
+            decode_workers=cores,
+            gpu_decode=not args.no_gpu_decode,
+        )
+        out_dir = tempfile.mkdtemp(dir=root)
+        naive_n = min(args.images, max(4 * args.batch, 2048)) if cuda else args.images
+
+        def best(name: str, rate: float, note: str) -> None:
+            # the best of the rounds: the others were slowed by something other than this code
+            if name not in rows or not rate <= rows[name][0]:
+                rows[name] = (rate, note + (f", best of {args.repeat}" if args.repeat > 1 else ""))
+
+        for round_ in range(args.repeat):  # interleaved, so a load change on a shared machine hits every row
+            best("a model-only (preloaded pixels)", model_only(model, pixels, args.batch, work), f"{work} images, batch {args.batch}")
+            best("b decode-only, PIL, 1 core", decode_cpu(sample[:256], size, 1), "draft + resize, per core")
+            best(f"b decode-only, PIL, {cores} threads", decode_cpu(sample, size, cores), f"{len(sample)} images")
+            if cuda and prep.gpu_decode:
+                rate = decode_gpu(prep, blobs, args.batch, work)
+                best("b decode-only, nvjpeg batched + resize", rate, f"batch {args.batch}, {prep.fallbacks} fell back to PIL")
+            elif cuda:
+                why = "disabled (--no-gpu-decode)" if args.no_gpu_decode else "torchvision not installed"
+                rows["b decode-only, nvjpeg batched + resize"] = (float("nan"), why)
+            shutil.rmtree(layout.embeddings(args.model, "bench"), ignore_errors=True)
+            stats = embed_shard(layout, "bench", model, config)
+            best("d embed_shard end to end", stats.images_per_s, f"{stats.embedded} embedded, {stats.chunks} chunks written, nvjpeg={prep.gpu_decode}")
+            if "naive" not in skip:
+                best("e naive loop (read, decode, infer, write)", naive(model, uris[:naive_n], size, args.batch, out_dir), f"{naive_n} images, one thread decodes")
+            log(f"round {round_ + 1}/{args.repeat} done")
+
         m = rows["a model-only (preloaded pixels)"][0]
+        one = rows["b decode-only, PIL, 1 core"][0]
         if cuda and prep.gpu_decode:
             d = rows["b decode-only, nvjpeg batched + resize"][0]
             limit = min(m, d)
@@ -254,23 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             limit = 1 / (1 / m + 1 / (one * cores))
             rows["c compute limit"] = (limit, f"1/(1/model + 1/(decode per core x {cores})): both share the cores")
-
-        config = EmbedConfig(
-            batch_size=args.batch,
-            chunk_size=max(1024, args.batch),
-            device=args.device,
-            torch_threads=cores,
-            decode_workers=cores,
-            gpu_decode=not args.no_gpu_decode,
-        )
-        stats = embed_shard(layout, "bench", model, config)
-        rows["d embed_shard end to end"] = (stats.images_per_s, f"{stats.embedded} embedded, {stats.chunks} chunks written, nvjpeg={prep.gpu_decode}")
-        log("embed_shard done")
-        if "naive" not in skip:
-            out_dir = tempfile.mkdtemp(dir=root)
-            n = min(args.images, max(4 * args.batch, 2048)) if cuda else args.images
-            rows["e naive loop (read, decode, infer, write)"] = (naive(model, uris[:n], size, args.batch, out_dir), f"{n} images, one thread decodes")
-            log("naive done")
+        order = ["a ", "b ", "c ", "d ", "e "]
+        rows = dict(sorted(rows.items(), key=lambda kv: order.index(kv[0][:2])))
         if "ray" not in skip:
             rate, note = ray_data(root, card, args.device, uris, args.batch, cores)
             rows["f Ray Data map_batches + actor"] = (rate, note)

@@ -44,7 +44,7 @@ PY
 step 60 "nvjpeg fallback" $PY bench/gpu_fallback_check.py
 for model in $MODELS; do
   step 150 "embed bench $model bf16" $PY bench/embed_bench.py --device "$DEVICE" --model "$model" --precision bf16 \
-    --images "$IMAGES" --unique "$UNIQUE" --batch "$BATCH" --skip "${SKIP:-}" ${OUT:+--out "$OUT"}
+    --images "$IMAGES" --unique "$UNIQUE" --batch "$BATCH" --repeat "${REPEAT:-2}" --skip "${SKIP:-}" ${OUT:+--out "$OUT"}
 done
 # the same end to end without nvjpeg (PIL on the CPU cores feeding the GPU): what GPU decode buys
 first=${MODELS%% *}
