@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"{name:16} {r}")
             continue
         lines.append(
-            f"{name:16} {r['index']:22} {r['build_s']:8.1f} {r['nprobe']:6d} {r['recall']:9.3f} {r['batch_ms']:10.3f} {r['single_ms']:11.3f} {r['bytes'] / 2**20:7.0f}  {r['detail']}"
+            f"{name:16} {r['index']:22} {r['build_s']:8.2f} {r['nprobe']:6d} {r['recall']:9.3f} {r['batch_ms']:10.3f} {r['single_ms']:11.3f} {r['bytes'] / 2**20:7.0f}  {r['detail']}"
         )
     for name, r in rows.items():
         if not isinstance(r, str):

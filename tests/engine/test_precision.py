@@ -66,3 +66,18 @@ def test_unknown_precision_in_model_json_is_a_clear_error():
     data["precision"] = "fp16"
     card = ModelCard.from_json(data, where="m/v1")
     assert card.precision == "fp16" and card.to_json()["precision"] == "fp16"
+
+
+def test_cli_registers_a_reference_resnet(tmp_path, capsys):
+    from backfill.cli import main
+    from backfill.storage import Layout, Store
+
+    root = str(tmp_path / "root")
+    # fp32 here (the bf16 check is covered above with a tiny model; a ResNet forward at 224 px is slow on 2 cores)
+    assert main(["--root", root, "register", "r18", "--reference", "resnet18"]) == 0
+    assert "registered refcnn r18: dim=256 input=224 precision=fp32" in capsys.readouterr().out
+    card = read_card(Layout(Store.open(root)), "refcnn", "r18")
+    assert (card.dim, card.input_size, card.precision) == (256, 224, "fp32")
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        main(["--root", root, "register", "r18b", "--reference", "resnet18", "--precision", "int8"])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
