@@ -173,7 +173,7 @@ def tune_nprobe(
     def answer() -> np.ndarray:
         if exclude is None:
             return index.search(queries, k)[1]
-        return _drop_self(index.search(queries, k + 1)[1], exclude, k)
+        return drop_self(index.search(queries, k + 1)[1], exclude, k)
 
     ivf = faiss.try_extract_index_ivf(index)
     if not ivf:
@@ -216,8 +216,8 @@ def build_sharded(
     finally:
         faiss.omp_set_num_threads(threads)
     index = merge_parts(trained, blobs, ondisk)
-    queries, qids = _queries(parts, n_queries, rng)
-    truth = _drop_self(exact_neighbours(parts, queries, k + 1), qids, k)
+    queries, qids = sample_queries(parts, n_queries, rng)
+    truth = drop_self(exact_neighbours(parts, queries, k + 1), qids, k)
     return index, plan, tune_nprobe(index, queries, truth, target_recall, exclude=qids)
 
 
@@ -229,7 +229,8 @@ def _sample(parts: list[tuple[np.ndarray, np.ndarray]], size: int, rng: np.rando
     return np.concatenate([v[rng.choice(len(v), t, replace=False)] for (_, v), t in zip(parts, take) if t])
 
 
-def _queries(parts, n_queries: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def sample_queries(parts, n_queries: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors, ids) of n_queries indexed vectors drawn uniformly across parts: recall is measured on them."""
     sizes = np.array([len(ids) for ids, _ in parts])
     pos = np.sort(rng.choice(int(sizes.sum()), min(n_queries, int(sizes.sum())), replace=False))
     which = np.searchsorted(np.cumsum(sizes), pos, side="right")
@@ -238,5 +239,6 @@ def _queries(parts, n_queries: int, rng: np.random.Generator) -> tuple[np.ndarra
     return vectors, np.array([parts[w][0][o] for w, o in zip(which, offsets)], dtype=np.int64)
 
 
-def _drop_self(found: np.ndarray, qids: np.ndarray, k: int) -> np.ndarray:
+def drop_self(found: np.ndarray, qids: np.ndarray, k: int) -> np.ndarray:
+    """Each row of ids without its query's own id, cut to k (search for k + 1 first)."""
     return np.array([[i for i in row if i != q][:k] for row, q in zip(found, qids)]).reshape(len(found), k)

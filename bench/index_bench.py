@@ -26,8 +26,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from backfill.index_build import (  # noqa: E402
-    _drop_self,
-    _queries,
+    drop_self,
+    sample_queries,
     add_part,
     exact_neighbours,
     merge_parts,
@@ -160,7 +160,7 @@ def autofaiss(python: str, x: np.ndarray, budget: int, cores: int, queries, qids
         params = result["infos"].get("index_param", "")
         faiss.ParameterSpace().set_index_parameters(index, params)
         _, found = index.search(queries, k + 1)
-        own = recall(_drop_self(found, qids, k), truth)
+        own = recall(drop_self(found, qids, k), truth)
         ivf = faiss.try_extract_index_ivf(index)
         own_nprobe = ivf.nprobe if ivf else 0
         tuning = tune_nprobe(index, queries, truth, target, exclude=qids)
@@ -206,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         x, source = clustered(args.n, args.dim, args.clusters), f"clustered ({args.clusters} centres)"
     print(f"[{time.strftime('%H:%M:%S')}] {len(x)} x {x.shape[1]} vectors, {source}, in {time.perf_counter() - began:.1f}s", file=sys.stderr)
     ids = np.arange(len(x), dtype=np.int64)
-    queries, qids = _queries([(ids, x)], args.queries, np.random.default_rng(42))
-    truth = _drop_self(exact_neighbours([(ids, x)], queries, k + 1), qids, k)
+    queries, qids = sample_queries([(ids, x)], args.queries, np.random.default_rng(42))
+    truth = drop_self(exact_neighbours([(ids, x)], queries, k + 1), qids, k)
     budget = args.budget_mib * 2**20
     rows = {"ours (sharded)": ours(x, args.parts, budget, args.workers, queries, qids, truth, args.target, k)}
     print(f"[{time.strftime('%H:%M:%S')}] ours done", file=sys.stderr)
