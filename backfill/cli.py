@@ -44,13 +44,18 @@ def cmd_register(args: argparse.Namespace) -> None:
         dim, size = args.dim, args.input_size
         if not dim or not size:
             raise BackfillError("--artifact needs --dim and --input-size (what model.json will promise)")
+    elif args.reference:
+        from backfill.resnet import torchscript_bytes as resnet_bytes
+
+        blob, dim, size = resnet_bytes(args.reference), 256, 224
     else:
         if args.version not in REFERENCE:
             raise BackfillError(f"no reference model {args.version!r} (have {', '.join(REFERENCE)}); pass --artifact to register your own")
         arch = REFERENCE[args.version]
         blob, dim, size = torchscript_bytes(arch), arch.dim, arch.input_size
-    card = register_version(_layout(args.root), args.model, args.version, blob, dim=dim, input_size=size)
-    print(f"registered {card.name} {card.version}: dim={card.dim} input={card.input_size} sha256={card.sha256[:12]}…")
+    extra = {"precision": args.precision} if args.precision != "fp32" else None
+    card = register_version(_layout(args.root), args.model, args.version, blob, dim=dim, input_size=size, extra=extra)
+    print(f"registered {card.name} {card.version}: dim={card.dim} input={card.input_size} precision={card.precision} sha256={card.sha256[:12]}…")
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -149,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifact", help="a TorchScript file to register instead of a reference model")
     p.add_argument("--dim", type=int, help="embedding size the artifact outputs (with --artifact)")
     p.add_argument("--input-size", type=int, help="square input size in pixels (with --artifact)")
+    p.add_argument("--reference", choices=("resnet18", "resnet50"), help="a hand-written ResNet (random weights, 256-d at 224 px)")
+    p.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision (bf16/fp16 must match fp32: cosine >= 0.99)"
+    )
     p.set_defaults(fn=cmd_register)
 
     p = sub.add_parser("search", help="find the images nearest to a query image in the published index")

@@ -16,7 +16,8 @@ import torch
 
 from backfill.config import EmbedConfig
 from backfill.errors import ConfigError, Preempted, RejectRateError
-from backfill.images import BadImage, decode, fetch_many
+from backfill.feed import Preprocessor, flattened, grouped
+from backfill.images import BadImage, fetch_many
 from backfill.manifest import read_shard
 from backfill.pipeline import bounded_map, cpu_budget
 from backfill.preemption import StopSignal
@@ -25,6 +26,7 @@ from backfill.storage import Layout
 
 MARKER = "_SUCCESS.json"
 REJECTS = "rejects.parquet"
+STAGE_GROUP = 16  # rows per fetch/decode task: amortises the thread hand-off (~20 us) at GPU rates
 
 
 def chunk_name(start: int, end: int) -> str:
@@ -93,7 +95,8 @@ def embed_shard(
     started = time.perf_counter()
     card = model.card
     out = layout.embeddings(card.name, card.version, shard_name)
-    stats = EmbedStats(shard=shard_name, model=card.name, version=card.version, batch_size=config.batch_size, device=config.device)
+    batch_size = config.images_per_batch
+    stats = EmbedStats(shard=shard_name, model=card.name, version=card.version, batch_size=batch_size, device=config.device)
     store = layout.store
     shard = read_shard(layout, shard_name)
     plan = chunk_plan(len(shard), config.chunk_size)
@@ -121,28 +124,34 @@ def embed_shard(
 
     threads = config.torch_threads or cpu_budget()
     torch.set_num_threads(threads)
-    size = card.input_size
+    prep = Preprocessor(card.input_size, config.max_image_pixels, config.device, config.gpu_decode)
 
-    def decode_row(item: tuple[int, bytes | str]) -> tuple[int, np.ndarray | str]:
-        row, data = item
-        if isinstance(data, str):
-            return row, data
-        try:
-            return row, decode(data, size, config.max_image_pixels)
-        except BadImage as exc:
-            return row, str(exc)
+    def decode_rows(items: list[tuple[int, bytes | str]]) -> list[tuple[int, object]]:
+        out: list[tuple[int, object]] = []
+        for row, data in items:
+            if isinstance(data, str):
+                out.append((row, data))
+                continue
+            try:
+                out.append((row, prep.stage(data)))
+            except BadImage as exc:
+                out.append((row, str(exc)))
+        return out
 
-    rows = (r for s, e in todo for r in range(s, e))
+    # fetch (I/O threads) -> decode (CPU threads) -> batch assembly (one thread, one batch ahead:
+    # on CUDA it runs nvjpeg and the host-to-device copy while the model runs the batch before)
+    rows = grouped((r for s, e in todo for r in range(s, e)), STAGE_GROUP)
     fetched = fetch_many(shard.uris, rows, config.fetch_workers)
     decode_workers = config.decode_workers or cpu_budget()
-    decoded = bounded_map(decode_row, fetched, decode_workers, window=max(config.batch_size * 2, 4 * decode_workers))
+    decoded = bounded_map(decode_rows, fetched, decode_workers, window=2 * decode_workers + -(-batch_size // STAGE_GROUP))
+    batches = bounded_map(prep.prepare, _spans(flattened(decoded), todo, batch_size), 1, window=2)
 
     fresh: list[tuple[int, np.ndarray, list[str | None]]] = []  # (start, ids, errors) of chunks written now
     try:
         for start, end in todo:
             if stop is not None and stop.is_set():
                 raise Preempted(f"shard {shard_name}: stopped ({stop.reason}) before rows {start}-{end}; {len(fresh)} chunks committed now")
-            vectors, valid, errors = _embed_rows(model, decoded, start, end, config.batch_size, on_batch, stop, config.grace_s)
+            vectors, valid, errors = _embed_rows(model, batches, start, end, on_batch, stop, config.grace_s)
             _write_chunk(layout, out, start, end, shard.image_ids[start:end], vectors, valid, errors)
             fresh.append((start, shard.image_ids[start:end], errors))
             stats.images_embedded_now += int(valid.sum())
@@ -153,7 +162,8 @@ def embed_shard(
         if stop is not None and stop.is_set() and fresh:
             raise Preempted(f"shard {shard_name}: stopped ({stop.reason}) after committing rows up to {todo[len(fresh) - 1][1]}")
     finally:
-        decoded.close()  # stop the fetch and decode pools now, not at garbage collection
+        batches.close()  # stop the stage pools now, not at garbage collection
+        decoded.close()
         fetched.close()
 
     errors = _tally(layout, out, [(s, e) for s, e in plan if chunk_name(s, e) in committed], fresh, stats)
@@ -179,48 +189,77 @@ def embed_shard(
     return stats
 
 
+@dataclass
+class Span:
+    """Rows of one batch: consecutive rows of one chunk, at most batch_size of them embeddable."""
+
+    start: int  # the chunk's first row
+    offsets: list[int] = field(default_factory=list)  # chunk offsets of the staged items
+    items: list = field(default_factory=list)
+    rejects: list[tuple[int, str]] = field(default_factory=list)  # (chunk offset, reason)
+    seen: int = 0  # chunk offset one past the last row in this span
+    last: bool = False  # the chunk ends with this span
+
+
+def _spans(decoded, todo: list[tuple[int, int]], batch_size: int):
+    """Cut the decoded row stream into batches that never cross a chunk boundary."""
+    for start, end in todo:
+        span = Span(start)
+        for i in range(end - start):
+            row, result = next(decoded)
+            assert row == start + i, f"decoded stream out of order: {row} != {start + i}"
+            if isinstance(result, str):
+                span.rejects.append((i, result))
+            else:
+                span.offsets.append(i)
+                span.items.append(result)
+            span.seen = i + 1
+            if len(span.items) == batch_size and i < end - start - 1:
+                yield span
+                span = Span(start)
+        span.last = True
+        yield span
+
+
 def _embed_rows(
     model: LoadedModel,
-    decoded,
+    batches,
     start: int,
     end: int,
-    batch_size: int,
     on_batch: Callable[[int], None] | None = None,
     stop: StopSignal | None = None,
     grace_s: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
-    """Take rows start..end from the decoded stream; embed them in batches. Rejects keep their reason."""
+    """Take the prepared batches of rows start..end; embed them. Rejects keep their reason."""
     vectors = np.zeros((end - start, model.card.dim), dtype=np.float32)
     valid = np.zeros(end - start, dtype=bool)
     errors: list[str | None] = [None] * (end - start)
-    rows: list[int] = []
-    pixels: list[np.ndarray] = []
     began = time.monotonic()
-    for i in range(end - start):
-        row, result = next(decoded)
-        assert row == start + i, f"decoded stream out of order: {row} != {start + i}"
-        if isinstance(result, str):
-            errors[i] = result
-        else:
-            rows.append(i)
-            pixels.append(result)
-        if len(rows) == batch_size or (i == end - start - 1 and rows):
+    while True:
+        span, (pixels, failed) = next(batches)
+        assert span.start == start, f"batch stream out of order: chunk {span.start} != {start}"
+        for i, reason in span.rejects:
+            errors[i] = reason
+        for j, reason in failed.items():
+            errors[span.offsets[j]] = reason
+        rows = [i for j, i in enumerate(span.offsets) if j not in failed]
+        if rows:
             if on_batch:
                 on_batch(len(rows))  # reported before the work: a kill mid-batch still counts it
-            vectors[rows] = model.embed(np.stack(pixels))
+            vectors[rows] = model.embed_pixels(pixels)
             valid[rows] = True
-            rows, pixels = [], []
-            if stop is not None and stop.is_set():
-                done = i + 1
-                # the rest of the chunk at the rate so far, with a margin for the write and for
-                # the notice itself arriving late (the handler runs between bytecodes)
-                needed = 1.25 * (time.monotonic() - began) / done * (end - start - done) + 0.5
-                if needed > stop.seconds_left(grace_s):
-                    raise Preempted(
-                        f"stopped ({stop.reason}) in rows {start}-{end}: finishing needed ~{needed:.1f}s, "
-                        f"{max(0.0, stop.seconds_left(grace_s)):.1f}s of grace left; chunk abandoned"
-                    )
-    return vectors, valid, errors
+        if rows and stop is not None and stop.is_set():
+            done = span.seen
+            # the rest of the chunk at the rate so far, with a margin for the write and for
+            # the notice itself arriving late (the handler runs between bytecodes)
+            needed = 1.25 * (time.monotonic() - began) / done * (end - start - done) + 0.5
+            if needed > stop.seconds_left(grace_s):
+                raise Preempted(
+                    f"stopped ({stop.reason}) in rows {start}-{end}: finishing needed ~{needed:.1f}s, "
+                    f"{max(0.0, stop.seconds_left(grace_s)):.1f}s of grace left; chunk abandoned"
+                )
+        if span.last:
+            return vectors, valid, errors
 
 
 def ids_sha256(ids: np.ndarray) -> str:

@@ -56,22 +56,26 @@ def make_fetcher() -> Callable[[str | None], bytes]:
     return fetch
 
 
-def fetch_many(uris, rows: Iterable[int], workers: int) -> Iterator[tuple[int, bytes | str]]:
-    """(row, bytes) in row order with up to `workers` requests in flight; a bad image gives (row, reason).
+def fetch_many(uris, groups: Iterable[list[int]], workers: int) -> Iterator[list[tuple[int, bytes | str]]]:
+    """Lists of (row, bytes) in row order, `workers` requests in flight; a bad image gives (row, reason).
 
     Object-store GETs are latency-bound (tens of ms to first byte), so throughput is requests
-    in flight / latency; the window (4 x workers) bounds how much fetched data waits for decode.
-    Outages raise RetryableError: an unreachable store is never taken for a missing image.
+    in flight / latency. Each task fetches one group of rows (fewer thread handoffs per image);
+    at most workers + 2 groups wait for decode, which bounds memory. Outages raise
+    RetryableError: an unreachable store is never taken for a missing image.
     """
     fetch = make_fetcher()
 
-    def fetch_row(row: int) -> tuple[int, bytes | str]:
-        try:
-            return row, fetch(uris[row])
-        except BadImage as exc:
-            return row, str(exc)
+    def fetch_rows(rows: list[int]) -> list[tuple[int, bytes | str]]:
+        out: list[tuple[int, bytes | str]] = []
+        for row in rows:
+            try:
+                out.append((row, fetch(uris[row])))
+            except BadImage as exc:
+                out.append((row, str(exc)))
+        return out
 
-    return bounded_map(fetch_row, rows, workers, window=4 * workers)
+    return bounded_map(fetch_rows, groups, workers, window=workers + 2)
 
 
 def decode(data: bytes, size: int, max_pixels: int) -> np.ndarray:

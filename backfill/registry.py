@@ -20,6 +20,7 @@ from backfill.storage import Layout
 CARD = "model.json"
 ARTIFACT = "model.pt"
 FORMATS = ("torchscript",)
+PRECISIONS = ("fp32", "bf16", "fp16")  # model.json "precision": the autocast dtype this version was checked for
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ class ModelCard:
         fmt = data.get("format", "torchscript")
         if fmt not in FORMATS:
             raise bad(f"format {fmt!r} is not supported (supported: {', '.join(FORMATS)})")
+        precision = data.get("precision", "fp32")
+        if precision not in PRECISIONS:
+            raise bad(f"field 'precision' must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         known = set(required) | {"normalization", "format", "artifact"}
         return cls(
             name=data["name"],
@@ -83,6 +87,11 @@ class ModelCard:
             format=fmt,
             extra={k: v for k, v in data.items() if k not in known},
         )
+
+    @property
+    def precision(self) -> str:
+        """fp32, or the reduced precision (bf16, fp16) this version passed the accuracy check in."""
+        return self.extra.get("precision", "fp32")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -109,6 +118,11 @@ def register_version(
     folder = layout.model_dir(name, version)
     if layout.store.exists(f"{folder}/{CARD}"):
         raise ModelError(f"model {name} version {version} is already registered; versions are immutable")
+    if (extra or {}).get("precision", "fp32") != "fp32":
+        from backfill.precision import check_precision
+
+        # refuse a reduced precision whose embeddings drift from fp32 before the version exists
+        check_precision(artifact, name, version, input_size, mean, std, extra["precision"])
     card = ModelCard(
         name=name,
         version=version,
@@ -174,31 +188,63 @@ def list_versions(layout: Layout, name: str) -> tuple[list[ModelCard], dict[str,
 
 
 class LoadedModel:
-    """A verified model on its device; built once per process, called per batch."""
+    """A verified model on its device; built once per process, called per batch.
+
+    The weights are channels-last, like the batches (NHWC convolutions); a card's
+    precision bf16/fp16 runs the forward under autocast where the device supports it,
+    else in fp32 (the reference the precision was checked against).
+    """
 
     def __init__(self, card: ModelCard, module: torch.jit.ScriptModule, device: str) -> None:
         self.card = card
         self.module = module
         self.device = torch.device(device)
-        self._mean = torch.tensor(card.mean, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(card.std, device=self.device).view(1, 3, 1, 1)
+        self.autocast = autocast_dtype(card.precision, self.device)
+        # NHWC weights to match the NHWC batches: oneDNN (CPU) and cuDNN (tensor cores) run them
+        # without layout conversions around every convolution
+        self.module = module.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick the fastest kernels once
+        # (x / 255 - mean) / std as one multiply-add per element
+        mean = torch.tensor(card.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(card.std, device=self.device).view(1, 3, 1, 1)
+        self._scale = 1.0 / (255.0 * std)
+        self._shift = -mean / std
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """uint8 NHWC images of the card's input size -> float32 unit vectors (N, dim)."""
         if not batch.flags.writeable:  # decoded PIL buffers are read-only views
             batch = batch.copy()
+        return self.embed_pixels(torch.from_numpy(batch).permute(0, 3, 1, 2))
+
+    def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """uint8 (N, 3, H, W) pixels (any device, any memory layout) -> float32 unit vectors (N, dim)."""
+        n = len(pixels)
         with torch.inference_mode():
-            x = torch.from_numpy(batch).to(self.device, non_blocking=True)
-            x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self._mean).div_(self._std)
-            y = self.module(x)
-            if y.ndim != 2 or y.shape != (len(batch), self.card.dim):
+            x = pixels.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            x = torch.addcmul(self._shift, x.float(), self._scale)
+            if self.autocast is not None:
+                with torch.autocast(self.device.type, dtype=self.autocast):
+                    y = self.module(x)
+            else:
+                y = self.module(x)
+            if y.ndim != 2 or y.shape != (n, self.card.dim):
                 raise ModelError(
                     f"model {self.card.name} version {self.card.version} returned shape {tuple(y.shape)} "
-                    f"for a batch of {len(batch)}; model.json promises ({len(batch)}, {self.card.dim})"
+                    f"for a batch of {n}; model.json promises ({n}, {self.card.dim})"
                 )
             if not torch.isfinite(y).all():
                 raise ModelError(f"model {self.card.name} version {self.card.version} returned NaN or inf embeddings")
             return F.normalize(y.float(), dim=1).cpu().numpy()
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a card's precision on a device, or None for fp32."""
+    if precision == "bf16" and (device.type == "cpu" or torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    if precision == "fp16" and device.type == "cuda":
+        return torch.float16
+    return None  # fp16 on a CPU: no fast kernels, fp32 is the reference anyway
 
 
 def load_model(layout: Layout, card: ModelCard, device: str = "cpu") -> LoadedModel:

@@ -1,7 +1,7 @@
 """Small-object fetch from a real S3 server: one GET at a time vs the engine's fetch stage, same run.
 
 Starts SeaweedFS on loopback, writes N objects of 50 KB, then fetches them sequentially and
-with `backfill.images.fetch_many` (the stage `embed_shard` uses), directly and through a proxy
+with `backfill.images.fetch_many` in the groups `embed_shard` uses, directly and through a proxy
 that adds a first-byte latency like a remote region's (loopback answers in ~1 ms, so alone it
 only measures CPU). Prints a table; a benchmark, not a test.
 
@@ -21,6 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backfill.config import EmbedConfig  # noqa: E402
+from backfill.embed import STAGE_GROUP  # noqa: E402
+from backfill.feed import grouped  # noqa: E402
 from backfill.images import fetch_many, make_fetcher  # noqa: E402
 from ops.local_instance import free_port, wait_for  # noqa: E402
 from ops.local_s3 import LocalS3  # noqa: E402
@@ -40,7 +42,8 @@ def sequential(uris: list[str]) -> float:
 
 def engine(uris: list[str], workers: int) -> float:
     started = time.perf_counter()
-    got = sum(len(data) for _, data in fetch_many(uris, range(len(uris)), workers) if isinstance(data, bytes))
+    groups = grouped(range(len(uris)), STAGE_GROUP)
+    got = sum(len(data) for group in fetch_many(uris, groups, workers) for _, data in group if isinstance(data, bytes))
     assert got == 50_000 * len(uris), "the engine fetched the wrong bytes"
     return _rate(len(uris), time.perf_counter() - started)
 

@@ -10,7 +10,7 @@ from backfill.manifest import check_unique_across, list_shards, read_shard, writ
 @pytest.mark.parametrize(
     "kwargs, words",
     [
-        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": -1}, "batch_size"),  # 0 means: chosen per device
         ({"chunk_size": -1}, "chunk_size"),
         ({"device": "tpu"}, "device"),
         ({"max_reject_rate": 1.5}, "max_reject_rate"),

@@ -1,0 +1,75 @@
+"""On a CUDA machine with torchvision: a mixed batch (baseline JPEGs, PNG, progressive, CMYK, corrupt) through
+the nvjpeg path, compared with PIL. Prints one table; exits 1 if the fallback or the pixels are wrong."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from backfill.feed import Encoded, Preprocessor  # noqa: E402
+from backfill.images import decode  # noqa: E402
+from backfill.sample import synthetic_image  # noqa: E402
+
+
+def _bytes(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def main() -> int:
+    rng = np.random.default_rng(5)
+    imgs = [synthetic_image(rng) for _ in range(6)]
+    good = _bytes(imgs[0], quality=90)
+    cases = {
+        "baseline jpeg": good,
+        "baseline jpeg 2": _bytes(imgs[1], quality=75),
+        "grayscale jpeg": _bytes(imgs[2].convert("L"), quality=90),
+        "png": _bytes(imgs[3], "PNG"),
+        "progressive jpeg": _bytes(imgs[4], progressive=True, quality=90),
+        "cmyk jpeg": _bytes(imgs[5].convert("CMYK"), quality=90),
+        "corrupt jpeg": good[: len(good) // 3],
+    }
+    prep = Preprocessor(224, 64_000_000, "cuda")
+    if not prep.gpu_decode:
+        print("gpu fallback check: torchvision not installed or no CUDA device; skipped")
+        return 0
+    staged, rejected = {}, {}
+    for name, blob in cases.items():
+        try:
+            staged[name] = prep.stage(blob)
+        except Exception as exc:
+            rejected[name] = str(exc)
+    names = list(staged)
+    pixels, failed = prep.batch([staged[n] for n in names])
+    ok_names = [n for i, n in enumerate(names) if i not in failed]
+    got = pixels.permute(0, 2, 3, 1).cpu().numpy().astype(np.int16)
+    bad = 0
+    print(f"{'case':20} {'path':8} {'result':40} {'mean |gpu - PIL|':>17}")
+    for name in cases:
+        path = "nvjpeg" if isinstance(staged.get(name), Encoded) else "PIL"
+        if name in rejected or (name in names and names.index(name) in failed):
+            reason = rejected.get(name) or failed[names.index(name)]
+            print(f"{name:20} {path:8} {'rejected: ' + reason[:30]:40} {'-':>17}")
+            bad += name != "corrupt jpeg"
+            continue
+        ref = decode(cases[name], 224, 64_000_000).astype(np.int16)
+        diff = float(np.abs(got[ok_names.index(name)] - ref).mean())
+        print(f"{name:20} {path:8} {'ok':40} {diff:17.2f}")
+        bad += diff > 8
+    bad += "corrupt jpeg" not in rejected and names.index("corrupt jpeg") not in failed
+    if prep.fallbacks != 1:  # only the corrupt JPEG should have needed PIL
+        print(f"expected 1 fallback (the corrupt JPEG), got {prep.fallbacks}: nvjpeg refused good JPEGs")
+        bad += 1
+    print(f"fallbacks to PIL inside batch(): {prep.fallbacks}; problems: {bad}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

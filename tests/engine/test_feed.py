@@ -1,0 +1,157 @@
+"""The decode stage and batch assembly: header parsing, the nvjpeg path's per-image fallback, parity with PIL."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from backfill import feed
+from backfill.feed import Encoded, Preprocessor, jpeg_header
+from backfill.images import BadImage, decode
+
+SIZE = 32
+
+
+def _image(seed: int = 0, size=(80, 60)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize(size, Image.BICUBIC)
+
+
+def _bytes(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _pil_decoder(calls: list[int]):
+    """A CPU stand-in for torchvision.io.decode_jpeg(list, mode, device): full-size CHW uint8, raises like nvjpeg."""
+
+    def decode_jpeg(datas, mode, device):
+        calls.append(len(datas))
+        out = []
+        for data in datas:
+            img = Image.open(io.BytesIO(data.numpy().tobytes()))
+            img.load()  # a truncated JPEG raises here, as nvjpeg does
+            out.append(torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous())
+        return out
+
+    return decode_jpeg
+
+
+def test_jpeg_header_reads_frame_without_decoding():
+    baseline = jpeg_header(_bytes(_image(), quality=90))
+    assert (baseline.marker, baseline.width, baseline.height, baseline.components, baseline.adobe) == (0xC0, 80, 60, 3, False)
+    assert jpeg_header(_bytes(_image(), progressive=True)).marker == 0xC2
+    assert jpeg_header(_bytes(_image().convert("L"))).components == 1
+    cmyk = jpeg_header(_bytes(_image().convert("CMYK")))
+    assert cmyk.components == 4 and cmyk.adobe
+    assert jpeg_header(_bytes(_image(), "PNG")) is None
+    assert jpeg_header(b"\xff\xd8\xff") is None  # truncated before any frame header
+
+
+def test_cpu_preprocessor_matches_pil_decode():
+    blobs = [_bytes(_image(i), quality=85) for i in range(5)]
+    prep = Preprocessor(SIZE, 10**8, "cpu")
+    assert not prep.gpu_decode
+    items = [prep.stage(b) for b in blobs]
+    pixels, failed = prep.batch(items)
+    assert failed == {}
+    assert pixels.shape == (5, 3, SIZE, SIZE) and pixels.dtype == torch.uint8
+    assert pixels.is_contiguous(memory_format=torch.channels_last)
+    expected = np.stack([decode(b, SIZE, 10**8) for b in blobs])
+    assert np.array_equal(pixels.permute(0, 2, 3, 1).numpy(), expected)
+
+
+def test_without_torchvision_cuda_falls_back_to_pil(monkeypatch):
+    # torchvision missing (as here): a CUDA preprocessor decodes every image with PIL, same pixels
+    monkeypatch.setattr(feed, "_torchvision_decode_jpeg", lambda: None)
+    prep = Preprocessor(SIZE, 10**8, "cuda")
+    assert not prep.gpu_decode
+    blob = _bytes(_image(3), quality=90)
+    staged = prep.stage(blob)
+    assert isinstance(staged, np.ndarray)
+    assert np.array_equal(staged, decode(blob, SIZE, 10**8))
+
+
+def test_gpu_path_decodes_jpegs_in_one_call_and_falls_back_per_image():
+    calls: list[int] = []
+    prep = Preprocessor(SIZE, 10**8, "cpu", decoder=_pil_decoder(calls))
+    good = [_bytes(_image(i, (64, 64)), quality=95) for i in range(3)]
+    other_size = _bytes(_image(7, (90, 50)), quality=95)
+    png = _bytes(_image(4), "PNG")
+    progressive = _bytes(_image(5), progressive=True, quality=95)
+    cmyk = _bytes(_image(6).convert("CMYK"))
+    corrupt = good[0][: len(good[0]) // 2]  # header fine, data cut: passes stage, fails the decoder
+    blobs = [good[0], png, good[1], progressive, corrupt, cmyk, other_size, good[2]]
+    items = [prep.stage(b) for b in blobs]
+    assert [isinstance(i, Encoded) for i in items] == [True, False, True, False, True, False, True, True]
+    pixels, failed = prep.batch(items)
+    # the batched call failed on the corrupt image; each was retried alone; PIL gave the reason
+    assert calls[0] == 5 and calls[1:] == [1] * 5
+    assert list(failed) == [4] and failed[4].startswith("truncated or corrupt image")
+    assert prep.fallbacks == 1
+    assert pixels.shape == (7, 3, SIZE, SIZE)
+    keep = [b for i, b in enumerate(blobs) if i != 4]
+    reference = np.stack([decode(b, SIZE, 10**8) for b in keep]).astype(np.int16)
+    got = pixels.permute(0, 2, 3, 1).numpy().astype(np.int16)
+    # PIL-staged images are PIL's pixels exactly; decoder-path ones are resized by torch, not PIL
+    for i in (1, 3, 4):
+        assert np.array_equal(got[i], reference[i])
+    for i in (0, 2, 5, 6):
+        assert np.abs(got[i] - reference[i]).mean() < 6, i
+
+
+def test_gpu_path_bounds_pixels_from_the_header():
+    prep = Preprocessor(SIZE, 1000, "cpu", decoder=_pil_decoder([]))
+    with pytest.raises(BadImage, match="decompression bomb: declared 80x60 exceeds 1000 pixels"):
+        prep.stage(_bytes(_image(), quality=90))
+
+
+def test_embed_shard_same_vectors_through_the_decoder_path(registered, monkeypatch):
+    from backfill.config import EmbedConfig
+    from backfill.embed import embed_shard, load_embeddings
+    from backfill.registry import load_model
+
+    layout, card = registered
+    model = load_model(layout, card)
+    embed_shard(layout, "shard-00000", model, EmbedConfig(batch_size=8, chunk_size=16))
+    ids, reference, _ = load_embeddings(layout, card.name, card.version, "shard-00000")
+    layout.store.rm(layout.embeddings(card.name, card.version, "shard-00000"), recursive=True)
+    calls: list[int] = []
+    real = feed.Preprocessor.__init__
+
+    def with_decoder(self, size, max_pixels, device="cpu", gpu_decode=True, decoder=None):
+        real(self, size, max_pixels, device, gpu_decode, decoder=_pil_decoder(calls))
+
+    monkeypatch.setattr(feed.Preprocessor, "__init__", with_decoder)
+    embed_shard(layout, "shard-00000", model, EmbedConfig(batch_size=8, chunk_size=16))
+    ids2, vectors, _ = load_embeddings(layout, card.name, card.version, "shard-00000")
+    assert calls and np.array_equal(ids, ids2)
+    cosine = (reference * vectors).sum(1)
+    assert cosine.mean() > 0.97, cosine.mean()
+
+
+def test_batch_size_zero_is_chosen_per_device():
+    from backfill.config import EmbedConfig
+    from backfill.errors import ConfigError
+
+    assert EmbedConfig(batch_size=0).images_per_batch == 32
+    assert EmbedConfig(batch_size=0, device="cuda:1").images_per_batch == 256
+    assert EmbedConfig(batch_size=48, device="cuda").images_per_batch == 48
+    with pytest.raises(ConfigError, match=r"batch_size must be in 1..8192 \(or 0: per device\), got -1"):
+        EmbedConfig(batch_size=-1)
+
+
+def test_embed_shard_with_per_device_batch(registered):
+    from backfill.config import EmbedConfig
+    from backfill.embed import embed_shard
+    from backfill.registry import load_model
+
+    layout, card = registered
+    stats = embed_shard(layout, "shard-00001", load_model(layout, card), EmbedConfig(batch_size=0, chunk_size=8))
+    assert stats.batch_size == 32 and stats.embedded + stats.rejects == stats.images == 20
