@@ -12,13 +12,12 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from backfill.config import EmbedConfig
 from backfill.errors import ConfigError, Preempted, RejectRateError
 from backfill.images import BadImage, decode, make_fetcher
 from backfill.manifest import read_shard
-from backfill.pipeline import bounded_map, cpu_budget
+from backfill.pipeline import ThreadBudget, bounded_map
 from backfill.preemption import StopSignal
 from backfill.registry import LoadedModel
 from backfill.storage import Layout
@@ -119,8 +118,8 @@ def embed_shard(
     if progress and stats.chunks_resumed:
         progress(sum(e - s for s, e in plan if chunk_name(s, e) in committed))
 
-    threads = config.torch_threads or cpu_budget()
-    torch.set_num_threads(threads)
+    # one budget (affinity and cgroup CPU limit) for torch, FAISS and the decode pool
+    threads = ThreadBudget.resolve(config.torch_threads, config.decode_workers).apply()
     fetch = make_fetcher()
     size = card.input_size
 
@@ -141,7 +140,7 @@ def embed_shard(
 
     rows = (r for s, e in todo for r in range(s, e))
     fetched = bounded_map(fetch_row, rows, config.fetch_workers, window=4 * config.fetch_workers)
-    decode_workers = config.decode_workers or cpu_budget()
+    decode_workers = threads.decode
     decoded = bounded_map(decode_row, fetched, decode_workers, window=max(config.batch_size * 2, 4 * decode_workers))
 
     fresh: list[tuple[int, np.ndarray, list[str | None]]] = []  # (start, ids, errors) of chunks written now
