@@ -9,7 +9,7 @@ from dagster import Executor, ExecutorDefinition, InitExecutorContext, multiple_
 from dagster_k8s import k8s_job_executor
 
 from backfill.errors import ConfigError
-from ops.pools import POOL_TAG, Pools, load_pools
+from assets.pools import POOL_TAG, Pools, load_pools
 
 DEPLOYMENT_ENV = "BACKFILL_DEPLOYMENT"
 DEPLOYMENTS = ("local", "k8s")
@@ -73,7 +73,11 @@ class PooledK8sExecutor(Executor):
         return self._base.step_dependency_config
 
     def execute(self, plan_context, execution_plan):
-        config = pool_executor_config(self._init.executor_config, self._pools, plan_context.dagster_run.tags)
+        run = plan_context.dagster_run
+        if POOL_TAG not in run.tags:
+            # make the default pool explicit: the UI shows it, and the step pods read it for their device
+            plan_context.instance.add_run_tags(run.run_id, {POOL_TAG: self._pools.default})
+        config = pool_executor_config(self._init.executor_config, self._pools, run.tags)
         inner = k8s_job_executor.executor_creation_fn(
             InitExecutorContext(job=self._init.job, executor_def=self._init.executor_def, executor_config=config, instance=self._init.instance)
         )

@@ -12,7 +12,7 @@ from assets.index import faiss_index, search_index
 from assets.partitions import model_versions, shards
 from assets.resources import BackfillResource
 from ops.deployment import pooled_k8s_executor
-from ops.pools import POOL_TAG, load_pools
+from assets.pools import POOL_TAG, load_pools
 from ops.schedules import embed_job
 
 # What the Helm values give run workers (deploy/helm/values.yaml): on-demand nodes. Step
@@ -88,14 +88,18 @@ def run_embed(tags):
         instance.add_dynamic_partitions(model_versions.name, ["v1"])
         instance.add_dynamic_partitions(shards.name, ["shard-00000"])
         key = MultiPartitionKey({"model_version": "v1", "shard": "shard-00000"})
-        return execute_job(
+        result = execute_job(
             reconstructable(pooled_embed_job), instance=instance, tags={"dagster/partition": str(key), **tags}, raise_on_error=False
         )
+        result.run_tags = instance.get_run_by_id(result.run_id).tags
+        return result
 
 
-def submitted_step_job(fake_cluster, tags):
+def submitted_step_job(fake_cluster, tags, run_tags=None):
     """The step Job the executor submitted for a run with `tags`, as the Kubernetes API receives it."""
     result = run_embed(tags)
+    if run_tags is not None:
+        run_tags.update(result.run_tags)
     assert not result.success  # the fake cluster refuses every Job once it has recorded it
     assert len(fake_cluster.jobs) == 1, [event.message for event in result.all_events if event.is_failure]
     namespace, job = fake_cluster.jobs[0]
@@ -123,8 +127,10 @@ def test_pool_tag_places_the_step_pod(fake_cluster):
     assert job["metadata"]["labels"]["dagster/op"] == "image_embeddings"
 
 
-def test_no_pool_tag_uses_the_default_pool(fake_cluster):
-    job = submitted_step_job(fake_cluster, {})
+def test_no_pool_tag_uses_the_default_pool_and_tags_the_run_with_it(fake_cluster):
+    run_tags = {}
+    job = submitted_step_job(fake_cluster, {}, run_tags)
+    assert run_tags[POOL_TAG] == "cpu-tidal"  # the step pod reads it for its device
     pod = job["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"backfill.dev/pool": "cpu-tidal"}
     assert pod["containers"][0]["resources"]["limits"] == {"cpu": "4", "memory": "8Gi"}
@@ -180,3 +186,118 @@ def assert_valid_k8s(resource, tmp_path):
     cli = Path(sys.executable).with_name("kubernetes-validate")
     proc = subprocess.run([str(cli), "--strict", "--quiet", str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_gpu_pool_without_cuda_fails_for_good_naming_pool_and_fix(registered, monkeypatch):
+    import torch
+    from dagster import materialize
+
+    from tests.dagster.test_assets import add_partitions, resources
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this machine; also on a GPU host
+    layout, _ = registered
+    with instance_for_test() as instance:
+        shard = add_partitions(instance, layout)[0]
+        key = MultiPartitionKey({"model_version": "v1", "shard": shard})
+        result = materialize(
+            [image_embeddings], partition_key=key, instance=instance, resources=resources(layout), tags={POOL_TAG: "gpu-spot"}, raise_on_error=False
+        )
+        assert not result.success
+        failure = result.failure_data_for_node("image_embeddings")
+        text = failure.error.message if failure.error else ""
+        text += " ".join(str(e.event_specific_data) for e in result.all_events if e.is_step_failure)
+        assert "pool 'gpu-spot' runs its steps on cuda, but CUDA is not available" in text
+        assert "VARIANT=cuda" in text and "backfill/pool=<a cpu pool>" in text
+        # permanent: no step retry and no run retry would change the pod
+        assert not any(e.is_step_up_for_retry for e in result.all_events)
+        assert instance.get_run_by_id(result.run_id).tags["dagster/retry_on_asset_or_op_failure"] == "false"
+        # and nothing was written on the CPU
+        assert layout.store.ls(layout.embeddings("refcnn", "v1", shard)) == []
+
+
+def test_cpu_pool_runs_on_cpu(registered):
+    from dagster import materialize
+
+    from tests.dagster.test_assets import add_partitions, latest_metadata, resources
+
+    layout, _ = registered
+    with instance_for_test() as instance:
+        shard = add_partitions(instance, layout)[0]
+        key = MultiPartitionKey({"model_version": "v1", "shard": shard})
+        assert materialize([image_embeddings], partition_key=key, instance=instance, resources=resources(layout), tags={POOL_TAG: "cpu-tidal"}).success
+        assert latest_metadata(instance, "image_embeddings", str(key))["device"] == "cpu"
+
+
+def _pools_yaml(**changes):
+    import copy
+
+    import yaml
+
+    from assets.pools import DEFAULT_POOLS_FILE
+
+    data = yaml.safe_load(DEFAULT_POOLS_FILE.read_text())
+    pool = copy.deepcopy(data["pools"]["gpu-spot"])
+    for path, value in changes.items():
+        *parents, leaf = path.split("__")
+        node = pool
+        for p in parents:
+            node = node[p]
+        if value is None:
+            del node[leaf]
+        else:
+            node[leaf] = value
+    data["pools"]["gpu-spot"] = pool
+    return data
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"device": "tpu"}, "pool 'gpu-spot': device must be 'cpu' or 'cuda', got 'tpu'"),
+        ({"resources__limits": {"cpu": "8", "memory": "24Gi"}}, "device 'cuda' needs resources.limits.nvidia.com/gpu of at least 1"),
+        ({"resources__limits__memory": None}, "resources.limits.memory is required"),
+        ({"resources__limits__cpu": "eight"}, "resources.limits.cpu must be a Kubernetes quantity such as '4', '500m' or '16Gi', got 'eight'"),
+        ({"resources__requests__memory": "32Gi"}, "resources.requests.memory=32Gi is more than resources.limits.memory=24Gi"),
+        ({"tolerations": [{"key": "k", "operator": "Equals", "value": "v", "effect": "NoSchedule"}]}, "tolerations[0].operator must be one of ('Equal', 'Exists'), got 'Equals'"),
+        ({"tolerations": [{"key": "k", "operator": "Equal", "value": "v", "effect": "NoSchedul"}]}, "tolerations[0].effect must be one of"),
+        ({"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}, "tolerations[0]: operator Exists must not have a value"),
+        ({"nodeSelector": {"cloud.google.com/gke-spot": True}}, "nodeSelector must map label names to string values (quote 'true')"),
+        ({"terminationGracePeriodSeconds": 25}, "terminationGracePeriodSeconds must be an integer of at least 30 (BACKFILL_GRACE_S=20"),
+        ({"priorityClassName": None}, "pool 'gpu-spot': is missing 'priorityClassName'"),
+        ({"maxConcurrentRuns": 0}, "maxConcurrentRuns must be a positive integer, got 0"),
+        ({"nodeSelectr": {}}, "unknown keys ['nodeSelectr']"),
+    ],
+)
+def test_a_bad_pool_is_refused_naming_file_pool_and_field(changes, message):
+    from assets.pools import parse_pools
+    from backfill.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        parse_pools(_pools_yaml(**changes), "pools.yaml", min_grace_s=20)
+    assert str(err.value).startswith("pools file pools.yaml: ") and message in str(err.value)
+
+
+def test_cpu_pool_must_not_take_a_gpu_and_default_must_exist():
+    from assets.pools import parse_pools
+    from backfill.errors import ConfigError
+
+    data = _pools_yaml(device="cpu")
+    with pytest.raises(ConfigError, match="device 'cpu' must not ask for nvidia.com/gpu"):
+        parse_pools(data, "pools.yaml")
+    data = _pools_yaml()
+    data["default"] = "gpu"
+    with pytest.raises(ConfigError, match=r"'default' must name one of the pools \['cpu-tidal', 'gpu-spot'\], got 'gpu'"):
+        parse_pools(data, "pools.yaml")
+
+
+def test_pools_file_from_the_environment(monkeypatch, tmp_path):
+    from assets.pools import POOLS_FILE_ENV, load_pools
+    from backfill.errors import ConfigError
+
+    monkeypatch.setenv(POOLS_FILE_ENV, str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match=f"pools file {tmp_path / 'missing.yaml'} does not exist"):
+        load_pools()
+    (tmp_path / "bad.yaml").write_text("pools: [\n")
+    monkeypatch.setenv(POOLS_FILE_ENV, str(tmp_path / "bad.yaml"))
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_pools()

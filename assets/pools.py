@@ -264,3 +264,24 @@ def device_for_pool(pool: Pool, cuda_available: bool) -> str:
             f"or launch the backfill with {POOL_TAG}=<a cpu pool>"
         )
     return pool.device
+
+
+def device_for_run(tags: Mapping[str, str], default: str) -> str:
+    """The device of the run's pool when it has a pool tag (always, in the k8s deployment), else `default`."""
+    if POOL_TAG not in tags:
+        return default
+    import torch
+
+    return device_for_pool(load_pools().for_tags(tags), torch.cuda.is_available())
+
+
+POOL_ENV = "BACKFILL_POOL"
+
+
+def pool_tags_from_env() -> dict[str, str]:
+    """{backfill/pool: $BACKFILL_POOL} for runs that sensors and schedules launch; {} when unset."""
+    name = os.environ.get(POOL_ENV, "")
+    if not name:
+        return {}
+    load_pools().get(name, what=f"environment variable {POOL_ENV}=")
+    return {POOL_TAG: name}
