@@ -15,14 +15,25 @@ from ops.deployment import pooled_k8s_executor
 from assets.pools import POOL_TAG, load_pools
 from ops.schedules import embed_job
 
-# What the Helm values give run workers (deploy/helm/values.yaml): on-demand nodes. Step
-# pods inherit this config from the run launcher; the pool must replace it, not add to it.
+HELM_VALUES = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "values.yaml"
+
+
+def helm_run_k8s_config():
+    """runK8sConfig of deploy/helm/values.yaml as the chart hands it to K8sRunLauncher (run_k8s_config)."""
+    import yaml
+
+    raw = yaml.safe_load(HELM_VALUES.read_text())["runLauncher"]["config"]["k8sRunLauncher"]["runK8sConfig"]
+    snake = {"containerConfig": "container_config", "podSpecConfig": "pod_spec_config", "podTemplateSpecMetadata": "pod_template_spec_metadata",
+             "jobSpecConfig": "job_spec_config", "jobMetadata": "job_metadata"}  # fmt: skip
+    return {snake[k]: v for k, v in raw.items()}
+
+
+# A run worker placement with a toleration of its own: shows what DEEP merging would do to steps.
 RUN_K8S_CONFIG = {
     "pod_spec_config": {
         "node_selector": {"backfill.dev/capacity": "on-demand"},
         "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "dagster", "effect": "NoSchedule"}],
     },
-    "container_config": {"resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "2Gi"}}},
 }
 
 
@@ -81,7 +92,7 @@ def run_embed(tags):
             "job_namespace": "backfill",
             "service_account_name": "backfill",
             "load_incluster_config": True,
-            "run_k8s_config": RUN_K8S_CONFIG,
+            "run_k8s_config": helm_run_k8s_config(),  # run workers on on-demand nodes, as deployed
         },
     }
     with instance_for_test(overrides={"run_launcher": launcher}) as instance:
@@ -124,6 +135,8 @@ def test_pool_tag_places_the_step_pod(fake_cluster):
     assert pod["terminationGracePeriodSeconds"] == 60
     assert job["spec"]["backoffLimit"] == 0
     assert pod["serviceAccountName"] == "backfill"
+    # what the pool does not set comes from the run launcher: the read-only, non-root security context
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True and pod["securityContext"]["runAsNonRoot"] is True
     assert job["metadata"]["labels"]["dagster/op"] == "image_embeddings"
 
 
