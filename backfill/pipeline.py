@@ -35,34 +35,33 @@ def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: 
 
 
 CGROUP_ROOT = "/sys/fs/cgroup"
+PROC_CGROUP = "/proc/self/cgroup"
 _V1_CPU_DIRS = ("cpu", "cpu,cpuacct", "cpuacct,cpu", "")  # where distributions mount the v1 cpu controller
 
 log = logging.getLogger(__name__)
 
 
-def cgroup_cpu_limit(root: str | os.PathLike | None = None) -> float | None:
-    """The CPU limit of this container in CPUs (quota / period), or None when unlimited or unknown.
+def cgroup_cpu_limit(root: str | os.PathLike | None = None, proc_cgroup: str | os.PathLike | None = None) -> float | None:
+    """The CPU limit of this process in CPUs (quota / period), or None when unlimited or unknown.
 
-    cgroup v2: `<root>/cpu.max` holds "<quota|max> <period>". cgroup v1: `cpu.cfs_quota_us`
-    (-1: unlimited) and `cpu.cfs_period_us` in the cpu controller's folder. A Kubernetes
-    `limits.cpu` becomes exactly this quota; the node's core count says nothing about it.
+    cgroup v2: `cpu.max` holds "<quota|max> <period>". cgroup v1: `cpu.cfs_quota_us` (-1:
+    unlimited) and `cpu.cfs_period_us` in the cpu controller's folder. A Kubernetes
+    `limits.cpu` becomes this quota; the node's core count says nothing about it. The
+    process's own cgroup (from /proc/self/cgroup) and every ancestor up to the root are read
+    and the tightest limit wins: without a private cgroup namespace the root is the host's,
+    and a pod's limit sits both on the pod's and the container's cgroup.
     """
     base = Path(root if root is not None else CGROUP_ROOT)
-    v2 = base / "cpu.max"
-    if v2.is_file():
-        text = _read(v2)
-        parts = text.split() if text is not None else []
-        if len(parts) == 2 and parts[0] == "max":
-            return None
-        return _ratio(v2, parts[0] if len(parts) == 2 else None, parts[1] if len(parts) == 2 else None)
-    for sub in _V1_CPU_DIRS:
-        quota_file, period_file = base / sub / "cpu.cfs_quota_us", base / sub / "cpu.cfs_period_us"
-        if quota_file.is_file() and period_file.is_file():
-            quota, period = _read(quota_file), _read(period_file)
-            if quota is not None and quota.strip() == "-1":
-                return None
-            return _ratio(quota_file, quota, period)
-    return None
+    own = _own_cgroups(Path(proc_cgroup if proc_cgroup is not None else PROC_CGROUP))
+    limits = [_v2_limit(f) for f in _upwards(base, own.get("", "/"), "cpu.max")]
+    if not limits:
+        for sub in _V1_CPU_DIRS:
+            quotas = _upwards(base / sub, own.get("cpu", "/"), "cpu.cfs_quota_us")
+            limits += [_v1_limit(q, q.with_name("cpu.cfs_period_us")) for q in quotas]
+            if quotas:
+                break
+    finite = [x for x in limits if x is not None]
+    return min(finite) if finite else None
 
 
 def cpu_budget(cgroup_root: str | os.PathLike | None = None) -> int:
@@ -104,6 +103,48 @@ class ThreadBudget:
         torch.set_num_threads(self.torch)
         faiss.omp_set_num_threads(self.faiss)
         return self
+
+
+def _own_cgroups(proc_cgroup: Path) -> dict[str, str]:
+    """{controller or "" (v2): path} from /proc/self/cgroup lines "id:controllers:path"."""
+    try:
+        text = proc_cgroup.read_text()
+    except OSError:
+        return {}
+    own = {}
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            for controller in parts[1].split(",") if parts[1] else [""]:
+                own[controller] = parts[2]
+    return own
+
+
+def _upwards(base: Path, own: str, name: str) -> list[Path]:
+    """`name` in the process's cgroup folder and each ancestor up to `base`, where present."""
+    found, rel = [], Path(own.strip() or "/")
+    for folder in [rel, *rel.parents]:
+        path = base / str(folder).lstrip("/") / name
+        if path.is_file() and path not in found:
+            found.append(path)
+    if (base / name).is_file() and base / name not in found:
+        found.append(base / name)
+    return found
+
+
+def _v2_limit(path: Path) -> float | None:
+    text = _read(path)
+    parts = text.split() if text is not None else []
+    if len(parts) == 2 and parts[0] == "max":
+        return None
+    return _ratio(path, parts[0] if len(parts) == 2 else None, parts[1] if len(parts) == 2 else None)
+
+
+def _v1_limit(quota_file: Path, period_file: Path) -> float | None:
+    quota, period = _read(quota_file), _read(period_file)
+    if quota is not None and quota.strip() == "-1":
+        return None
+    return _ratio(quota_file, quota, period)
 
 
 def _read(path: Path) -> str | None:

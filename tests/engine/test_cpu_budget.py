@@ -21,6 +21,14 @@ def v1(tmp_path, quota, period, folder="cpu,cpuacct"):
     return tmp_path
 
 
+@pytest.fixture(autouse=True)
+def _no_real_proc_cgroup(monkeypatch, tmp_path):
+    """Tests name their own /proc/self/cgroup; the machine's must not leak in."""
+    import backfill.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "PROC_CGROUP", str(tmp_path / "no-proc-self-cgroup"))
+
+
 @pytest.fixture
 def eight_cpus(monkeypatch):
     """A process whose affinity mask holds 8 CPUs, like a pod on a big shared node."""
@@ -90,3 +98,45 @@ def test_budget_reads_the_cgroup_by_default(monkeypatch, tmp_path, eight_cpus):
 
     monkeypatch.setattr(pipeline, "CGROUP_ROOT", str(v2(tmp_path, "400000 100000")))
     assert ThreadBudget.resolve() == ThreadBudget(cpus=4, torch=4, decode=4, faiss=4)
+
+
+def cgroup_file(root, rel, name, text):
+    folder = root / rel
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(text)
+
+
+def proc_cgroup(tmp_path, text):
+    path = tmp_path / "proc-self-cgroup"
+    path.write_text(text)
+    return path
+
+
+def test_v2_limit_of_the_own_cgroup_below_a_host_root(tmp_path):
+    """As on a runner without a private cgroup namespace: /sys/fs/cgroup is the host's root,
+    /proc/self/cgroup names the process's folder, and the limit is set there or above."""
+    root = tmp_path / "cgroup"
+    cgroup_file(root, "kubepods/pod1", "cpu.max", "400000 100000\n")
+    cgroup_file(root, "kubepods/pod1/ctr", "cpu.max", "150000 100000\n")
+    cgroup_file(root, "kubepods", "cpu.max", "max 100000\n")
+    proc = proc_cgroup(tmp_path, "0::/kubepods/pod1/ctr\n")
+    assert cgroup_cpu_limit(root, proc) == 1.5  # the tightest of container, pod and above
+
+
+def test_v2_leaf_without_cpu_max_takes_the_parent(tmp_path):
+    # the layout seen on the H100 device runner: the leaf has no cpu controller, the parent says "max"
+    root = tmp_path / "cgroup"
+    (root / "process_api" / "899dd").mkdir(parents=True)
+    cgroup_file(root, "process_api", "cpu.max", "max 100000\n")
+    assert cgroup_cpu_limit(root, proc_cgroup(tmp_path, "0::/process_api/899dd\n")) is None
+    cgroup_file(root, "process_api", "cpu.max", "300000 100000\n")
+    assert cgroup_cpu_limit(root, proc_cgroup(tmp_path, "0::/process_api/899dd\n")) == 3.0
+
+
+def test_v1_limit_of_the_own_cgroup(tmp_path):
+    root = tmp_path / "cgroup"
+    for rel, quota in (("cpu,cpuacct/kubepods/pod2", "600000"), ("cpu,cpuacct/kubepods/pod2/ctr", "-1")):
+        cgroup_file(root, rel, "cpu.cfs_quota_us", quota)
+        cgroup_file(root, rel, "cpu.cfs_period_us", "100000")
+    proc = proc_cgroup(tmp_path, "12:memory:/kubepods/pod2/ctr\n4:cpu,cpuacct:/kubepods/pod2/ctr\n")
+    assert cgroup_cpu_limit(root, proc) == 6.0
