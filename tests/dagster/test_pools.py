@@ -151,6 +151,18 @@ def test_no_pool_tag_uses_the_default_pool_and_tags_the_run_with_it(fake_cluster
     assert "podAntiAffinity" in pod["affinity"]
 
 
+def test_run_level_k8s_config_tags_do_not_reach_step_pods(fake_cluster):
+    """Why the pool is applied by the executor: dagster-k8s 0.29 builds step pods with
+    include_run_tags=False, so a `dagster-k8s/config` tag on the run (or backfill) is ignored.
+    Breaks if dagster-k8s starts honouring it; a plain tag could then replace the executor."""
+    import json
+
+    # a field no pool sets, so only the run tag could put it there
+    tag = {"dagster-k8s/config": json.dumps({"pod_spec_config": {"scheduler_name": "from-run-tag"}})}
+    pod = submitted_step_job(fake_cluster, {POOL_TAG: "gpu-spot", **tag})["spec"]["template"]["spec"]
+    assert "schedulerName" not in pod
+
+
 def test_unknown_pool_fails_the_run_naming_the_tag_and_the_pools(fake_cluster):
     result = run_embed({POOL_TAG: "tpu-spot"})
     assert not result.success and fake_cluster.jobs == []
