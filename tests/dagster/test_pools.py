@@ -18,11 +18,15 @@ from ops.schedules import embed_job
 HELM_VALUES = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "values.yaml"
 
 
-def helm_run_k8s_config():
-    """runK8sConfig of deploy/helm/values.yaml as the chart hands it to K8sRunLauncher (run_k8s_config)."""
+def helm_launcher():
     import yaml
 
-    raw = yaml.safe_load(HELM_VALUES.read_text())["runLauncher"]["config"]["k8sRunLauncher"]["runK8sConfig"]
+    return yaml.safe_load(HELM_VALUES.read_text())["runLauncher"]["config"]["k8sRunLauncher"]
+
+
+def helm_run_k8s_config():
+    """runK8sConfig of deploy/helm/values.yaml as the chart hands it to K8sRunLauncher (run_k8s_config)."""
+    raw = helm_launcher()["runK8sConfig"]
     snake = {"containerConfig": "container_config", "podSpecConfig": "pod_spec_config", "podTemplateSpecMetadata": "pod_template_spec_metadata",
              "jobSpecConfig": "job_spec_config", "jobMetadata": "job_metadata"}  # fmt: skip
     return {snake[k]: v for k, v in raw.items()}
@@ -66,6 +70,11 @@ class FakeBatchApi:
         pass
 
 
+class FakeCoreApi:
+    def list_namespaced_pod(self, *args, **kwargs):
+        return kubernetes.client.V1PodList(items=[])
+
+
 @pytest.fixture
 def fake_cluster(monkeypatch):
     batch = FakeBatchApi()
@@ -74,7 +83,7 @@ def fake_cluster(monkeypatch):
         DagsterKubernetesClient,
         "production_client",
         staticmethod(lambda batch_api_override=None, core_api_override=None: DagsterKubernetesClient(
-            batch_api=batch, core_api=object(), logger=lambda *a: None, sleeper=lambda s: None, timer=__import__("time").time
+            batch_api=batch, core_api=FakeCoreApi(), logger=lambda *a: None, sleeper=lambda s: None, timer=__import__("time").time
         )),
     )
     return batch
@@ -93,6 +102,8 @@ def run_embed(tags):
             "service_account_name": "backfill",
             "load_incluster_config": True,
             "run_k8s_config": helm_run_k8s_config(),  # run workers on on-demand nodes, as deployed
+            "volumes": helm_launcher()["volumes"],
+            "volume_mounts": helm_launcher()["volumeMounts"],
         },
     }
     with instance_for_test(overrides={"run_launcher": launcher}) as instance:
@@ -149,6 +160,13 @@ def test_no_pool_tag_uses_the_default_pool_and_tags_the_run_with_it(fake_cluster
     assert pod["containers"][0]["resources"]["limits"] == {"cpu": "4", "memory": "8Gi"}
     assert pod["terminationGracePeriodSeconds"] == 120
     assert "podAntiAffinity" in pod["affinity"]
+    # the anti-affinity spreads pods with this label, which dagster-k8s puts on every step pod
+    assert job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "step_worker"
+    # a read-only root with two writable emptyDirs, and the pools file where BACKFILL_POOLS_FILE points
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]] and "emptyDir" in volumes[mounts["/opt/dagster/dagster_home"]]
+    assert volumes[mounts["/etc/backfill"]]["configMap"]["name"] == "backfill-pools"
 
 
 def test_run_level_k8s_config_tags_do_not_reach_step_pods(fake_cluster):
