@@ -10,9 +10,9 @@ from dagster_k8s.client import DagsterKubernetesClient
 from assets.embeddings import image_embeddings
 from assets.index import faiss_index, search_index
 from assets.partitions import model_versions, shards
+from assets.pools import POOL_TAG, load_pools
 from assets.resources import BackfillResource
 from ops.deployment import pooled_k8s_executor
-from assets.pools import POOL_TAG, load_pools
 from ops.schedules import embed_job
 
 HELM_VALUES = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "values.yaml"
