@@ -19,6 +19,7 @@ from dagster import (
 
 from assets.k8s import STEP_K8S_TAGS
 from assets.partitions import embedding_partitions
+from assets.pools import device_for_run
 from assets.resources import BackfillResource, run_engine
 from backfill.embed import embed_shard
 from backfill.errors import Preempted
@@ -49,7 +50,9 @@ def image_embeddings(context: AssetExecutionContext, backfill: BackfillResource)
     keys = embedding_partitions.get_partition_key_from_str(str(context.partition_key)).keys_by_dimension
     version, shard = keys["model_version"], keys["shard"]
     layout = backfill.layout()
-    model = run_engine(context, backfill.load_model, version)
+    # the device follows the run's pool (tag backfill/pool): cuda on GPU pools, never a silent CPU fallback
+    device = run_engine(context, device_for_run, context.run.tags, backfill.device)
+    model = run_engine(context, backfill.load_model, version, device)
     committed = {"rows": 0, "chunks": 0}
 
     def progress(rows: int) -> None:
@@ -62,7 +65,7 @@ def image_embeddings(context: AssetExecutionContext, backfill: BackfillResource)
         with sigterm_notice() as stop:
             stats = run_engine(
                 context,
-                embed_shard, layout, shard, model, backfill.embed_config(), progress=progress, stop=stop, on_batch=work_logger(backfill, version, shard)
+                embed_shard, layout, shard, model, backfill.embed_config(device), progress=progress, stop=stop, on_batch=work_logger(backfill, version, shard)
             )
     except Preempted as exc:
         context.log.warning(f"preempted: {exc}; committed chunks are kept and the retry resumes after them")

@@ -8,6 +8,7 @@ from dagster import ConfigurableResource, Failure
 
 from backfill.config import EmbedConfig, IndexConfig
 from backfill.errors import PermanentError
+from backfill.pipeline import ThreadBudget
 from backfill.registry import LoadedModel, load_model, read_card
 from backfill.storage import Layout, Store
 
@@ -27,14 +28,18 @@ class BackfillResource(ConfigurableResource):
     work_log: str = ""  # if set, a file that every attempt appends "<pid> <version> <shard> <n>" to per embedded batch
 
 
+    def setup_for_execution(self, context) -> None:
+        # once per step process (a pod in the cluster): torch and FAISS threads follow its CPU limit
+        ThreadBudget.resolve().apply()
+
     def layout(self) -> Layout:
         return Layout(Store.open(self.root))
 
-    def embed_config(self) -> EmbedConfig:
+    def embed_config(self, device: str | None = None) -> EmbedConfig:
         return EmbedConfig(
             batch_size=self.batch_size,
             chunk_size=self.chunk_size,
-            device=self.device,
+            device=device or self.device,
             max_reject_rate=self.max_reject_rate,
             grace_s=self.grace_s,
         )
@@ -42,8 +47,8 @@ class BackfillResource(ConfigurableResource):
     def index_config(self) -> IndexConfig:
         return IndexConfig(target_recall=self.target_recall)
 
-    def load_model(self, version: str) -> LoadedModel:
-        return _cached_model(self.root, self.model, version, self.device)
+    def load_model(self, version: str, device: str | None = None) -> LoadedModel:
+        return _cached_model(self.root, self.model, version, device or self.device)
 
 
 @functools.lru_cache(maxsize=2)

@@ -12,14 +12,13 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from backfill.config import EmbedConfig
 from backfill.errors import ConfigError, Preempted, RejectRateError
 from backfill.feed import Preprocessor, flattened, grouped
 from backfill.images import BadImage, fetch_many
 from backfill.manifest import read_shard
-from backfill.pipeline import bounded_map, cpu_budget
+from backfill.pipeline import ThreadBudget, bounded_map
 from backfill.preemption import StopSignal
 from backfill.registry import LoadedModel
 from backfill.storage import Layout
@@ -122,8 +121,8 @@ def embed_shard(
     if progress and stats.chunks_resumed:
         progress(sum(e - s for s, e in plan if chunk_name(s, e) in committed))
 
-    threads = config.torch_threads or cpu_budget()
-    torch.set_num_threads(threads)
+    # one budget (affinity and cgroup CPU limit) for torch, FAISS and the decode pool
+    threads = ThreadBudget.resolve(config.torch_threads, config.decode_workers).apply()
     prep = Preprocessor(card.input_size, config.max_image_pixels, config.device, config.gpu_decode)
 
     def decode_rows(items: list[tuple[int, bytes | str]]) -> list[tuple[int, object]]:
@@ -142,7 +141,7 @@ def embed_shard(
     # on CUDA it runs nvjpeg and the host-to-device copy while the model runs the batch before)
     rows = grouped((r for s, e in todo for r in range(s, e)), STAGE_GROUP)
     fetched = fetch_many(shard.uris, rows, config.fetch_workers)
-    decode_workers = config.decode_workers or cpu_budget()
+    decode_workers = threads.decode
     decoded = bounded_map(decode_rows, fetched, decode_workers, window=2 * decode_workers + -(-batch_size // STAGE_GROUP))
     batches = bounded_map(prep.prepare, _spans(flattened(decoded), todo, batch_size), 1, window=2)
 

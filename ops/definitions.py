@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dagster import Definitions, define_asset_job, multiprocess_executor
+from dagster import Definitions, define_asset_job
 
 from assets.embeddings import image_embeddings
 from assets.index import faiss_index, search_index
 from assets.resources import BackfillResource
+from ops.deployment import executor_from_env
 from ops.schedules import embed_job, refresh_schedule
 from ops.sensors import backfill_automation, model_registry_sensor
 
@@ -45,12 +46,14 @@ def backfill_resource_from_env() -> BackfillResource:
 
 index_job = define_asset_job("index_job", selection=[faiss_index, search_index])
 
+_resource = backfill_resource_from_env()
+
 defs = Definitions(
     assets=[image_embeddings, faiss_index, search_index],
     jobs=[embed_job, index_job],
     sensors=[model_registry_sensor, backfill_automation],
     schedules=[refresh_schedule],
-    resources={"backfill": backfill_resource_from_env()},
-    # each step its own process, as each partition is its own pod in the cluster
-    executor=multiprocess_executor,
+    resources={"backfill": _resource},
+    # BACKFILL_DEPLOYMENT: local = each step its own process; k8s = each step its own pod on its run's pool
+    executor=executor_from_env(_resource.root, _resource.grace_s),
 )

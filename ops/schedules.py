@@ -6,6 +6,7 @@ from dagster import DefaultScheduleStatus, MultiPartitionKey, RunRequest, Schedu
 
 from assets.embeddings import image_embeddings
 from assets.partitions import shards
+from assets.pools import pool_tags_from_env
 from assets.resources import BackfillResource
 from backfill.publish import read_pointer
 
@@ -35,7 +36,7 @@ def refresh_schedule(context: ScheduleEvaluationContext, backfill: BackfillResou
         RunRequest(
             run_key=f"refresh-{version}-{shard}-{tick}",
             partition_key=MultiPartitionKey({"model_version": version, "shard": shard}),
-            tags={"backfill/refresh": tick},
+            tags={"backfill/refresh": tick, **pool_tags_from_env()},
         )
         for shard in context.instance.get_dynamic_partitions(shards.name)
     ]

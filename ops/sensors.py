@@ -16,6 +16,7 @@ from dagster import (
 from assets.embeddings import image_embeddings
 from assets.index import faiss_index, search_index
 from assets.partitions import model_versions, shards
+from assets.pools import pool_tags_from_env
 from assets.resources import BackfillResource
 from backfill.discovery import discover
 
@@ -71,6 +72,7 @@ backfill_automation = AutomationConditionSensorDefinition(
     emit_backfills=True,
     # a run retry re-executes the whole run (one shard, or index + publish): the default
     # "from failure" finds nothing to redo when the run worker died before its step started
-    run_tags={"dagster/retry_strategy": "ALL_STEPS"},
+    # BACKFILL_POOL: the pool (deploy/pools.yaml) of the backfills this sensor launches
+    run_tags={"dagster/retry_strategy": "ALL_STEPS", **pool_tags_from_env()},
     description="Launches one backfill for the partitions the registry sensor added, then index build and publish.",
 )
