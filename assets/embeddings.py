@@ -30,12 +30,26 @@ EMBED_RETRY_POLICY = RetryPolicy(max_retries=4, delay=5, backoff=Backoff.EXPONEN
 # spot capacity can preempt the same shard many times; a preemption is not the shard's fault
 PREEMPTION_RETRIES = 20
 
+# AutomationCondition.on_missing() without its `initial_evaluation` reset: on_missing treats
+# everything missing at the sensor's first evaluation as already handled, so the partitions of
+# a version registered before that first tick (a fresh deployment, a reset cursor) were never
+# embedded. Here a partition is requested when it becomes missing, the first evaluation
+# included, once; what is already running is never requested again.
+EMBED_WHEN_MISSING = (
+    AutomationCondition.missing()
+    .newly_true()
+    .since(AutomationCondition.newly_requested() | AutomationCondition.newly_updated())
+    .with_label("missing_since_requested")
+    & ~AutomationCondition.in_progress()
+    & ~AutomationCondition.any_deps_missing()
+).with_label("embed_when_missing")
+
 
 @asset(
     partitions_def=embedding_partitions,
     retry_policy=EMBED_RETRY_POLICY,
     # new partitions (a new model version or a new shard) are embedded as one backfill per tick
-    automation_condition=AutomationCondition.on_missing(),
+    automation_condition=EMBED_WHEN_MISSING,
     check_specs=[
         # blocking: a shard that fails re-verification from storage holds back what depends on it
         AssetCheckSpec("complete", asset="image_embeddings", blocking=True, description="every manifest row committed exactly once"),

@@ -35,6 +35,18 @@ def test_a_new_version_requests_all_its_shards_in_one_tick():
         assert third.total_requested == 0  # requested once, not again every tick
 
 
+def test_partitions_added_before_the_first_evaluation_are_requested_once():
+    # a fresh deployment: the registry sensor adds v1 before the automation sensor's first
+    # tick (on_missing() counts that tick as "handled" and never embedded them)
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions("shard", SHARDS)
+        instance.add_dynamic_partitions("model_version", ["v1"])
+        first = evaluate_automation_conditions(defs=defs, instance=instance)
+        assert requested(first, "image_embeddings") == {f"v1|{s}" for s in SHARDS}
+        second = evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
+        assert second.total_requested == 0
+
+
 def test_index_is_requested_when_every_shard_of_the_version_is_done(registered):
     layout, _ = registered
     with instance_for_test() as instance:
