@@ -20,6 +20,7 @@ from backfill.errors import ConfigError, IncompleteError, RetryableError
 # AWS credential chain (env, ~/.aws, IRSA web identity), which botocore reads by itself.
 S3_ENDPOINT_ENV = "BACKFILL_S3_ENDPOINT_URL"
 OBJECT_STORES = ("s3", "s3a")
+S3_CONNECTIONS = 128  # per process; >= EmbedConfig.fetch_workers
 
 
 def filesystem_options(protocol: str) -> dict[str, Any]:
@@ -32,7 +33,9 @@ def filesystem_options(protocol: str) -> dict[str, Any]:
         return {}
     # one GET per whole-object read: with max_concurrency > 1, s3fs sends a HEAD first to decide
     # whether to split the read, which doubles the requests for every small image
-    options: dict[str, Any] = {"use_listings_cache": False, "max_concurrency": 1}
+    # and a connection pool as wide as the requests the fetch stage keeps in flight: botocore's
+    # default of 10 connections capped a partition at 10 GETs in flight whatever fetch_workers said
+    options: dict[str, Any] = {"use_listings_cache": False, "max_concurrency": 1, "config_kwargs": {"max_pool_connections": S3_CONNECTIONS}}
     endpoint = os.environ.get(S3_ENDPOINT_ENV, "").strip()
     if endpoint:
         if not endpoint.startswith(("http://", "https://")):

@@ -114,3 +114,13 @@ def test_an_unreachable_store_is_retryable_and_never_a_reject(outage, monkeypatc
 def test_layout_on_s3_names_keys_below_the_prefix(s3_root):
     layout = Layout(Store.open(s3_root))
     assert layout.store.display(layout.pointer(MODEL)) == f"{s3_root}/indexes/{MODEL}/CURRENT"
+
+
+def test_object_store_reads_are_one_get_each_with_a_pool_for_every_request_in_flight(s3_root):
+    # botocore's default pool of 10 connections capped the fetch stage at 10 GETs in flight,
+    # and s3fs's HEAD-before-GET doubled the requests per image
+    store = Store.open(s3_root)
+    store.write_bytes(store.url("x"), b"1")
+    assert store.read_bytes(store.url("x")) == b"1"  # the client exists once a request was made
+    assert store.fs.max_concurrency == 1
+    assert store.fs.s3.meta.config.max_pool_connections >= EmbedConfig().fetch_workers
