@@ -81,6 +81,22 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(Searcher(_layout(args.root), args.model), args.host, args.port, config)
 
 
+def cmd_retire(args: argparse.Namespace) -> None:
+    from backfill.retire import plan_retirement, retire
+
+    layout = _layout(args.root)
+    plan = plan_retirement(layout, args.model, args.keep)
+    print(plan.describe())
+    if not plan.retire and not plan.builds:
+        return
+    if not args.yes:
+        print("dry run: nothing was removed; run again with --yes to carry it out")
+        return
+    retire(layout, plan)
+    print(f"retired {', '.join(plan.retire) or 'no version'} and deleted {len(plan.builds)} index builds; "
+          "the registry sensor deletes their model_version partitions on its next tick")
+
+
 def cmd_status(args: argparse.Namespace) -> None:
     from backfill.publish import read_pointer
     from backfill.registry import list_versions
@@ -170,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-k", type=int, default=100, help="largest k a query may ask for (default %(default)s)")
     p.add_argument("--poll-s", type=float, default=1.0, help="seconds between checks of CURRENT for a new build (default %(default)s)")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("retire", help="remove versions older than the serving one (embeddings, index builds; their partitions follow)")
+    p.add_argument("--keep", type=int, default=1, help="older versions to keep for rollback (default %(default)s)")
+    p.add_argument("--yes", action="store_true", help="carry it out; without it, only print what would be removed")
+    p.set_defaults(fn=cmd_retire)
 
     p = sub.add_parser("status", help="registered versions and what is published per model, with its recall")
     p.set_defaults(fn=cmd_status)

@@ -10,6 +10,7 @@ from dagster import Definitions, define_asset_job, multiprocess_executor
 from assets.embeddings import image_embeddings
 from assets.index import faiss_index, search_index
 from assets.resources import BackfillResource
+from ops.retire import retire_job
 from ops.schedules import embed_job, refresh_schedule
 from ops.sensors import backfill_automation, model_registry_sensor
 
@@ -47,7 +48,7 @@ index_job = define_asset_job("index_job", selection=[faiss_index, search_index])
 
 defs = Definitions(
     assets=[image_embeddings, faiss_index, search_index],
-    jobs=[embed_job, index_job],
+    jobs=[embed_job, index_job, retire_job],
     sensors=[model_registry_sensor, backfill_automation],
     schedules=[refresh_schedule],
     resources={"backfill": backfill_resource_from_env()},

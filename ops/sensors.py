@@ -28,6 +28,7 @@ REGISTRY_INTERVAL_S = int(os.environ.get("BACKFILL_SENSOR_INTERVAL", "30"))
     default_status=DefaultSensorStatus.RUNNING,
     description="Adds a model_version partition for each new version whose artifact verifies and loads, and a shard "
     "partition for each new valid manifest shard; anything else is skipped with its reason in the tick log. "
+    "Deletes the partitions of versions retired with `backfill retire`. "
     "The backfill_automation sensor then embeds the new partitions as one backfill.",
 )
 def model_registry_sensor(context: SensorEvaluationContext, backfill: BackfillResource) -> SensorResult | SkipReason:
@@ -47,13 +48,16 @@ def model_registry_sensor(context: SensorEvaluationContext, backfill: BackfillRe
         requests.append(shards.build_add_request(found.new_shards))
     if found.new_versions:
         requests.append(model_versions.build_add_request(found.new_versions))
+    if found.retired:
+        # retired with `backfill retire` (or the retire job): keeps Dagster's partition count bounded
+        requests.append(model_versions.build_delete_request(found.retired))
     if not requests:
         why = f"no new versions of {backfill.model} or manifest shards"
         if found.skipped:
             why += "; skipped: " + "; ".join(f"{what}: {reason}" for what, reason in found.skipped.items())
         context.update_cursor(cursor)
         return SkipReason(why)
-    context.log.info(f"adding versions {found.new_versions} and {len(found.new_shards)} shards")
+    context.log.info(f"adding versions {found.new_versions} and {len(found.new_shards)} shards; deleting retired versions {found.retired}")
     return SensorResult(dynamic_partitions_requests=requests, cursor=cursor)
 
 
