@@ -12,7 +12,7 @@ from assets.index import faiss_index, search_index
 from assets.resources import BackfillResource
 from ops.retire import retire_job
 from ops.schedules import embed_job, refresh_schedule
-from ops.sensors import backfill_automation, model_registry_sensor
+from ops.sensors import backfill_automation, index_automation, model_registry_sensor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ index_job = define_asset_job("index_job", selection=[faiss_index, search_index])
 defs = Definitions(
     assets=[image_embeddings, faiss_index, search_index],
     jobs=[embed_job, index_job, retire_job],
-    sensors=[model_registry_sensor, backfill_automation],
+    sensors=[model_registry_sensor, backfill_automation, index_automation],
     schedules=[refresh_schedule],
     resources={"backfill": backfill_resource_from_env()},
     # each step its own process, as each partition is its own pod in the cluster

@@ -64,17 +64,30 @@ def model_registry_sensor(context: SensorEvaluationContext, backfill: BackfillRe
 AUTOMATION_INTERVAL_S = int(os.environ.get("BACKFILL_AUTOMATION_INTERVAL", "30"))
 
 # Public API: declarative automation emits one backfill per tick for all partitions that
-# became missing (every shard of a new version), including the index build and publish
-# that depend on them. RunRequest.for_asset_graph_subset would do the same from a plain
-# sensor, but it is private in Dagster 1.13.
+# became missing (every shard of a new version). RunRequest.for_asset_graph_subset would do
+# the same from a plain sensor, but it is private in Dagster 1.13.
 backfill_automation = AutomationConditionSensorDefinition(
     "backfill_automation",
-    target=AssetSelection.assets(image_embeddings, faiss_index, search_index),
+    target=AssetSelection.assets(image_embeddings),
     default_status=DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=AUTOMATION_INTERVAL_S,
     emit_backfills=True,
     # a run retry re-executes the whole run (one shard, or index + publish): the default
     # "from failure" finds nothing to redo when the run worker died before its step started
     run_tags={"dagster/retry_strategy": "ALL_STEPS"},
-    description="Launches one backfill for the partitions the registry sensor added, then index build and publish.",
+    description="Launches one backfill for the shard partitions the registry sensor added (a new version: all its "
+    "shards; a new manifest shard: that shard for every version).",
+)
+
+# The index build and publish are one run per version, launched as a plain run: a backfill
+# is only picked up by the backfill daemon's loop (every 30 s in Dagster 1.13), which would
+# add up to 30 s to every near-line update for nothing (there is one partition to run).
+index_automation = AutomationConditionSensorDefinition(
+    "index_automation",
+    target=AssetSelection.assets(faiss_index, search_index),
+    default_status=DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=AUTOMATION_INTERVAL_S,
+    emit_backfills=False,
+    run_tags={"dagster/retry_strategy": "ALL_STEPS"},
+    description="Builds (or updates, for new shards) and publishes a version's index once none of its shards is missing or running.",
 )

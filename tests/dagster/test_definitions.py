@@ -36,6 +36,7 @@ def test_sensors_run_by_default_and_refresh_is_off():
     repo = defs.get_repository_def()
     assert repo.get_sensor_def("model_registry_sensor").default_status == DefaultSensorStatus.RUNNING
     assert repo.get_sensor_def("backfill_automation").default_status == DefaultSensorStatus.RUNNING
+    assert repo.get_sensor_def("index_automation").default_status == DefaultSensorStatus.RUNNING
     assert repo.get_schedule_def("refresh_schedule").default_status == DefaultScheduleStatus.STOPPED
 
 
