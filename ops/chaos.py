@@ -26,7 +26,7 @@ from backfill.publish import read_pointer
 from backfill.registry import register_version
 from backfill.sample import SampleSpec, make_sample_corpus
 from backfill.storage import Layout, Store
-from ops.local_instance import REPO, init_instance, start_daemon, step_worker_pids, stop
+from ops.local_instance import REPO, init_instance, start_daemon, step_worker_pids, stop, wait_automation_ready
 
 MODEL = "refcnn"
 
@@ -176,6 +176,7 @@ def run_chaos(config: ChaosConfig, workdir: Path, say: Callable[[str], None] = p
     daemon = start_daemon(env, workdir / "daemon.log")
     results: list[RoundResult] = []
     try:
+        wait_automation_ready(workdir / "daemon.log")  # a version registered before it would never be embedded
         instance = DagsterInstance.from_config(str(home))
         for i in range(1, config.rounds + 1):
             version = f"r{i:02d}"

@@ -98,6 +98,25 @@ def wait_for(predicate, timeout: float, interval: float = 1.0, what: str = "cond
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+AUTOMATION_SENSORS = ("backfill_automation", "index_automation")
+
+
+def wait_automation_ready(log: Path, timeout: float = 120) -> None:
+    """Wait until each automation sensor has finished its first tick (read from the daemon's log).
+
+    AutomationCondition.on_missing only runs partitions added *after* its first evaluation
+    (documented Dagster behaviour): a version or shard registered before that tick would never
+    be embedded. A deployment ticks once and then keeps its cursor; a fresh local instance must
+    not register anything before the first tick.
+    """
+
+    def ticked() -> bool:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return all(f"Finished auto-materialization tick for {name}" in text for name in AUTOMATION_SENSORS)
+
+    wait_for(ticked, timeout=timeout, interval=0.5, what=f"the first tick of {', '.join(AUTOMATION_SENSORS)} (see {log})")
+
+
 def _children() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):

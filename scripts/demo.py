@@ -25,7 +25,7 @@ from backfill.registry import register_version  # noqa: E402
 from backfill.sample import SampleSpec, make_sample_corpus  # noqa: E402
 from backfill.search import Searcher  # noqa: E402
 from backfill.storage import Layout, Store  # noqa: E402
-from ops.local_instance import init_instance, reset_dagster_home, start_daemon, stop  # noqa: E402
+from ops.local_instance import init_instance, reset_dagster_home, start_daemon, stop, wait_automation_ready  # noqa: E402
 
 MODEL = "refcnn"
 TIMEOUT_S = 420
@@ -134,6 +134,7 @@ def main() -> None:
     init_instance(home)
     daemon = start_daemon(env, log)
     try:
+        wait_automation_ready(log)  # a version registered before the first automation tick would never be embedded
         timings = {}
         for version in ("v1", "v2"):
             before = read_pointer(layout, MODEL)

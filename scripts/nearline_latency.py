@@ -32,7 +32,7 @@ from backfill.publish import read_pointer  # noqa: E402
 from backfill.registry import register_version  # noqa: E402
 from backfill.sample import SampleSpec, make_sample_corpus  # noqa: E402
 from backfill.storage import Layout, Store  # noqa: E402
-from ops.local_instance import free_port, init_instance, start_daemon, start_search_service, stop, wait_for  # noqa: E402
+from ops.local_instance import free_port, init_instance, start_daemon, start_search_service, stop, wait_automation_ready, wait_for  # noqa: E402
 
 MODEL = "refcnn"
 
@@ -77,6 +77,7 @@ def main() -> None:
 
     init_instance(home)
     daemon = start_daemon(env, work / "daemon.log")
+    wait_automation_ready(work / "daemon.log")
     port = free_port()
     service = start_search_service(env, work / "serve.log", port, poll_s=0.2)
     url = f"http://127.0.0.1:{port}"

@@ -10,7 +10,7 @@ import requests
 from backfill.manifest import read_shard
 from backfill.publish import read_pointer
 from backfill.search import Searcher
-from ops.local_instance import REPO, free_port, init_instance, start_daemon, start_webserver, stop, wait_for
+from ops.local_instance import REPO, free_port, init_instance, start_daemon, start_webserver, stop, wait_automation_ready, wait_for
 from tests.conftest import MODEL, make_layout, register_tiny
 
 pytestmark = pytest.mark.e2e
@@ -66,6 +66,7 @@ def dagster(tmp_path: Path):
 
     try:
         wait_for(server_up, timeout=120, what="dagster-webserver")
+        wait_automation_ready(tmp_path / "daemon.log")
         yield make_layout(root, images=90, shards=3), graphql, tmp_path
     finally:
         stop(daemon)

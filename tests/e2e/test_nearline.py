@@ -16,7 +16,7 @@ from assets.index import faiss_index, search_index
 from assets.resources import BackfillResource
 from backfill.manifest import list_shards, read_shard, write_shard
 from backfill.publish import read_pointer
-from ops.local_instance import REPO, free_port, init_instance, start_daemon, start_search_service, stop, wait_for
+from ops.local_instance import REPO, free_port, init_instance, start_daemon, start_search_service, stop, wait_automation_ready, wait_for
 from tests.conftest import MODEL, make_layout, register_tiny
 
 pytestmark = pytest.mark.e2e
@@ -72,15 +72,9 @@ def system(tmp_path: Path):
         except requests.ConnectionError:
             return False
 
-    def automation_ticked():
-        # on_missing only runs partitions added after the condition's first evaluation (Dagster's
-        # documented behaviour): a shard must not land before both automation sensors have ticked once
-        text = (tmp_path / "daemon.log").read_text(errors="replace")
-        return all(f"Finished auto-materialization tick for {name}" in text for name in ("backfill_automation", "index_automation"))
-
     try:
         wait_for(service_up, timeout=60, interval=0.5, what="backfill serve")
-        wait_for(automation_ticked, timeout=60, interval=0.5, what="the automation sensors' first ticks")
+        wait_automation_ready(tmp_path / "daemon.log")  # a shard landing before it would never be embedded
         yield layout, held, url, home, tmp_path
     finally:
         stop(service)
