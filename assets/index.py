@@ -18,7 +18,8 @@ from assets.k8s import STEP_K8S_TAGS
 from assets.partitions import model_versions
 from assets.partitions import shards as shards_def
 from assets.resources import BackfillResource, run_engine
-from backfill.index import build_index, latest_build
+from backfill.incremental import build_or_update
+from backfill.index import latest_build
 from backfill.publish import publish
 from backfill.registry import read_card
 
@@ -41,7 +42,8 @@ PUBLISH_POOL = "index_publish"
     ],
     kinds={"faiss"},
     op_tags=STEP_K8S_TAGS,
-    description="An immutable FAISS index build of one model version, with its measured recall.",
+    description="An immutable FAISS index build of one model version, with its measured recall: new shards are added "
+    "to the version's latest checked build (no retraining) unless the grown index calls for another index type.",
 )
 def faiss_index(context: AssetExecutionContext, backfill: BackfillResource) -> MaterializeResult:
     version = context.partition_key
@@ -49,12 +51,18 @@ def faiss_index(context: AssetExecutionContext, backfill: BackfillResource) -> M
     card = run_engine(context, read_card, layout, backfill.model, version)
     # the registered shard partitions: a manifest the registry sensor refused is not part of the corpus yet
     registered = sorted(context.instance.get_dynamic_partitions(shards_def.name))
-    build = run_engine(
-        context, build_index, layout, backfill.model, version, registered, backfill.index_config(), model_created=card.created, log=context.log.info
+    # a version that already has a checked build gets the new shards added to it (the near-line path)
+    outcome = run_engine(
+        context, build_or_update, layout, backfill.model, version, registered, backfill.index_config(), model_created=card.created, log=context.log.info
     )
+    build = outcome.build
     return MaterializeResult(
         metadata={
             "build_id": build.build_id,
+            "mode": outcome.mode,
+            "mode_reason": outcome.reason,
+            "base_build_id": outcome.base_build_id,
+            "added_shards": MetadataValue.json(list(outcome.added_shards)),
             "index_type": build.index_type,
             "vectors": build.vectors,
             "rejects": build.rejects,

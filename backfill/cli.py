@@ -78,6 +78,30 @@ def cmd_search(args: argparse.Namespace) -> None:
         print(f"  {rank:2d}. {hit.score:.4f}  id={hit.image_id:<8d} {hit.uri}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from backfill.search import Searcher
+    from backfill.service import ServiceConfig, serve
+
+    config = ServiceConfig(max_upload_bytes=args.max_upload_bytes, max_k=args.max_k, poll_s=args.poll_s)
+    serve(Searcher(_layout(args.root), args.model), args.host, args.port, config)
+
+
+def cmd_retire(args: argparse.Namespace) -> None:
+    from backfill.retire import plan_retirement, retire
+
+    layout = _layout(args.root)
+    plan = plan_retirement(layout, args.model, args.keep)
+    print(plan.describe())
+    if not plan.retire and not plan.builds:
+        return
+    if not args.yes:
+        print("dry run: nothing was removed; run again with --yes to carry it out")
+        return
+    retire(layout, plan)
+    print(f"retired {', '.join(plan.retire) or 'no version'} and deleted {len(plan.builds)} index builds; "
+          "the registry sensor deletes their model_version partitions on its next tick")
+
+
 def cmd_status(args: argparse.Namespace) -> None:
     from backfill.publish import read_pointer
     from backfill.registry import list_versions
@@ -165,6 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(fn=cmd_search)
+
+    p = sub.add_parser("serve", help="HTTP search service over the published index: POST /search, GET /search?image_id=, GET /healthz")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--max-upload-bytes", type=int, default=8 * 1024 * 1024, help="larger uploads get 413 (default %(default)s)")
+    p.add_argument("--max-k", type=int, default=100, help="largest k a query may ask for (default %(default)s)")
+    p.add_argument("--poll-s", type=float, default=1.0, help="seconds between checks of CURRENT for a new build (default %(default)s)")
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("retire", help="remove versions older than the serving one (embeddings, index builds; their partitions follow)")
+    p.add_argument("--keep", type=int, default=1, help="older versions to keep for rollback (default %(default)s)")
+    p.add_argument("--yes", action="store_true", help="carry it out; without it, only print what would be removed")
+    p.set_defaults(fn=cmd_retire)
 
     p = sub.add_parser("status", help="registered versions and what is published per model, with its recall")
     p.set_defaults(fn=cmd_status)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from backfill.errors import BackfillError
 from backfill.manifest import find_cross_shard_duplicates, list_shards, read_shard
 from backfill.registry import list_versions, load_model, valid_name
+from backfill.retire import retired_versions
 from backfill.storage import Layout
 
 
@@ -17,6 +18,7 @@ class Discovery:
     shards: list[str] = field(default_factory=list)  # every usable shard
     new_shards: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # "version v3" / "shard s9" -> why
+    retired: list[str] = field(default_factory=list)  # known versions retired since: their partitions go
 
 
 def discover(layout: Layout, model: str, known_versions: set[str], known_shards: set[str]) -> Discovery:
@@ -27,7 +29,11 @@ def discover(layout: Layout, model: str, known_versions: set[str], known_shards:
     found = Discovery()
     cards, skipped = list_versions(layout, model)
     found.skipped.update({f"version {v}": why for v, why in skipped.items()})
+    retired = set(retired_versions(layout, model))
+    found.retired = sorted(retired & known_versions)
     for card in cards:
+        if card.version in retired:
+            continue  # `backfill retire` removed its data; deleting the marker brings it back
         if card.version in known_versions:
             found.versions.append(card.version)
             continue

@@ -39,3 +39,7 @@ class ConfigError(PermanentError):
 
 class Preempted(RetryableError):
     """The partition was asked to stop (SIGTERM on a spot node); committed chunks are kept for the retry."""
+
+
+class UnknownImageError(PermanentError):
+    """A query names an image_id that the serving index does not hold."""

@@ -7,7 +7,7 @@ import io
 import math
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -81,6 +81,8 @@ class IndexBuild:
     created: str
     shards: int
     model_created: str = ""
+    # which shards the build covers: an incremental update (backfill/incremental.py) adds only the others
+    shard_names: list[str] = field(default_factory=list)
 
 
 def collect(layout: Layout, model: str, version: str, shards: list[str]) -> tuple[np.ndarray, np.ndarray, list[str], int]:
@@ -220,6 +222,7 @@ def build_index(
         created=datetime.now(timezone.utc).isoformat(),
         shards=len(shards),
         model_created=model_created,
+        shard_names=sorted(shards),
     )
     layout.store.write_bytes(f"{path}/{INDEX_FILE}", blob)
     ids_table = pa.table({"image_id": pa.array(ids, pa.int64()), "uri": pa.array(uris, pa.string())})

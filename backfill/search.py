@@ -11,7 +11,7 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
-from backfill.errors import BackfillError, IncompleteError
+from backfill.errors import BackfillError, IncompleteError, UnknownImageError
 from backfill.images import decode
 from backfill.index import IDS_FILE, INDEX_FILE, read_build
 from backfill.publish import read_pointer
@@ -44,6 +44,7 @@ class _Served:
     ids: np.ndarray
     uris: list[str]
     model: LoadedModel
+    by_id: np.ndarray  # positions sorted by image id, to find an image_id's vector
 
 
 def default_cache_dir() -> str:
@@ -70,7 +71,10 @@ class Searcher:
             raise BackfillError(f"no index is published for model {self.model_name!r} yet")
         served = self._served
         if served is None or served.build_id != pointer["build_id"]:
-            with self._lock:
+            # while one caller loads the new build, the others keep answering from the old one
+            if not self._lock.acquire(blocking=served is None):
+                return served
+            try:
                 served = self._served
                 if served is None or served.build_id != pointer["build_id"]:
                     try:
@@ -82,6 +86,8 @@ class Searcher:
                         self.load_error = f"{pointer['build_id']}: {exc}"
                         return served
                     self._served, self.load_error = served, None
+            finally:
+                self._lock.release()
         return served
 
     def _load(self, build_id: str, previous: _Served | None) -> _Served:
@@ -96,6 +102,8 @@ class Searcher:
         index = faiss.read_index(local)
         if build.nprobe:
             faiss.extract_index_ivf(index).nprobe = build.nprobe
+        if build.nlist:
+            faiss.extract_index_ivf(index).make_direct_map()  # reconstruct() by position, for queries by image_id
         table = pq.read_table(io.BytesIO(self.layout.store.read_bytes(f"{folder}/{IDS_FILE}")))
         if table.num_rows != index.ntotal:
             raise IncompleteError(f"index build {self.model_name}/{build_id}: {IDS_FILE} has {table.num_rows} rows for {index.ntotal} vectors")
@@ -103,13 +111,23 @@ class Searcher:
             model = previous.model
         else:
             model = load_model(self.layout, read_card(self.layout, self.model_name, build.version), self.device)
-        return _Served(build_id, build.version, index, table.column("image_id").to_numpy(), table.column("uri").to_pylist(), model)
+        ids = table.column("image_id").to_numpy()
+        return _Served(build_id, build.version, index, ids, table.column("uri").to_pylist(), model, np.argsort(ids, kind="stable"))
 
     def search_image(self, data: bytes, k: int = 10) -> SearchResult:
         served = self.current()
         pixels = decode(data, served.model.card.input_size, self.max_image_pixels)
         vector = served.model.embed(pixels[None])
         return self._answer(served, vector, k)
+
+    def search_id(self, image_id: int, k: int = 10) -> SearchResult:
+        """Neighbours of an indexed image, from its stored vector (the image itself ranks first)."""
+        served = self.current()
+        at = int(np.searchsorted(served.ids, image_id, sorter=served.by_id))
+        if at == len(served.ids) or served.ids[served.by_id[at]] != image_id:
+            raise UnknownImageError(f"image_id {image_id} is not in index build {served.build_id} of {self.model_name} (rejected, or not embedded yet)")
+        vector = served.index.reconstruct(int(served.by_id[at]))
+        return self._answer(served, vector[None], k)
 
     def _answer(self, served: _Served, vector: np.ndarray, k: int) -> SearchResult:
         scores, positions = served.index.search(np.ascontiguousarray(vector, dtype=np.float32), k)

@@ -252,5 +252,9 @@ class Layout:
     def pointer(self, model: str) -> str:
         return self.store.url("indexes", model, "CURRENT")
 
+    def retired(self, model: str, version: str | None = None) -> str:
+        """Markers of retired versions (backfill/retire.py): the registry sensor never adds them back."""
+        return self.store.url("retired", model, f"{version}.json" if version else "")
+
     def indexed_models(self) -> list[str]:
         return self.store.ls(self.store.url("indexes"))

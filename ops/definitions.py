@@ -11,8 +11,9 @@ from assets.embeddings import image_embeddings
 from assets.index import faiss_index, search_index
 from assets.resources import BackfillResource
 from ops.deployment import executor_from_env
+from ops.retire import retire_job
 from ops.schedules import embed_job, refresh_schedule
-from ops.sensors import backfill_automation, model_registry_sensor
+from ops.sensors import backfill_automation, index_automation, model_registry_sensor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,8 +51,8 @@ _resource = backfill_resource_from_env()
 
 defs = Definitions(
     assets=[image_embeddings, faiss_index, search_index],
-    jobs=[embed_job, index_job],
-    sensors=[model_registry_sensor, backfill_automation],
+    jobs=[embed_job, index_job, retire_job],
+    sensors=[model_registry_sensor, backfill_automation, index_automation],
     schedules=[refresh_schedule],
     resources={"backfill": _resource},
     # BACKFILL_DEPLOYMENT: local = each step its own process; k8s = each step its own pod on its run's pool

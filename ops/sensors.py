@@ -29,6 +29,7 @@ REGISTRY_INTERVAL_S = int(os.environ.get("BACKFILL_SENSOR_INTERVAL", "30"))
     default_status=DefaultSensorStatus.RUNNING,
     description="Adds a model_version partition for each new version whose artifact verifies and loads, and a shard "
     "partition for each new valid manifest shard; anything else is skipped with its reason in the tick log. "
+    "Deletes the partitions of versions retired with `backfill retire`. "
     "The backfill_automation sensor then embeds the new partitions as one backfill.",
 )
 def model_registry_sensor(context: SensorEvaluationContext, backfill: BackfillResource) -> SensorResult | SkipReason:
@@ -48,25 +49,27 @@ def model_registry_sensor(context: SensorEvaluationContext, backfill: BackfillRe
         requests.append(shards.build_add_request(found.new_shards))
     if found.new_versions:
         requests.append(model_versions.build_add_request(found.new_versions))
+    if found.retired:
+        # retired with `backfill retire` (or the retire job): keeps Dagster's partition count bounded
+        requests.append(model_versions.build_delete_request(found.retired))
     if not requests:
         why = f"no new versions of {backfill.model} or manifest shards"
         if found.skipped:
             why += "; skipped: " + "; ".join(f"{what}: {reason}" for what, reason in found.skipped.items())
         context.update_cursor(cursor)
         return SkipReason(why)
-    context.log.info(f"adding versions {found.new_versions} and {len(found.new_shards)} shards")
+    context.log.info(f"adding versions {found.new_versions} and {len(found.new_shards)} shards; deleting retired versions {found.retired}")
     return SensorResult(dynamic_partitions_requests=requests, cursor=cursor)
 
 
 AUTOMATION_INTERVAL_S = int(os.environ.get("BACKFILL_AUTOMATION_INTERVAL", "30"))
 
 # Public API: declarative automation emits one backfill per tick for all partitions that
-# became missing (every shard of a new version), including the index build and publish
-# that depend on them. RunRequest.for_asset_graph_subset would do the same from a plain
-# sensor, but it is private in Dagster 1.13.
+# became missing (every shard of a new version). RunRequest.for_asset_graph_subset would do
+# the same from a plain sensor, but it is private in Dagster 1.13.
 backfill_automation = AutomationConditionSensorDefinition(
     "backfill_automation",
-    target=AssetSelection.assets(image_embeddings, faiss_index, search_index),
+    target=AssetSelection.assets(image_embeddings),
     default_status=DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=AUTOMATION_INTERVAL_S,
     emit_backfills=True,
@@ -74,5 +77,19 @@ backfill_automation = AutomationConditionSensorDefinition(
     # "from failure" finds nothing to redo when the run worker died before its step started
     # BACKFILL_POOL: the pool (deploy/pools.yaml) of the backfills this sensor launches
     run_tags={"dagster/retry_strategy": "ALL_STEPS", **pool_tags_from_env()},
-    description="Launches one backfill for the partitions the registry sensor added, then index build and publish.",
+    description="Launches one backfill for the shard partitions the registry sensor added (a new version: all its "
+    "shards; a new manifest shard: that shard for every version).",
+)
+
+# The index build and publish are one run per version, launched as a plain run: a backfill
+# is only picked up by the backfill daemon's loop (every 30 s in Dagster 1.13), which would
+# add up to 30 s to every near-line update for nothing (there is one partition to run).
+index_automation = AutomationConditionSensorDefinition(
+    "index_automation",
+    target=AssetSelection.assets(faiss_index, search_index),
+    default_status=DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=AUTOMATION_INTERVAL_S,
+    emit_backfills=False,
+    run_tags={"dagster/retry_strategy": "ALL_STEPS", **pool_tags_from_env()},
+    description="Builds (or updates, for new shards) and publishes a version's index once none of its shards is missing or running.",
 )

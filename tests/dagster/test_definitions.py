@@ -9,8 +9,8 @@ from ops.definitions import defs
 def test_every_job_resolves():
     repo = defs.get_repository_def()
     names = {job.name for job in repo.get_all_jobs()}
-    assert {"embed_job", "index_job"} <= names
-    for name in names:
+    assert {"embed_job", "index_job", "retire_job"} <= names
+    for name in names - {"retire_job"}:  # retire_job is an op job: no assets
         job = repo.get_job(name)  # resolves the selection against the asset graph, or raises
         assert job.asset_layer.executable_asset_keys, name
 
@@ -36,6 +36,7 @@ def test_sensors_run_by_default_and_refresh_is_off():
     repo = defs.get_repository_def()
     assert repo.get_sensor_def("model_registry_sensor").default_status == DefaultSensorStatus.RUNNING
     assert repo.get_sensor_def("backfill_automation").default_status == DefaultSensorStatus.RUNNING
+    assert repo.get_sensor_def("index_automation").default_status == DefaultSensorStatus.RUNNING
     assert repo.get_schedule_def("refresh_schedule").default_status == DefaultScheduleStatus.STOPPED
 
 
