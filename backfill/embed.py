@@ -287,11 +287,15 @@ def _write_chunk(
     errors: list[str | None],
 ) -> None:
     dim = vectors.shape[1]
-    values = pa.array(vectors.astype(np.float16).reshape(-1), type=pa.float16())
+    half = np.ascontiguousarray(vectors, dtype=np.float16).reshape(-1)
+    # zero-copy from the fp16 buffer: pa.array(float16 ndarray) converts value by value (~70 ms
+    # for 1024 x 2048), a large share of a GPU's time per chunk
+    values = pa.Array.from_buffers(pa.float16(), len(half), [None, pa.py_buffer(half)])
     embedding = pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~valid))
     table = pa.table({"image_id": pa.array(ids, type=pa.int64()), "embedding": embedding, "error": pa.array(errors, type=pa.string())})
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    # no dictionary for the vectors (distinct values: a dictionary is built, then dropped, ~90 ms a chunk)
+    pq.write_table(table, buf, use_dictionary=["error"])
     layout.store.write_bytes(f"{out}/{chunk_name(start, end)}", buf.getvalue())
 
 
