@@ -35,6 +35,9 @@ def main() -> int:
         "progressive jpeg": _bytes(imgs[4], progressive=True, quality=90),
         "cmyk jpeg": _bytes(imgs[5].convert("CMYK"), quality=90),
         "corrupt jpeg": good[: len(good) // 3],
+        # data cut but the EOI marker kept: goes to nvjpeg; PIL accepts it (gray fill), so nvjpeg must
+        # accept it or fall back to PIL; its pixels are reported, not judged (the image is damaged)
+        "cut jpeg, EOI kept": good[: len(good) // 3] + b"\xff\xd9",
     }
     prep = Preprocessor(224, 64_000_000, "cuda")
     if not prep.gpu_decode:
@@ -69,10 +72,10 @@ def main() -> int:
             continue
         diff = float(np.abs(got[ok_names.index(name)] - ref).mean())
         print(f"{name:20} {path:8} {gpu_col:34} {cpu_col:34} {diff:17.2f}{'' if diff <= 8 else '  PIXELS DIFFER'}")
-        bad += diff > 8
+        bad += diff > 8 and name != "cut jpeg, EOI kept"
     bad += "corrupt jpeg" not in rejected and not ("corrupt jpeg" in names and names.index("corrupt jpeg") in failed)
-    if prep.fallbacks:  # every JPEG nvjpeg was given is complete and baseline: none should need PIL
-        print(f"expected no fallbacks, got {prep.fallbacks}: nvjpeg refused good JPEGs")
+    if prep.fallbacks > 1:  # only the cut JPEG with its EOI may need PIL; the rest are complete baseline JPEGs
+        print(f"expected at most 1 fallback (the cut JPEG), got {prep.fallbacks}: nvjpeg refused good JPEGs")
         bad += 1
     print(f"fallbacks to PIL inside batch(): {prep.fallbacks}; problems: {bad}")
     return 1 if bad else 0
