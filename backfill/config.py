@@ -31,6 +31,7 @@ class EmbedConfig:
     max_image_pixels: int = 64_000_000
     grace_s: float = 20.0  # after a preemption notice: time to finish and commit the chunk in hand
     gpu_decode: bool = True  # on CUDA with torchvision installed: JPEGs decoded by nvjpeg (PIL for the rest)
+    prefetch_batches: int = 3  # prepared batches waiting for the model (each ~N x 150 KB of device memory)
 
     def __post_init__(self) -> None:
         _require(0 <= self.batch_size <= 8192, f"batch_size must be in 1..8192 (or 0: per device), got {self.batch_size}")
@@ -47,6 +48,7 @@ class EmbedConfig:
             f"max_reject_rate must be a fraction in [0, 1], got {self.max_reject_rate}",
         )
         _require(self.max_image_pixels >= 1, f"max_image_pixels must be positive, got {self.max_image_pixels}")
+        _require(1 <= self.prefetch_batches <= 16, f"prefetch_batches must be in 1..16, got {self.prefetch_batches}")
         _require(0 <= self.grace_s <= 3600, f"grace_s must be in 0..3600 seconds, got {self.grace_s}")
 
 

@@ -6,6 +6,8 @@ import hashlib
 import io
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -18,7 +20,7 @@ from backfill.errors import ConfigError, Preempted, RejectRateError
 from backfill.feed import Preprocessor, flattened, grouped
 from backfill.images import BadImage, fetch_many
 from backfill.manifest import read_shard
-from backfill.pipeline import ThreadBudget, bounded_map
+from backfill.pipeline import Prefetched, ThreadBudget, bounded_map
 from backfill.preemption import StopSignal
 from backfill.registry import LoadedModel
 from backfill.storage import Layout
@@ -58,6 +60,10 @@ class EmbedStats:
     batch_size: int = 0
     device: str = "cpu"
     ids_sha256: str = ""
+    # where the time went, seconds: the main thread's wait_batch (for the next prepared batch),
+    # forward (queueing the model; on a CPU the model itself), write_wait (for the chunk writer),
+    # other (the rest of wall_s); the writer thread's writer_results (for the device) and writer_write
+    stage_s: dict[str, float] = field(default_factory=dict)
 
     def top_reasons(self, n: int = 3) -> list[tuple[str, int]]:
         return Counter(self.reasons).most_common(n)
@@ -137,36 +143,93 @@ def embed_shard(
                 out.append((row, str(exc)))
         return out
 
-    # fetch (I/O threads) -> decode (CPU threads) -> batch assembly (one thread, one batch ahead:
-    # on CUDA it runs nvjpeg and the host-to-device copy while the model runs the batch before)
+    # fetch (I/O threads) -> decode (CPU threads) -> batch assembly (one thread: on CUDA nvjpeg and
+    # the host-to-device copy on a stream of their own) -> a prefetch thread that drives all of them,
+    # config.prefetch_batches ahead of the model, so the main thread only launches and commits
     rows = grouped((r for s, e in todo for r in range(s, e)), STAGE_GROUP)
-    fetched = fetch_many(shard.uris, rows, config.fetch_workers)
-    decode_workers = threads.decode
-    decoded = bounded_map(decode_rows, fetched, decode_workers, window=2 * decode_workers + -(-batch_size // STAGE_GROUP))
-    batches = bounded_map(prep.prepare, _spans(flattened(decoded), todo, batch_size), 1, window=2)
+    per_batch = -(-batch_size // STAGE_GROUP)
+    fetched = None
+    if prep.gpu_decode:
+        # on the nvjpeg path staging is a header parse (microseconds): it runs in the fetch task,
+        # saving a pool of threads that would wake per group while the main thread launches kernels
+        decoded = fetch_many(shard.uris, rows, config.fetch_workers, then=decode_rows, ahead=2 * per_batch)
+    else:
+        fetched = fetch_many(shard.uris, rows, config.fetch_workers)
+        decode_workers = threads.decode
+        decoded = bounded_map(decode_rows, fetched, decode_workers, window=2 * decode_workers + per_batch)
 
+    prepared = bounded_map(prep.prepare, _spans(flattened(decoded), todo, batch_size), 1, window=2)
+    batches = Prefetched(prepared, config.prefetch_batches, name="prefetch-batches")
+    clock = _StageClock(stats.stage_s)
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-writer")
     fresh: list[tuple[int, np.ndarray, list[str | None]]] = []  # (start, ids, errors) of chunks written now
+    inflight: list = []  # at most one chunk: (_Chunk, future of its write)
+
+    def confirm() -> None:
+        """Wait for the chunk in the writer; it is committed: account for it and call back."""
+        if not inflight:
+            return
+        chunk, future = inflight.pop()
+        with clock("write_wait"):
+            future.result()
+        fresh.append((chunk.start, shard.image_ids[chunk.start : chunk.end], chunk.errors))
+        stats.images_embedded_now += chunk.embedded
+        if progress:
+            progress(chunk.end - chunk.start)
+        if on_chunk_committed:
+            on_chunk_committed(chunk.start // config.chunk_size)
+
+    def write(chunk: _Chunk) -> None:  # on the writer thread
+        with clock("writer_results"):
+            vectors, valid = chunk.collect()
+        with clock("writer_write"):
+            _write_chunk(layout, out, chunk.start, chunk.end, shard.image_ids[chunk.start : chunk.end], vectors, valid, chunk.errors)
+
+    def preempted_before(start: int, end: int) -> Preempted:
+        return Preempted(f"shard {shard_name}: stopped ({stop.reason}) before rows {start}-{end}; {len(fresh)} chunks committed now")
+
     try:
         for start, end in todo:
             if stop is not None and stop.is_set():
-                raise Preempted(f"shard {shard_name}: stopped ({stop.reason}) before rows {start}-{end}; {len(fresh)} chunks committed now")
-            vectors, valid, errors = _embed_rows(model, batches, start, end, on_batch, stop, config.grace_s)
-            _write_chunk(layout, out, start, end, shard.image_ids[start:end], vectors, valid, errors)
-            fresh.append((start, shard.image_ids[start:end], errors))
-            stats.images_embedded_now += int(valid.sum())
-            if progress:
-                progress(end - start)
-            if on_chunk_committed:
-                on_chunk_committed(start // config.chunk_size)
+                confirm()  # the chunk in hand (finished within the grace) is committed first
+                raise preempted_before(start, end)
+            chunk = _Chunk(model, start, end)
+            # While the chunk before is being written, this chunk's batches are launched but not yet
+            # reported (on_batch, the notice check): a notice that comes with that commit stops here,
+            # before these rows, exactly as if the write had been done before them
+            unreported: list = []
+            while True:
+                with clock("wait_batch"):
+                    span, (pixels, failed) = next(batches)
+                assert span.start == start, f"batch stream out of order: chunk {span.start} != {start}"
+                with clock("forward"):
+                    n = chunk.launch(span, pixels, failed)
+                unreported.append((span, n))
+                if inflight and (inflight[0][1].done() or span.last):
+                    confirm()
+                    if stop is not None and stop.is_set():
+                        raise preempted_before(start, end)
+                if not inflight:
+                    for done_span, done_n in unreported:
+                        chunk.report(done_span, done_n, on_batch, stop, config.grace_s)
+                    unreported.clear()
+                if span.last:
+                    break
+            inflight.append((chunk, writer.submit(write, chunk)))
+        confirm()
         if stop is not None and stop.is_set() and fresh:
             raise Preempted(f"shard {shard_name}: stopped ({stop.reason}) after committing rows up to {todo[len(fresh) - 1][1]}")
     finally:
         batches.close()  # stop the stage pools now, not at garbage collection
         decoded.close()
-        fetched.close()
+        if fetched is not None:
+            fetched.close()
+        writer.shutdown(wait=True)  # a write under way completes (a chunk is committed whole or not at all)
 
     errors = _tally(layout, out, [(s, e) for s, e in plan if chunk_name(s, e) in committed], fresh, stats)
     stats.wall_s = time.perf_counter() - started
+    main = ("wait_batch", "forward", "write_wait")
+    stats.stage_s["other"] = max(0.0, stats.wall_s - sum(stats.stage_s.get(k, 0.0) for k in main))
     stats.images_per_s = stats.images_embedded_now / stats.wall_s if stats.wall_s else 0.0
     expected_sha = ids_sha256(shard.image_ids)
     if stats.ids_sha256 != expected_sha:
@@ -182,7 +245,7 @@ def embed_shard(
             "its chunks were removed so that a rerun starts the shard over"
         )
     _write_rejects(layout, out, shard, errors)
-    marker = {k: v for k, v in asdict(stats).items() if k not in ("wall_s", "images_per_s", "chunks_resumed", "images_embedded_now")}
+    marker = {k: v for k, v in asdict(stats).items() if k not in ("wall_s", "images_per_s", "chunks_resumed", "images_embedded_now", "stage_s")}
     marker["chunk_size"] = config.chunk_size
     store.write_json(f"{out}/{MARKER}", marker)
     return stats
@@ -220,45 +283,73 @@ def _spans(decoded, todo: list[tuple[int, int]], batch_size: int):
         yield span
 
 
-def _embed_rows(
-    model: LoadedModel,
-    batches,
-    start: int,
-    end: int,
-    on_batch: Callable[[int], None] | None = None,
-    stop: StopSignal | None = None,
-    grace_s: float = 0.0,
-) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
-    """Take the prepared batches of rows start..end; embed them. Rejects keep their reason."""
-    vectors = np.zeros((end - start, model.card.dim), dtype=np.float32)
-    valid = np.zeros(end - start, dtype=bool)
-    errors: list[str | None] = [None] * (end - start)
-    began = time.monotonic()
-    while True:
-        span, (pixels, failed) = next(batches)
-        assert span.start == start, f"batch stream out of order: chunk {span.start} != {start}"
+class _Chunk:
+    """The rows start..end of one chunk: its batches' pending vectors, its reject reasons."""
+
+    def __init__(self, model: LoadedModel, start: int, end: int) -> None:
+        self.model, self.start, self.end = model, start, end
+        self.errors: list[str | None] = [None] * (end - start)
+        self.parts: list[tuple[list[int], object]] = []  # (chunk offsets, PendingEmbedding)
+        self.embedded = 0
+        self.began = time.monotonic()
+
+    def launch(self, span: Span, pixels, failed: dict[int, str]) -> int:
+        """Queue the model on a prepared batch; its rejects keep their reason. Returns the rows embedded."""
         for i, reason in span.rejects:
-            errors[i] = reason
+            self.errors[i] = reason
         for j, reason in failed.items():
-            errors[span.offsets[j]] = reason
+            self.errors[span.offsets[j]] = reason
         rows = [i for j, i in enumerate(span.offsets) if j not in failed]
         if rows:
-            if on_batch:
-                on_batch(len(rows))  # reported before the work: a kill mid-batch still counts it
-            vectors[rows] = model.embed_pixels(pixels)
-            valid[rows] = True
+            self.parts.append((rows, self.model.embed_pixels_async(pixels)))
+            self.embedded += len(rows)
+        return len(rows)
+
+    def report(
+        self,
+        span: Span,
+        rows: int,
+        on_batch: Callable[[int], None] | None,
+        stop: StopSignal | None,
+        grace_s: float,
+    ) -> None:
+        """Account for a launched batch; on a preemption notice, finish the chunk only if it fits the grace."""
+        if rows and on_batch:
+            on_batch(rows)  # reported before the chunk is committed: a kill before then still counts it
         if rows and stop is not None and stop.is_set():
             done = span.seen
             # the rest of the chunk at the rate so far, with a margin for the write and for
             # the notice itself arriving late (the handler runs between bytecodes)
-            needed = 1.25 * (time.monotonic() - began) / done * (end - start - done) + 0.5
+            needed = 1.25 * (time.monotonic() - self.began) / done * (self.end - self.start - done) + 0.5
             if needed > stop.seconds_left(grace_s):
                 raise Preempted(
-                    f"stopped ({stop.reason}) in rows {start}-{end}: finishing needed ~{needed:.1f}s, "
+                    f"stopped ({stop.reason}) in rows {self.start}-{self.end}: finishing needed ~{needed:.1f}s, "
                     f"{max(0.0, stop.seconds_left(grace_s)):.1f}s of grace left; chunk abandoned"
                 )
-        if span.last:
-            return vectors, valid, errors
+
+    def collect(self) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors (n, dim) float32, valid mask): waits for the device."""
+        vectors = np.zeros((self.end - self.start, self.model.card.dim), dtype=np.float32)
+        valid = np.zeros(self.end - self.start, dtype=bool)
+        for rows, pending in self.parts:
+            vectors[rows] = pending.result()
+            valid[rows] = True
+        return vectors, valid
+
+
+class _StageClock:
+    """Seconds spent per stage, summed into `totals` (EmbedStats.stage_s); one key per thread's stage."""
+
+    def __init__(self, totals: dict[str, float]) -> None:
+        self.totals = totals
+
+    @contextmanager
+    def __call__(self, stage: str):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[stage] = self.totals.get(stage, 0.0) + time.perf_counter() - began
 
 
 def ids_sha256(ids: np.ndarray) -> str:
@@ -276,11 +367,15 @@ def _write_chunk(
     errors: list[str | None],
 ) -> None:
     dim = vectors.shape[1]
-    values = pa.array(vectors.astype(np.float16).reshape(-1), type=pa.float16())
+    half = np.ascontiguousarray(vectors, dtype=np.float16).reshape(-1)
+    # zero-copy from the fp16 buffer: pa.array(float16 ndarray) converts value by value (~70 ms
+    # for 1024 x 2048), a large share of a GPU's time per chunk
+    values = pa.Array.from_buffers(pa.float16(), len(half), [None, pa.py_buffer(half)])
     embedding = pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~valid))
     table = pa.table({"image_id": pa.array(ids, type=pa.int64()), "embedding": embedding, "error": pa.array(errors, type=pa.string())})
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    # no dictionary for the vectors (distinct values: a dictionary is built, then dropped, ~90 ms a chunk)
+    pq.write_table(table, buf, use_dictionary=["error"])
     layout.store.write_bytes(f"{out}/{chunk_name(start, end)}", buf.getvalue())
 
 

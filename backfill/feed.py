@@ -14,6 +14,7 @@ from backfill.images import BadImage, decode
 # Start-of-frame markers nvjpeg decodes: baseline and extended Huffman. Progressive (0xC2),
 # lossless, arithmetic-coded and CMYK/YCCK (4 components) JPEGs go to PIL instead.
 _GPU_SOF = (0xC0, 0xC1)
+_EOI = b"\xff\xd9"  # end of image: the last two bytes of a complete JPEG
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
@@ -129,7 +130,11 @@ class Preprocessor:
 
     def stage(self, data: bytes) -> np.ndarray | Encoded:
         """Bytes -> pixels (or Encoded for the GPU); BadImage with a reason on bad input."""
-        if self.gpu_decode:
+        if self.gpu_decode and data[-2:] == _EOI:
+            # only a complete JPEG (ending in the EOI marker) goes to nvjpeg: nvjpeg decodes a
+            # truncated one that PIL rejects ("image file is truncated"), and an image must get
+            # the same outcome on both paths; anything else (truncated, trailing padding or
+            # garbage, a missing EOI) is PIL's to accept or reject
             header = jpeg_header(data)
             if header is not None and header.marker in _GPU_SOF and header.components == 3 and not header.adobe:
                 if header.width * header.height > self.max_pixels:

@@ -56,12 +56,13 @@ def make_fetcher() -> Callable[[str | None], bytes]:
     return fetch
 
 
-def fetch_many(uris, groups: Iterable[list[int]], workers: int) -> Iterator[list[tuple[int, bytes | str]]]:
+def fetch_many(uris, groups: Iterable[list[int]], workers: int, then: Callable[[list], list] | None = None, ahead: int = 2) -> Iterator[list]:
     """Lists of (row, bytes) in row order, `workers` requests in flight; a bad image gives (row, reason).
 
     Object-store GETs are latency-bound (tens of ms to first byte), so throughput is requests
     in flight / latency. Each task fetches one group of rows (fewer thread handoffs per image);
-    at most workers + 2 groups wait for decode, which bounds memory. Outages raise
+    at most workers + `ahead` groups wait for the consumer, which bounds memory. `then`, if
+    given, runs on each fetched group inside the same task (a cheap next stage). Outages raise
     RetryableError: an unreachable store is never taken for a missing image.
     """
     fetch = make_fetcher()
@@ -73,9 +74,9 @@ def fetch_many(uris, groups: Iterable[list[int]], workers: int) -> Iterator[list
                 out.append((row, fetch(uris[row])))
             except BadImage as exc:
                 out.append((row, str(exc)))
-        return out
+        return then(out) if then else out
 
-    return bounded_map(fetch_rows, groups, workers, window=workers + 2)
+    return bounded_map(fetch_rows, groups, workers, window=workers + ahead)
 
 
 def decode(data: bytes, size: int, max_pixels: int) -> np.ndarray:

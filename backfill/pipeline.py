@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import queue
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -165,3 +167,68 @@ def _ratio(path: Path, quota: str | None, period: str | None) -> float | None:
         log.warning("cgroup file %s holds quota %d period %d, not positive; ignoring the CPU limit", path, q, p)
         return None
     return q / p
+
+
+class Prefetched(Iterator[T]):
+    """Iterate `items` on a thread of its own, at most `depth` results ahead of the consumer.
+
+    The thread drives everything `items` pulls (the fetch and decode pools' submissions, the
+    batch assembly), so a consumer busy elsewhere (launching kernels, writing a chunk) no
+    longer stalls the stages feeding it. Exceptions reach the consumer in order. close()
+    stops the thread, which closes `items` itself (a generator is closed by the thread that
+    runs it).
+    """
+
+    _END = object()
+
+    def __init__(self, items: Iterator[T], depth: int, name: str = "prefetch") -> None:
+        if depth < 1:
+            raise ValueError(f"prefetch depth must be >= 1, got {depth}")
+        self._items = items
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _put(self, entry: tuple) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self._items:
+                if not self._put((True, item)):
+                    return
+            self._put((False, self._END))
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put((False, exc))
+        finally:
+            close = getattr(self._items, "close", None)
+            if close:
+                close()
+
+    def __next__(self) -> T:
+        if self._done:
+            raise StopIteration
+        ok, item = self._queue.get()
+        if ok:
+            return item
+        self._done = True
+        if item is self._END:
+            raise StopIteration
+        raise item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:  # unblock a put
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._done = True

@@ -219,9 +219,21 @@ class LoadedModel:
 
     def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """uint8 (N, 3, H, W) pixels (any device, any memory layout) -> float32 unit vectors (N, dim)."""
+        return self.embed_pixels_async(pixels).result()
+
+    def embed_pixels_async(self, pixels: torch.Tensor) -> "PendingEmbedding":
+        """embed_pixels without waiting for the device: on CUDA the kernels and the copy of the
+        vectors into pinned host memory are queued and a CUDA event marks their end, so the
+        caller can queue the next batch while this one runs; `.result()` waits for that event
+        (not the whole device) and checks the vectors. On a CPU the work is done here."""
         n = len(pixels)
         with torch.inference_mode():
-            x = pixels.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            x = pixels.to(self.device, non_blocking=True)
+            if x.device.type == "cuda" and pixels.device == x.device:
+                # made on another stream (the batch preparer's): keep its memory from being reused
+                # before this stream's kernels have read it
+                x.record_stream(torch.cuda.current_stream(x.device))
+            x = x.contiguous(memory_format=torch.channels_last)
             x = torch.addcmul(self._shift, x.float(), self._scale)
             if self.autocast is not None:
                 with torch.autocast(self.device.type, dtype=self.autocast):
@@ -233,9 +245,34 @@ class LoadedModel:
                     f"model {self.card.name} version {self.card.version} returned shape {tuple(y.shape)} "
                     f"for a batch of {n}; model.json promises ({n}, {self.card.dim})"
                 )
-            if not torch.isfinite(y).all():
-                raise ModelError(f"model {self.card.name} version {self.card.version} returned NaN or inf embeddings")
-            return F.normalize(y.float(), dim=1).cpu().numpy()
+            finite = torch.isfinite(y).all()
+            vectors = F.normalize(y.float(), dim=1)
+            if self.device.type != "cuda":
+                return PendingEmbedding(self.card, vectors.numpy(), bool(finite), None)
+            host = torch.empty(vectors.shape, dtype=vectors.dtype, pin_memory=True)
+            host.copy_(vectors, non_blocking=True)
+            finite_host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            finite_host.copy_(finite, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            return PendingEmbedding(self.card, host, finite_host, done)
+
+
+class PendingEmbedding:
+    """The vectors of one batch, possibly still being computed on a CUDA stream."""
+
+    def __init__(self, card: ModelCard, vectors, finite, done) -> None:
+        self._card, self._vectors, self._finite, self._done = card, vectors, finite, done
+
+    def result(self) -> np.ndarray:
+        """float32 unit vectors (N, dim); ModelError if the model returned NaN or inf."""
+        if self._done is not None:
+            self._done.synchronize()  # this batch's work only, not the device
+            self._done = None
+            self._vectors, self._finite = self._vectors.numpy(), bool(self._finite)
+        if not self._finite:
+            raise ModelError(f"model {self._card.name} version {self._card.version} returned NaN or inf embeddings")
+        return self._vectors
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -197,6 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="torch threads and decode workers; 0: the CPUs of this process")
     p.add_argument("--no-gpu-decode", action="store_true", help="on CUDA: decode with PIL on the CPU cores, not nvjpeg")
+    p.add_argument("--prefetch", type=int, default=EmbedConfig.prefetch_batches, help="embed_shard: prepared batches ahead of the model")
+    p.add_argument("--fetch-workers", type=int, default=EmbedConfig.fetch_workers, help="embed_shard: fetch threads")
+    p.add_argument("--decode-workers", type=int, default=0, help="embed_shard: decode threads (PIL path); 0: --threads")
+    p.add_argument(
+        "--sweep",
+        default="",
+        help="extra row d runs after the rounds, ';'-separated settings of prefetch, fetch, decode, batch, e.g. 'prefetch=1;fetch=32,prefetch=6'",
+    )
     p.add_argument("--repeat", type=int, default=1, help="rounds of rows a-e, interleaved; each row keeps its best")
     p.add_argument("--skip", default="", help="comma list of rows to skip: naive,ray")
     p.add_argument("--root", default="", help="work folder (default: a temporary one, removed after)")
@@ -230,14 +238,19 @@ def main(argv: list[str] | None = None) -> int:
         work = max(args.images, 4 * args.batch)
         cuda = args.device.startswith("cuda")
         prep = Preprocessor(size, 64_000_000, args.device, gpu_decode=not args.no_gpu_decode)
-        config = EmbedConfig(
-            batch_size=args.batch,
-            chunk_size=max(1024, args.batch),
-            device=args.device,
-            torch_threads=cores,
-            decode_workers=cores,
-            gpu_decode=not args.no_gpu_decode,
-        )
+        def embed_config(prefetch: int, fetch: int, decode_workers: int, batch: int) -> EmbedConfig:
+            return EmbedConfig(
+                batch_size=batch,
+                chunk_size=max(1024, batch),
+                device=args.device,
+                torch_threads=cores,
+                fetch_workers=fetch,
+                decode_workers=decode_workers,
+                gpu_decode=not args.no_gpu_decode,
+                prefetch_batches=prefetch,
+            )
+
+        config = embed_config(args.prefetch, args.fetch_workers, args.decode_workers or cores, args.batch)
         out_dir = tempfile.mkdtemp(dir=root)
         naive_n = min(args.images, max(4 * args.batch, 2048)) if cuda else args.images
 
@@ -258,10 +271,26 @@ def main(argv: list[str] | None = None) -> int:
                 rows["b decode-only, nvjpeg batched + resize"] = (float("nan"), why)
             shutil.rmtree(layout.embeddings(args.model, "bench"), ignore_errors=True)
             stats = embed_shard(layout, "bench", model, config)
-            best("d embed_shard end to end", stats.images_per_s, f"{stats.embedded} embedded, {stats.chunks} chunks written, nvjpeg={prep.gpu_decode}")
+            settings = f"prefetch={config.prefetch_batches} fetch={config.fetch_workers} decode={config.decode_workers}"
+            best("d embed_shard end to end", stats.images_per_s, f"{stats.embedded} embedded, nvjpeg={prep.gpu_decode}, {settings}; {stage_note(stats)}")
             if "naive" not in skip:
                 best("e naive loop (read, decode, infer, write)", naive(model, uris[:naive_n], size, args.batch, out_dir), f"{naive_n} images, one thread decodes")
             log(f"round {round_ + 1}/{args.repeat} done")
+
+        for i, setting in enumerate(filter(None, args.sweep.split(";"))):
+            knobs = {"prefetch": config.prefetch_batches, "fetch": config.fetch_workers, "decode": config.decode_workers, "batch": args.batch}
+            for pair in setting.split(","):
+                key, _, value = pair.partition("=")
+                if key.strip() not in knobs or not value.strip().isdigit():
+                    p.error(f"--sweep: {pair!r} is not one of {sorted(knobs)}=<integer>")
+                knobs[key.strip()] = int(value)
+            swept = embed_config(knobs["prefetch"], knobs["fetch"], knobs["decode"], knobs["batch"])
+            shutil.rmtree(layout.embeddings(args.model, "bench"), ignore_errors=True)
+            stats = embed_shard(layout, "bench", model, swept)
+            name = f"d sweep {setting.replace(' ', '')}"[:44]
+            full = " ".join(f"{k}={v}" for k, v in knobs.items())
+            rows[name] = (stats.images_per_s, f"{stats.embedded} embedded, one run, {full}; {stage_note(stats)}")
+            log(f"sweep {i + 1}: {name}: {stats.images_per_s:.0f} img/s")
 
         m = rows["a model-only (preloaded pixels)"][0]
         one = rows["b decode-only, PIL, 1 core"][0]
@@ -323,6 +352,15 @@ def _agreement(model, prep: Preprocessor, blobs: list[bytes], size: int) -> floa
     cpu = np.stack([decode(b, size, 64_000_000) for b in blobs])
     a, b = model.embed_pixels(gpu), model.embed(cpu)
     return float((a * b).sum(1).mean()) if not failed else float("nan")
+
+
+def stage_note(stats) -> str:
+    """EmbedStats.stage_s as milliseconds per batch: where embed_shard's main thread (and writer) spent it."""
+    batches = max(1, -(-stats.images_embedded_now // max(1, stats.batch_size)))
+    ms = {k: 1000 * v / batches for k, v in stats.stage_s.items()}
+    main = " ".join(f"{k} {ms.get(k, 0):.1f}" for k in ("wait_batch", "forward", "write_wait", "other"))
+    writer = " ".join(f"{k[7:]} {ms.get(k, 0):.1f}" for k in ("writer_results", "writer_write"))
+    return f"ms/batch main: {main}; writer: {writer}"
 
 
 def table(rows: dict[str, tuple[float, str]], limit: float, env: dict) -> str:

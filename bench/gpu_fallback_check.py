@@ -1,5 +1,5 @@
-"""On a CUDA machine with torchvision: a mixed batch (baseline JPEGs, PNG, progressive, CMYK, corrupt) through
-the nvjpeg path, compared with PIL. Prints one table; exits 1 if the fallback or the pixels are wrong."""
+"""On a CUDA machine with torchvision: a mixed batch (baseline JPEGs, PNG, progressive, CMYK, truncated) through
+the nvjpeg path, compared with PIL (same accept/reject outcome and reason, close pixels). Prints one table; exits 1 if the fallback or the pixels are wrong."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from backfill.feed import Encoded, Preprocessor  # noqa: E402
-from backfill.images import decode  # noqa: E402
+from backfill.images import BadImage, decode  # noqa: E402
 from backfill.sample import synthetic_image  # noqa: E402
 
 
@@ -35,6 +35,9 @@ def main() -> int:
         "progressive jpeg": _bytes(imgs[4], progressive=True, quality=90),
         "cmyk jpeg": _bytes(imgs[5].convert("CMYK"), quality=90),
         "corrupt jpeg": good[: len(good) // 3],
+        # data cut but the EOI marker kept: goes to nvjpeg; PIL accepts it (gray fill), so nvjpeg must
+        # accept it or fall back to PIL; its pixels are reported, not judged (the image is damaged)
+        "cut jpeg, EOI kept": good[: len(good) // 3] + b"\xff\xd9",
     }
     prep = Preprocessor(224, 64_000_000, "cuda")
     if not prep.gpu_decode:
@@ -51,21 +54,28 @@ def main() -> int:
     ok_names = [n for i, n in enumerate(names) if i not in failed]
     got = pixels.permute(0, 2, 3, 1).cpu().numpy().astype(np.int16)
     bad = 0
-    print(f"{'case':20} {'path':8} {'result':40} {'mean |gpu - PIL|':>17}")
+    print(f"{'case':20} {'path':8} {'GPU path':34} {'PIL (CPU path)':34} {'mean |gpu - PIL|':>17}")
     for name in cases:
         path = "nvjpeg" if isinstance(staged.get(name), Encoded) else "PIL"
-        if name in rejected or (name in names and names.index(name) in failed):
-            reason = rejected.get(name) or failed[names.index(name)]
-            print(f"{name:20} {path:8} {'rejected: ' + reason[:30]:40} {'-':>17}")
-            bad += name != "corrupt jpeg"
+        gpu_reason = rejected.get(name) or (failed[names.index(name)] if name in names and names.index(name) in failed else None)
+        try:
+            ref, cpu_reason = decode(cases[name], 224, 64_000_000).astype(np.int16), None
+        except BadImage as exc:
+            ref, cpu_reason = None, str(exc)
+        gpu_col = "rejected: " + gpu_reason[:24] if gpu_reason else "ok"
+        cpu_col = "rejected: " + cpu_reason[:24] if cpu_reason else "ok"
+        if gpu_reason or cpu_reason:
+            # an image must get the same outcome (and reason) on both paths
+            same = gpu_reason == cpu_reason
+            print(f"{name:20} {path:8} {gpu_col:34} {cpu_col:34} {'-':>17}{'' if same else '  MISMATCH'}")
+            bad += not same
             continue
-        ref = decode(cases[name], 224, 64_000_000).astype(np.int16)
         diff = float(np.abs(got[ok_names.index(name)] - ref).mean())
-        print(f"{name:20} {path:8} {'ok':40} {diff:17.2f}")
-        bad += diff > 8
-    bad += "corrupt jpeg" not in rejected and names.index("corrupt jpeg") not in failed
-    if prep.fallbacks != 1:  # only the corrupt JPEG should have needed PIL
-        print(f"expected 1 fallback (the corrupt JPEG), got {prep.fallbacks}: nvjpeg refused good JPEGs")
+        print(f"{name:20} {path:8} {gpu_col:34} {cpu_col:34} {diff:17.2f}{'' if diff <= 8 else '  PIXELS DIFFER'}")
+        bad += diff > 8 and name != "cut jpeg, EOI kept"
+    bad += "corrupt jpeg" not in rejected and not ("corrupt jpeg" in names and names.index("corrupt jpeg") in failed)
+    if prep.fallbacks > 1:  # only the cut JPEG with its EOI may need PIL; the rest are complete baseline JPEGs
+        print(f"expected at most 1 fallback (the cut JPEG), got {prep.fallbacks}: nvjpeg refused good JPEGs")
         bad += 1
     print(f"fallbacks to PIL inside batch(): {prep.fallbacks}; problems: {bad}")
     return 1 if bad else 0

@@ -14,6 +14,7 @@ from backfill.manifest import check_unique_across, list_shards, read_shard, writ
         ({"chunk_size": -1}, "chunk_size"),
         ({"device": "tpu"}, "device"),
         ({"max_reject_rate": 1.5}, "max_reject_rate"),
+        ({"prefetch_batches": 0}, "prefetch_batches must be in 1..16, got 0"),
     ],
 )
 def test_embed_config_names_the_bad_setting(kwargs, words):

@@ -106,3 +106,25 @@ def test_a_chunk_lost_after_completion_is_embedded_again(registered):
     again = embed_shard(layout, "shard-00000", model, CONFIG)
     assert again.chunks_resumed == 3 and again.images_embedded_now == 6
     assert lost in layout.store.ls(out) and MARKER in layout.store.ls(out)
+
+
+def test_stats_say_where_the_time_went(registered):
+    layout, card = registered
+    stats = embed_shard(layout, "shard-00000", load_model(layout, card), CONFIG)
+    main = {"wait_batch", "forward", "write_wait", "other"}
+    assert main | {"writer_results", "writer_write"} == set(stats.stage_s)
+    assert all(v >= 0 for v in stats.stage_s.values())
+    assert sum(stats.stage_s[k] for k in main) == pytest.approx(stats.wall_s, rel=1e-6)
+    assert stats.stage_s["writer_write"] > 0 and stats.stage_s["forward"] > 0
+
+
+def test_prefetch_depth_does_not_change_the_vectors(registered):
+    layout, card = registered
+    model = load_model(layout, card)
+    embed_shard(layout, "shard-00000", model, CONFIG)
+    ids, ref, _ = load_embeddings(layout, MODEL, "v1", "shard-00000")
+    layout.store.rm(layout.embeddings(MODEL, "v1", "shard-00000"), recursive=True)
+    deep = EmbedConfig(batch_size=4, chunk_size=6, fetch_workers=4, decode_workers=2, torch_threads=1, prefetch_batches=8)
+    embed_shard(layout, "shard-00000", model, deep)
+    ids2, vecs, _ = load_embeddings(layout, MODEL, "v1", "shard-00000")
+    assert np.array_equal(ids, ids2) and np.array_equal(vecs, ref)

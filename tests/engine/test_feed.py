@@ -28,19 +28,37 @@ def _bytes(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
     return buf.getvalue()
 
 
-def _pil_decoder(calls: list[int]):
-    """A CPU stand-in for torchvision.io.decode_jpeg(list, mode, device): full-size CHW uint8, raises like nvjpeg."""
+def _pil_decoder(calls: list[int], refuse: tuple[bytes, ...] = (), lenient: bool = False):
+    """A CPU stand-in for torchvision.io.decode_jpeg(list, mode, device): full-size CHW uint8, raises like nvjpeg.
+
+    `refuse`: inputs it raises on (as nvjpeg does on JPEG features it lacks); `lenient`: it decodes
+    truncated JPEGs (gray-filled), as nvjpeg did on the H100."""
 
     def decode_jpeg(datas, mode, device):
         calls.append(len(datas))
         out = []
         for data in datas:
-            img = Image.open(io.BytesIO(data.numpy().tobytes()))
+            blob = data.numpy().tobytes()
+            if blob in refuse:
+                raise RuntimeError("nvjpeg: unsupported")
+            img = Image.open(io.BytesIO(blob))
+            if lenient:
+                img.load = lambda img=img: _load_truncated(img)
             img.load()  # a truncated JPEG raises here, as nvjpeg does
             out.append(torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous())
         return out
 
     return decode_jpeg
+
+
+def _load_truncated(img: Image.Image):
+    from PIL import ImageFile
+
+    saved, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
+    try:
+        return type(img).load(img)
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
 def test_jpeg_header_reads_frame_without_decoding():
@@ -80,30 +98,47 @@ def test_without_torchvision_cuda_falls_back_to_pil(monkeypatch):
 
 def test_gpu_path_decodes_jpegs_in_one_call_and_falls_back_per_image():
     calls: list[int] = []
-    prep = Preprocessor(SIZE, 10**8, "cpu", decoder=_pil_decoder(calls))
     good = [_bytes(_image(i, (64, 64)), quality=95) for i in range(3)]
+    refused = _bytes(_image(8, (64, 64)), quality=80)  # a complete JPEG the GPU decoder fails on
+    prep = Preprocessor(SIZE, 10**8, "cpu", decoder=_pil_decoder(calls, refuse=(refused,)))
     other_size = _bytes(_image(7, (90, 50)), quality=95)
     png = _bytes(_image(4), "PNG")
     progressive = _bytes(_image(5), progressive=True, quality=95)
     cmyk = _bytes(_image(6).convert("CMYK"))
-    corrupt = good[0][: len(good[0]) // 2]  # header fine, data cut: passes stage, fails the decoder
-    blobs = [good[0], png, good[1], progressive, corrupt, cmyk, other_size, good[2]]
+    blobs = [good[0], png, good[1], progressive, refused, cmyk, other_size, good[2]]
     items = [prep.stage(b) for b in blobs]
     assert [isinstance(i, Encoded) for i in items] == [True, False, True, False, True, False, True, True]
     pixels, failed = prep.batch(items)
-    # the batched call failed on the corrupt image; each was retried alone; PIL gave the reason
+    # the batched call failed on the refused image; each was retried alone; PIL decoded that one
     assert calls[0] == 5 and calls[1:] == [1] * 5
-    assert list(failed) == [4] and failed[4].startswith("truncated or corrupt image")
+    assert failed == {}
     assert prep.fallbacks == 1
-    assert pixels.shape == (7, 3, SIZE, SIZE)
-    keep = [b for i, b in enumerate(blobs) if i != 4]
-    reference = np.stack([decode(b, SIZE, 10**8) for b in keep]).astype(np.int16)
+    assert pixels.shape == (8, 3, SIZE, SIZE)
+    reference = np.stack([decode(b, SIZE, 10**8) for b in blobs]).astype(np.int16)
     got = pixels.permute(0, 2, 3, 1).numpy().astype(np.int16)
-    # PIL-staged images are PIL's pixels exactly; decoder-path ones are resized by torch, not PIL
-    for i in (1, 3, 4):
+    # PIL-decoded images are PIL's pixels exactly; decoder-path ones are resized by torch, not PIL
+    for i in (1, 3, 4, 5):
         assert np.array_equal(got[i], reference[i])
-    for i in (0, 2, 5, 6):
+    for i in (0, 2, 6, 7):
         assert np.abs(got[i] - reference[i]).mean() < 6, i
+
+
+def test_truncated_jpeg_is_rejected_by_pil_on_the_gpu_path_too():
+    # nvjpeg decoded a truncated baseline JPEG that PIL rejects (H100 run): it must not reach nvjpeg
+    calls: list[int] = []
+    prep = Preprocessor(SIZE, 10**8, "cpu", decoder=_pil_decoder(calls, lenient=True))
+    whole = _bytes(_image(0, (64, 64)), quality=95)
+    truncated = whole[: len(whole) // 2]
+    assert prep.batch([Encoded(truncated, jpeg_header(truncated))])[1] == {}  # the lenient decoder accepts it
+    with pytest.raises(BadImage) as cpu:
+        decode(truncated, SIZE, 10**8)
+    with pytest.raises(BadImage) as gpu:
+        prep.stage(truncated)
+    assert str(gpu.value) == str(cpu.value) and str(cpu.value).startswith("truncated or corrupt image: image file is truncated")
+    # a complete JPEG, and one with bytes after its end (PIL accepts both), still decode
+    assert isinstance(prep.stage(whole), Encoded)
+    padded = prep.stage(whole + b"\0" * 7)
+    assert not isinstance(padded, Encoded) and np.array_equal(padded, decode(whole, SIZE, 10**8))
 
 
 def test_gpu_path_bounds_pixels_from_the_header():
