@@ -99,10 +99,13 @@ class ThreadBudget:
 
     def apply(self) -> "ThreadBudget":
         """Set torch intra-op and FAISS OpenMP threads (decode workers are sized by the caller)."""
-        import faiss
         import torch
 
         torch.set_num_threads(self.torch)
+        try:
+            import faiss
+        except ImportError:  # an embedding-only process (a GPU bench image) needs no FAISS
+            return self
         faiss.omp_set_num_threads(self.faiss)
         return self
 

@@ -140,3 +140,21 @@ def test_v1_limit_of_the_own_cgroup(tmp_path):
         cgroup_file(root, rel, "cpu.cfs_period_us", "100000")
     proc = proc_cgroup(tmp_path, "12:memory:/kubepods/pod2/ctr\n4:cpu,cpuacct:/kubepods/pod2/ctr\n")
     assert cgroup_cpu_limit(root, proc) == 6.0
+
+
+def test_thread_budget_applies_without_faiss_installed(monkeypatch):
+    # an embedding-only image (the GPU bench machine) has torch but no FAISS: embed_shard
+    # applies the budget and must not fail on the import (found on the H100 run)
+    import sys
+
+    import torch
+
+    from backfill.pipeline import ThreadBudget
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` raise ImportError
+    before = torch.get_num_threads()
+    try:
+        budget = ThreadBudget.resolve(torch_threads=1, cpus=2).apply()
+        assert budget.torch == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
