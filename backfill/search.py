@@ -16,7 +16,7 @@ from backfill.images import decode
 from backfill.index import IDS_FILE, INDEX_FILE, read_build
 from backfill.publish import read_pointer
 from backfill.registry import LoadedModel, load_model, read_card
-from backfill.storage import Layout, local_copy
+from backfill.storage import Layout, local_copy, prune_cache
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class _Served:
 
     build_id: str
     version: str
+    index_sha256: str  # names its file in the download cache
     index: faiss.Index
     ids: np.ndarray
     uris: list[str]
@@ -107,6 +108,8 @@ class Searcher:
                 self.load_error = f"{build_id}: {exc}"
                 return served
             self._served, self.load_error, self._failed = loaded, None, None
+            # the replaced build's index file is no longer read (FAISS holds it in memory)
+            prune_cache(self.cache_dir, {loaded.index_sha256})
             return loaded
         finally:
             self._lock.release()
@@ -142,7 +145,7 @@ class Searcher:
         else:
             model = load_model(self.layout, read_card(self.layout, self.model_name, build.version), self.device)
         ids = table.column("image_id").to_numpy()
-        return _Served(build_id, build.version, index, ids, table.column("uri").to_pylist(), model, np.argsort(ids, kind="stable"))
+        return _Served(build_id, build.version, build.index_sha256, index, ids, table.column("uri").to_pylist(), model, np.argsort(ids, kind="stable"))
 
     def search_image(self, data: bytes, k: int = 10) -> SearchResult:
         served = self.current()

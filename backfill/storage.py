@@ -197,6 +197,34 @@ def local_copy(store: Store, path: str, sha256: str, cache_dir: str) -> str:
     return path
 
 
+def prune_cache(cache_dir: str, keep_shas: set[str]) -> list[str]:
+    """Delete the files local_copy cached under cache_dir except those of keep_shas; the paths removed.
+
+    Each near-line update publishes a new build with a new checksum, so without this a long-lived
+    reader's cache grows by one index file per update. Partial downloads (*.part) are left alone:
+    they belong to a download in progress. One cache_dir must serve one reader process.
+    """
+    removed: list[str] = []
+    if not os.path.isdir(cache_dir):
+        return removed
+    for prefix in os.listdir(cache_dir):
+        folder = os.path.join(cache_dir, prefix)
+        if len(prefix) != 2 or not os.path.isdir(folder):
+            continue  # not a local_copy folder: not ours to delete
+        for name in os.listdir(folder):
+            sha = name.split("-", 1)[0]
+            if name.endswith(".part") or len(sha) != 64 or not sha.startswith(prefix) or sha in keep_shas:
+                continue
+            try:
+                os.unlink(os.path.join(folder, name))
+                removed.append(os.path.join(folder, name))
+            except FileNotFoundError:
+                pass
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)  # only succeeds when emptied
+    return removed
+
+
 def _local_atomic_write(path: str, data: bytes) -> None:
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)

@@ -1,6 +1,8 @@
 """The Searcher under faults: storage blips, builds that cannot load, and its download cache."""
 
+import os
 import threading
+import uuid
 
 import pytest
 
@@ -12,7 +14,8 @@ from backfill.manifest import list_shards
 from backfill.publish import publish
 from backfill.search import Searcher
 from backfill.service import _poll
-from tests.conftest import MODEL, register_tiny
+from backfill.storage import prune_cache
+from tests.conftest import MODEL, make_layout, register_tiny
 from tests.engine.test_publish_search import build_version, query_bytes
 
 
@@ -113,3 +116,35 @@ def test_the_poller_survives_unexpected_errors():
     flaky = Flaky()
     _poll(flaky, stop, 0.001)
     assert flaky.calls == 3
+
+
+def test_swapping_builds_prunes_the_download_cache(tmp_path):
+    # memory:// is not a local filesystem, so index files go through local_copy's download cache
+    layout = make_layout(f"memory://cache-{uuid.uuid4().hex[:8]}/root")
+    cache = tmp_path / "cache"
+    b1 = build_version(layout, register_tiny(layout, "v1"))
+    publish(layout, MODEL, b1.build_id)
+    searcher = Searcher(layout, MODEL, cache_dir=str(cache))
+    assert searcher.current().build_id == b1.build_id
+    stray = cache / "ab" / "notes.txt"  # not a cache entry: left alone
+    stray.parent.mkdir()
+    stray.write_text("x")
+    cached = lambda: sorted(name for _, _, files in os.walk(cache) for name in files if name != "notes.txt")  # noqa: E731
+    assert cached() == [f"{b1.index_sha256}-index.faiss"]
+    b2 = build_version(layout, register_tiny(layout, "v2"))
+    publish(layout, MODEL, b2.build_id)
+    assert searcher.current().build_id == b2.build_id
+    assert cached() == [f"{b2.index_sha256}-index.faiss"]
+    assert stray.exists()
+
+
+def test_prune_cache_keeps_the_named_entries_and_partial_downloads(tmp_path):
+    keep, drop = "a" * 64, "b" * 64
+    for name in (f"{keep}-index.faiss", f"{drop}-index.faiss", f"{drop}-index.faiss.1234abcd.part"):
+        folder = tmp_path / name[:2]
+        folder.mkdir(exist_ok=True)
+        (folder / name).write_bytes(b"x")
+    removed = prune_cache(str(tmp_path), {keep})
+    assert removed == [str(tmp_path / "bb" / f"{drop}-index.faiss")]
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [f"{keep}-index.faiss", f"{drop}-index.faiss.1234abcd.part"]
+    assert prune_cache(str(tmp_path / "missing"), {keep}) == []
