@@ -57,9 +57,11 @@ def transient_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     try:
-        from aiohttp import ClientError
+        # not aiohttp.ClientError: it includes ClientResponseError, an HTTP answer such as 403 or
+        # 410 for one image URL, which a retry cannot change (images.make_fetcher sorts those)
+        from aiohttp import ClientConnectionError, ClientPayloadError
 
-        kinds.append(ClientError)
+        kinds += [ClientConnectionError, ClientPayloadError]  # ServerTimeoutError is a ClientConnectionError
     except ImportError:
         pass
     return tuple(kinds)
