@@ -151,6 +151,9 @@ class Store:
                 _local_atomic_write(path, data)
             else:
                 self.fs.pipe_file(path, data)
+        except PermissionError as exc:
+            # S3's AccessDenied on a PUT: every retry would be refused the same way
+            raise ConfigError(f"no permission to write {self.display(path)}: check the credentials/bucket policy for writes ({exc})") from exc
         except (OSError, *transient_errors()) as exc:
             # a full disk or a dropped connection: the same write may succeed on retry
             raise RetryableError(f"could not write {self.display(path)}: {exc}") from exc
