@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 
 from backfill.errors import ConfigError
 from backfill.index import BUILD_FILE, read_build
-from backfill.publish import _created, read_pointer
+from backfill.publish import created_at, read_pointer
 from backfill.registry import list_versions
 from backfill.storage import Layout
 
@@ -51,8 +51,8 @@ def plan_retirement(layout: Layout, model: str, keep: int) -> RetirePlan:
     if pointer is None:
         return RetirePlan(model, None, None, sorted(versions), [], reason="nothing is published yet, so every version may still be needed")
     serving = pointer["version"]
-    order = sorted(versions, key=lambda v: (_created(created.get(v)), v))  # unknown (unregistered) versions first
-    older = [v for v in order if _created(created.get(v)) < _created(pointer.get("model_created")) and v != serving]
+    order = sorted(versions, key=lambda v: (created_at(created.get(v)), v))  # unknown (unregistered) versions first
+    older = [v for v in order if created_at(created.get(v)) < created_at(pointer.get("model_created")) and v != serving]
     retire = older[: max(0, len(older) - keep)]
     kept = [v for v in order if v not in retire]
     protected = {pointer["build_id"], pointer.get("previous_build_id")}
