@@ -111,3 +111,18 @@ def test_dockerfile_variants_pin_the_torch_of_setup(variant):
     assert re.search(rf"^\s+{variant}\)\s+pip install \"torch==\$\{{TORCH_VERSION\}}\"", dockerfile, re.M)
     setup = (DEPLOY.parent / "scripts" / "setup.sh").read_text()
     assert re.search(r"ARG TORCH_VERSION=(\S+)", dockerfile).group(1) == re.search(r"torch==(\S+)", setup).group(1)
+
+
+def test_index_steps_get_an_on_demand_pool_sized_for_an_index():
+    # without indexPool, faiss_index and search_index step pods get the run launcher's 1 GiB limit
+    from ops.deployment import INDEX_OPS, pool_executor_config
+
+    pools = load_pools()
+    assert pools.index_pool, "deploy/pools.yaml must set indexPool"
+    pool = pools.get(pools.index_pool)
+    assert pool.device == "cpu" and not pool.k8s_config()["pod_spec_config"]["tolerations"]  # never on spot nodes
+    assert pool.k8s_config()["pod_spec_config"]["node_selector"] == {"backfill.dev/capacity": "on-demand"}
+    memory = pool.k8s_config()["container_config"]["resources"]["limits"]["memory"]
+    assert memory.endswith("Gi") and int(memory[:-2]) >= 16
+    per_step = pool_executor_config({}, pools, {POOL_TAG: "gpu-spot"})["per_step_k8s_config"]
+    assert all(per_step[op] == pool.k8s_config() for op in INDEX_OPS)
