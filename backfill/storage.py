@@ -20,7 +20,7 @@ from backfill.errors import ConfigError, IncompleteError, RetryableError
 # AWS credential chain (env, ~/.aws, IRSA web identity), which botocore reads by itself.
 S3_ENDPOINT_ENV = "BACKFILL_S3_ENDPOINT_URL"
 OBJECT_STORES = ("s3", "s3a")
-S3_CONNECTIONS = 128  # per process; >= EmbedConfig.fetch_workers
+S3_CONNECTIONS = 512  # per process, opened on demand; EmbedConfig.fetch_workers is capped at it
 
 
 def filesystem_options(protocol: str) -> dict[str, Any]:
