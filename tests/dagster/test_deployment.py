@@ -25,6 +25,12 @@ def test_k8s_needs_s3_paths(monkeypatch):
         executor_from_env("/data", 20)
 
 
+@pytest.mark.parametrize("root", ["s3://bucket/backfill", "s3a://bucket/backfill"])
+def test_k8s_accepts_every_root_the_store_treats_as_s3(monkeypatch, root):
+    monkeypatch.setenv(DEPLOYMENT_ENV, "k8s")
+    assert executor_from_env(root, 20).name == "k8s"
+
+
 def test_k8s_uses_the_pooled_k8s_job_executor(monkeypatch):
     monkeypatch.setenv(DEPLOYMENT_ENV, "k8s")
     executor = executor_from_env("s3://bucket/backfill", 20)
