@@ -79,10 +79,13 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from backfill.pipeline import ThreadBudget
     from backfill.search import Searcher
     from backfill.service import ServiceConfig, serve
 
     config = ServiceConfig(max_upload_bytes=args.max_upload_bytes, max_k=args.max_k, poll_s=args.poll_s)
+    # torch (query embedding) and FAISS threads follow the pod's CPU limit, not the node's core count
+    ThreadBudget.resolve().apply()
     serve(Searcher(_layout(args.root), args.model), args.host, args.port, config)
 
 
