@@ -79,10 +79,13 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from backfill.pipeline import ThreadBudget
     from backfill.search import Searcher
     from backfill.service import ServiceConfig, serve
 
     config = ServiceConfig(max_upload_bytes=args.max_upload_bytes, max_k=args.max_k, poll_s=args.poll_s)
+    # torch (query embedding) and FAISS threads follow the pod's CPU limit, not the node's core count
+    ThreadBudget.resolve().apply()
     serve(Searcher(_layout(args.root), args.model), args.host, args.port, config)
 
 
@@ -193,9 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="HTTP search service over the published index: POST /search, GET /search?image_id=, GET /healthz")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--max-upload-bytes", type=int, default=8 * 1024 * 1024, help="larger uploads get 413 (default %(default)s)")
-    p.add_argument("--max-k", type=int, default=100, help="largest k a query may ask for (default %(default)s)")
-    p.add_argument("--poll-s", type=float, default=1.0, help="seconds between checks of CURRENT for a new build (default %(default)s)")
+    from backfill.service import ServiceConfig
+
+    served = ServiceConfig()  # the flags' defaults are the service's own
+    p.add_argument("--max-upload-bytes", type=int, default=served.max_upload_bytes, help="larger uploads get 413 (default %(default)s)")
+    p.add_argument("--max-k", type=int, default=served.max_k, help="largest k a query may ask for (default %(default)s)")
+    p.add_argument("--poll-s", type=float, default=served.poll_s, help="seconds between checks of CURRENT for a new build (default %(default)s)")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("retire", help="remove versions older than the serving one (embeddings, index builds; their partitions follow)")

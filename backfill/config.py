@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from backfill.errors import ConfigError
+from backfill.storage import S3_CONNECTIONS
 
 
 def _require(ok: bool, message: str) -> None:
@@ -40,7 +41,11 @@ class EmbedConfig:
             self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:"),
             f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}",
         )
-        _require(1 <= self.fetch_workers <= 512, f"fetch_workers must be in 1..512, got {self.fetch_workers}")
+        # more requests in flight than the S3 connection pool holds would queue for a connection
+        _require(
+            1 <= self.fetch_workers <= S3_CONNECTIONS,
+            f"fetch_workers must be in 1..{S3_CONNECTIONS} (the S3 connection pool per process), got {self.fetch_workers}",
+        )
         _require(self.decode_workers >= 0, f"decode_workers must be >= 0, got {self.decode_workers}")
         _require(self.torch_threads >= 0, f"torch_threads must be >= 0, got {self.torch_threads}")
         _require(

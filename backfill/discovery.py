@@ -33,7 +33,10 @@ def discover(layout: Layout, model: str, known_versions: set[str], known_shards:
     found.retired = sorted(retired & known_versions)
     for card in cards:
         if card.version in retired:
-            continue  # `backfill retire` removed its data; deleting the marker brings it back
+            # `backfill retire` removed its data. Deleting the marker adds the partition back, but
+            # Dagster keeps the old materializations of its image_embeddings partitions, so nothing
+            # re-embeds it by itself: a re-added version needs a manual backfill of its partitions
+            continue
         if card.version in known_versions:
             found.versions.append(card.version)
             continue

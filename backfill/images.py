@@ -18,6 +18,15 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own bound, before decoding, with a reason
 
 
+try:
+    from aiohttp import ClientResponseError
+
+    HTTP_STATUS_ERRORS: tuple[type[BaseException], ...] = (ClientResponseError,)  # http(s):// URIs
+except ImportError:
+    HTTP_STATUS_ERRORS = ()
+RETRYABLE_STATUSES = (408, 425, 429)  # 4xx answers that mean "not now" rather than "never"
+
+
 class BadImage(Exception):
     """This image cannot be embedded; str(exc) is the reject reason stored with its row.
 
@@ -40,6 +49,11 @@ def make_fetcher() -> Callable[[str | None], bytes]:
                 raise BadImage(f"malformed uri: {uri!r} uses unsupported protocol {protocol!r}") from exc
         try:
             return filesystems[protocol].cat_file(uri)
+        except HTTP_STATUS_ERRORS as exc:
+            status = getattr(exc, "status", 0)
+            if 400 <= status < 500 and status not in RETRYABLE_STATUSES:
+                raise BadImage(f"http {status}: {uri} ({getattr(exc, 'message', exc)})") from None
+            raise RetryableError(f"http {status} fetching {uri}: {exc}") from exc
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise BadImage(f"missing object: {uri}") from None
         except PermissionError as exc:

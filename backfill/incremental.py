@@ -21,6 +21,10 @@ from backfill.index import BUILD_FILE, IDS_FILE, INDEX_FILE, IndexBuild, build_i
 from backfill.storage import Layout
 
 
+class BaseBuildDamaged(IncompleteError):
+    """The build an update would extend is damaged or gone; build_or_update falls back to a full build."""
+
+
 @dataclass(frozen=True)
 class IndexOutcome:
     build: IndexBuild
@@ -59,8 +63,13 @@ def build_or_update(
             reason = f"{total} vectors call for {wanted}, the latest build is {base.index_type}"
         else:
             log(f"incremental: adding {len(new)} shards ({len(vectors)} vectors) to {base.build_id}")
-            build = update_index(layout, base, vectors, ids, uris, rejects, new, config)
-            return IndexOutcome(build, "incremental", f"added {len(new)} new shards to {base.build_id}", base.build_id, tuple(new))
+            try:
+                build = update_index(layout, base, vectors, ids, uris, rejects, new, config)
+            except BaseBuildDamaged as exc:
+                # the base is unusable, the embeddings are not: a full build from them still works
+                reason = f"the latest build {base.build_id} cannot be extended: {exc}"
+            else:
+                return IndexOutcome(build, "incremental", f"added {len(new)} new shards to {base.build_id}", base.build_id, tuple(new))
     log(f"full build: {reason}")
     build = build_index(layout, model, version, shards, config, model_created=model_created, log=log)
     return IndexOutcome(build, "full", reason)
@@ -99,14 +108,21 @@ def update_index(
     """
     started = time.perf_counter()
     folder = layout.index_build(base.model, base.build_id)
-    blob = layout.store.read_bytes(f"{folder}/{INDEX_FILE}")
+    try:
+        blob = layout.store.read_bytes(f"{folder}/{INDEX_FILE}")
+        ids_blob = layout.store.read_bytes(f"{folder}/{IDS_FILE}")
+    except FileNotFoundError as exc:
+        raise BaseBuildDamaged(f"index build {base.model}/{base.build_id} lost a file ({exc})") from None
     if hashlib.sha256(blob).hexdigest() != base.index_sha256:
-        raise IncompleteError(f"index build {base.model}/{base.build_id}: {INDEX_FILE} does not match its sha256; rebuild the version")
+        raise BaseBuildDamaged(f"index build {base.model}/{base.build_id}: {INDEX_FILE} does not match its sha256")
     index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
-    table = pq.read_table(io.BytesIO(layout.store.read_bytes(f"{folder}/{IDS_FILE}")))
+    try:
+        table = pq.read_table(io.BytesIO(ids_blob))
+    except pa.ArrowException as exc:
+        raise BaseBuildDamaged(f"index build {base.model}/{base.build_id}: {IDS_FILE} is unreadable ({exc})") from None
     base_ids = table.column("image_id").to_numpy()
     if len(base_ids) != index.ntotal or index.ntotal != base.vectors:
-        raise IncompleteError(f"index build {base.model}/{base.build_id}: {len(base_ids)} ids, {index.ntotal} vectors, build.json says {base.vectors}")
+        raise BaseBuildDamaged(f"index build {base.model}/{base.build_id}: {len(base_ids)} ids, {index.ntotal} vectors, build.json says {base.vectors}")
     if vectors.shape[1] != index.d:
         raise IncompleteError(f"shards {new_shards} of {base.model}/{base.version} have dim {vectors.shape[1]}, the index has {index.d}")
     repeated = np.intersect1d(base_ids, ids)

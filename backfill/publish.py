@@ -46,7 +46,7 @@ def publish(layout: Layout, model: str, build_id: str, *, force: bool = False) -
     current = read_pointer(layout, model)
     if current and current.get("build_id") == build_id:
         return PublishResult(False, f"{build_id} is already published", current)
-    if current and not force and _created(current.get("model_created")) > _created(build.model_created):
+    if current and not force and created_at(current.get("model_created")) > created_at(build.model_created):
         return PublishResult(
             False,
             f"not published: {model}/{current['version']} (newer than {build.version}) is serving; use rollback to go back",
@@ -69,7 +69,7 @@ def publish(layout: Layout, model: str, build_id: str, *, force: bool = False) -
     return PublishResult(True, f"published {build_id}" + (" (rollback)" if force else ""), pointer)
 
 
-def _created(stamp: str | None) -> datetime:
+def created_at(stamp: str | None) -> datetime:
     """A model's registration time; unknown sorts first."""
     if not stamp:
         return datetime.min.replace(tzinfo=timezone.utc)

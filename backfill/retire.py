@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 
 from backfill.errors import ConfigError
 from backfill.index import BUILD_FILE, read_build
-from backfill.publish import _created, read_pointer
+from backfill.publish import created_at, read_pointer
 from backfill.registry import list_versions
 from backfill.storage import Layout
 
@@ -38,7 +38,8 @@ def plan_retirement(layout: Layout, model: str, keep: int) -> RetirePlan:
     Only versions older than the serving one are retired: a newer version may have a backfill in
     flight. The `keep` newest of the older ones stay for rollback. Index builds go with their
     version; a kept version also loses its superseded builds (each near-line update writes one),
-    except the serving build and the one it replaced (a one-step rollback).
+    except its newest build, its newest build that passed the recall gate (what a rollback to it
+    would publish), the serving build and the one it replaced (a one-step rollback).
     """
     if not 0 <= keep <= 1000:
         raise ConfigError(f"keep must be in 0..1000 (older versions kept for rollback), got {keep}")
@@ -46,22 +47,27 @@ def plan_retirement(layout: Layout, model: str, keep: int) -> RetirePlan:
     cards, _ = list_versions(layout, model)
     created = {c.version: c.created for c in cards}
     builds = _complete_builds(layout, model)
-    versions = set(created) | set(layout.store.ls(layout.embeddings(model, ""))) | {v for v, _ in builds.values()}
+    versions = set(created) | set(layout.store.ls(layout.embeddings(model, ""))) | {v for v, _, _ in builds.values()}
     versions -= set(retired_versions(layout, model))
     if pointer is None:
         return RetirePlan(model, None, None, sorted(versions), [], reason="nothing is published yet, so every version may still be needed")
     serving = pointer["version"]
-    order = sorted(versions, key=lambda v: (_created(created.get(v)), v))  # unknown (unregistered) versions first
-    older = [v for v in order if _created(created.get(v)) < _created(pointer.get("model_created")) and v != serving]
+    order = sorted(versions, key=lambda v: (created_at(created.get(v)), v))  # unknown (unregistered) versions first
+    older = [v for v in order if created_at(created.get(v)) < created_at(pointer.get("model_created")) and v != serving]
     retire = older[: max(0, len(older) - keep)]
     kept = [v for v in order if v not in retire]
     protected = {pointer["build_id"], pointer.get("previous_build_id")}
-    latest: dict[str, tuple[str, str]] = {}
-    for build_id, (version, when) in builds.items():
-        if version not in latest or when > latest[version][1]:
-            latest[version] = (build_id, when)
+    # a kept version keeps its newest build and its newest build that passed the recall gate:
+    # when the newest failed its gate, the passing one is what a rollback to that version needs
+    newest: dict[str, tuple[str, str]] = {}
+    newest_passing: dict[str, tuple[str, str]] = {}
+    for build_id, (version, when, passed) in builds.items():
+        for latest in (newest, newest_passing) if passed else (newest,):
+            if version not in latest or when > latest[version][1]:
+                latest[version] = (build_id, when)
+    latest = {build_id for build_id, _ in (*newest.values(), *newest_passing.values())}
     doomed = sorted(
-        b for b, (version, _) in builds.items() if b not in protected and (version in retire or b != latest[version][0])
+        b for b, (version, _, _) in builds.items() if b not in protected and (version in retire or b not in latest)
     )
     return RetirePlan(model, serving, pointer["build_id"], kept, retire, doomed)
 
@@ -91,11 +97,11 @@ def retired_versions(layout: Layout, model: str) -> list[str]:
     return [n[: -len(".json")] for n in layout.store.ls(layout.retired(model)) if n.endswith(".json")]
 
 
-def _complete_builds(layout: Layout, model: str) -> dict[str, tuple[str, str]]:
-    """build_id -> (version, created) of every build with its build.json (others may be in progress)."""
+def _complete_builds(layout: Layout, model: str) -> dict[str, tuple[str, str, bool]]:
+    """build_id -> (version, created, passed) of every build with its build.json (others may be in progress)."""
     found = {}
     for build_id in layout.store.ls(layout.index_builds(model)):
         if layout.store.exists(f"{layout.index_build(model, build_id)}/{BUILD_FILE}"):
             build = read_build(layout, model, build_id)
-            found[build_id] = (build.version, build.created)
+            found[build_id] = (build.version, build.created, build.passed)
     return found

@@ -11,12 +11,12 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
-from backfill.errors import BackfillError, IncompleteError, UnknownImageError
+from backfill.errors import BackfillError, IncompleteError, RetryableError, UnknownImageError
 from backfill.images import decode
 from backfill.index import IDS_FILE, INDEX_FILE, read_build
 from backfill.publish import read_pointer
 from backfill.registry import LoadedModel, load_model, read_card
-from backfill.storage import Layout, local_copy
+from backfill.storage import Layout, local_copy, prune_cache
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class _Served:
 
     build_id: str
     version: str
+    index_sha256: str  # names its file in the download cache
     index: faiss.Index
     ids: np.ndarray
     uris: list[str]
@@ -64,31 +65,63 @@ class Searcher:
         self._served: _Served | None = None
         self._lock = threading.Lock()
         self.load_error: str | None = None  # why the build CURRENT names could not be loaded, if it could not
+        self._failed: tuple[str, str] | None = None  # (build_id, why) of a build that cannot load, not retried
 
     def current(self) -> _Served:
-        pointer = read_pointer(self.layout, self.model_name)
+        served = self._served
+        try:
+            pointer = read_pointer(self.layout, self.model_name)
+        except RetryableError as exc:
+            if served is None:
+                raise
+            # a storage blip: the loaded build still answers; /healthz says why CURRENT was not read
+            self.load_error = f"could not read CURRENT (still serving {served.build_id}): {exc}"
+            return served
         if pointer is None:
             raise BackfillError(f"no index is published for model {self.model_name!r} yet")
-        served = self._served
-        if served is None or served.build_id != pointer["build_id"]:
-            # while one caller loads the new build, the others keep answering from the old one
-            if not self._lock.acquire(blocking=served is None):
+        build_id = pointer["build_id"]
+        if served is not None and served.build_id == build_id:
+            self.load_error = None
+            return served
+        failed = self._failed
+        if failed is not None and failed[0] == build_id:
+            # this build failed for good: not downloaded again until CURRENT names another one
+            if served is None:
+                raise IncompleteError(failed[1])
+            self.load_error = failed[1]
+            return served
+        # while one caller loads the new build, the others keep answering from the old one
+        if not self._lock.acquire(blocking=served is None):
+            return served
+        try:
+            served = self._served
+            if served is not None and served.build_id == build_id:
                 return served
             try:
-                served = self._served
-                if served is None or served.build_id != pointer["build_id"]:
-                    try:
-                        served = self._load(pointer["build_id"], served)
-                    except BackfillError as exc:
-                        if served is None:
-                            raise
-                        # keep answering from the build that works; say why the new one does not
-                        self.load_error = f"{pointer['build_id']}: {exc}"
-                        return served
-                    self._served, self.load_error = served, None
-            finally:
-                self._lock.release()
-        return served
+                loaded = self._load_or_explain(build_id, served)
+            except BackfillError as exc:
+                if not isinstance(exc, RetryableError):
+                    self._failed = (build_id, str(exc))
+                if served is None:
+                    raise
+                # keep answering from the build that works; say why the new one does not
+                self.load_error = f"{build_id}: {exc}"
+                return served
+            self._served, self.load_error, self._failed = loaded, None, None
+            # the replaced build's index file is no longer read (FAISS holds it in memory)
+            prune_cache(self.cache_dir, {loaded.index_sha256})
+            return loaded
+        finally:
+            self._lock.release()
+
+    def _load_or_explain(self, build_id: str, previous: _Served | None) -> _Served:
+        """_load, with any failure (a damaged ids.parquet, a FAISS error) as a BackfillError naming the build."""
+        try:
+            return self._load(build_id, previous)
+        except BackfillError:
+            raise
+        except Exception as exc:
+            raise IncompleteError(f"index build {self.model_name}/{build_id} could not be loaded: {type(exc).__name__}: {exc}") from exc
 
     def _load(self, build_id: str, previous: _Served | None) -> _Served:
         build = read_build(self.layout, self.model_name, build_id)
@@ -112,7 +145,7 @@ class Searcher:
         else:
             model = load_model(self.layout, read_card(self.layout, self.model_name, build.version), self.device)
         ids = table.column("image_id").to_numpy()
-        return _Served(build_id, build.version, index, ids, table.column("uri").to_pylist(), model, np.argsort(ids, kind="stable"))
+        return _Served(build_id, build.version, build.index_sha256, index, ids, table.column("uri").to_pylist(), model, np.argsort(ids, kind="stable"))
 
     def search_image(self, data: bytes, k: int = 10) -> SearchResult:
         served = self.current()

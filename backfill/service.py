@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from starlette.routing import Route
 from backfill.errors import BackfillError, ConfigError, UnknownImageError
 from backfill.images import BadImage
 from backfill.search import SearchResult, Searcher
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -183,8 +186,11 @@ def _poll(searcher: Searcher, stop: threading.Event, every_s: float) -> None:
     while not stop.wait(every_s):
         try:
             searcher.current()
-        except (BackfillError, OSError):
+        except BackfillError:
             pass  # nothing published yet, a broken build or storage down: /healthz and /search report it
+        except Exception:
+            # anything else is a bug, but the poller must outlive it or no new build ever loads
+            log.exception("polling CURRENT of %s failed", searcher.model_name)
 
 
 def serve(searcher: Searcher, host: str, port: int, config: ServiceConfig = ServiceConfig()) -> None:

@@ -20,7 +20,7 @@ from backfill.errors import ConfigError, IncompleteError, RetryableError
 # AWS credential chain (env, ~/.aws, IRSA web identity), which botocore reads by itself.
 S3_ENDPOINT_ENV = "BACKFILL_S3_ENDPOINT_URL"
 OBJECT_STORES = ("s3", "s3a")
-S3_CONNECTIONS = 128  # per process; >= EmbedConfig.fetch_workers
+S3_CONNECTIONS = 512  # per process, opened on demand; EmbedConfig.fetch_workers is capped at it
 
 
 def filesystem_options(protocol: str) -> dict[str, Any]:
@@ -57,9 +57,11 @@ def transient_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     try:
-        from aiohttp import ClientError
+        # not aiohttp.ClientError: it includes ClientResponseError, an HTTP answer such as 403 or
+        # 410 for one image URL, which a retry cannot change (images.make_fetcher sorts those)
+        from aiohttp import ClientConnectionError, ClientPayloadError
 
-        kinds.append(ClientError)
+        kinds += [ClientConnectionError, ClientPayloadError]  # ServerTimeoutError is a ClientConnectionError
     except ImportError:
         pass
     return tuple(kinds)
@@ -149,6 +151,9 @@ class Store:
                 _local_atomic_write(path, data)
             else:
                 self.fs.pipe_file(path, data)
+        except PermissionError as exc:
+            # S3's AccessDenied on a PUT: every retry would be refused the same way
+            raise ConfigError(f"no permission to write {self.display(path)}: check the credentials/bucket policy for writes ({exc})") from exc
         except (OSError, *transient_errors()) as exc:
             # a full disk or a dropped connection: the same write may succeed on retry
             raise RetryableError(f"could not write {self.display(path)}: {exc}") from exc
@@ -195,6 +200,34 @@ def local_copy(store: Store, path: str, sha256: str, cache_dir: str) -> str:
     if file_sha256(path) != sha256:
         raise IncompleteError(f"{path} does not match its recorded sha256 {sha256[:12]}…")
     return path
+
+
+def prune_cache(cache_dir: str, keep_shas: set[str]) -> list[str]:
+    """Delete the files local_copy cached under cache_dir except those of keep_shas; the paths removed.
+
+    Each near-line update publishes a new build with a new checksum, so without this a long-lived
+    reader's cache grows by one index file per update. Partial downloads (*.part) are left alone:
+    they belong to a download in progress. One cache_dir must serve one reader process.
+    """
+    removed: list[str] = []
+    if not os.path.isdir(cache_dir):
+        return removed
+    for prefix in os.listdir(cache_dir):
+        folder = os.path.join(cache_dir, prefix)
+        if len(prefix) != 2 or not os.path.isdir(folder):
+            continue  # not a local_copy folder: not ours to delete
+        for name in os.listdir(folder):
+            sha = name.split("-", 1)[0]
+            if name.endswith(".part") or len(sha) != 64 or not sha.startswith(prefix) or sha in keep_shas:
+                continue
+            try:
+                os.unlink(os.path.join(folder, name))
+                removed.append(os.path.join(folder, name))
+            except FileNotFoundError:
+                pass
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)  # only succeeds when emptied
+    return removed
 
 
 def _local_atomic_write(path: str, data: bytes) -> None:

@@ -9,6 +9,7 @@ from dagster import Executor, ExecutorDefinition, InitExecutorContext, multiple_
 from dagster_k8s import k8s_job_executor
 
 from backfill.errors import ConfigError
+from backfill.storage import OBJECT_STORES, protocol_of
 from assets.pools import POOL_TAG, Pools, load_pools
 
 DEPLOYMENT_ENV = "BACKFILL_DEPLOYMENT"
@@ -28,7 +29,7 @@ def executor_from_env(root: str, grace_s: float) -> ExecutorDefinition:
     """local: the multiprocess executor. k8s: step Jobs on pools, which needs shared (S3) storage."""
     if deployment() == "local":
         return multiprocess_executor
-    if not root.startswith("s3://"):
+    if protocol_of(root) not in OBJECT_STORES:  # the protocols the engine's Store treats as S3
         raise ConfigError(
             f"{DEPLOYMENT_ENV}=k8s needs BACKFILL_ROOT=s3://bucket/prefix, got {root!r}: step pods share no disk "
             "(set BACKFILL_S3_ENDPOINT_URL for an S3-compatible store)"

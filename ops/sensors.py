@@ -81,6 +81,9 @@ backfill_automation = AutomationConditionSensorDefinition(
     "shards; a new manifest shard: that shard for every version).",
 )
 
+# the QueuedRunCoordinator dequeues higher dagster/priority first (default 0)
+INDEX_PRIORITY_TAG, INDEX_PRIORITY = "dagster/priority", "10"
+
 # The index build and publish are one run per version, launched as a plain run: a backfill
 # is only picked up by the backfill daemon's loop (every 30 s in Dagster 1.13), which would
 # add up to 30 s to every near-line update for nothing (there is one partition to run).
@@ -90,6 +93,9 @@ index_automation = AutomationConditionSensorDefinition(
     default_status=DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=AUTOMATION_INTERVAL_S,
     emit_backfills=False,
-    run_tags={"dagster/retry_strategy": "ALL_STEPS", **pool_tags_from_env()},
+    # no BACKFILL_POOL tag: its run limit is the embedding backfill's, and a near-line update must
+    # not queue behind a big backfill (index steps run on indexPool, or the run launcher's
+    # on-demand placement); a higher priority puts it ahead of queued embedding runs
+    run_tags={"dagster/retry_strategy": "ALL_STEPS", INDEX_PRIORITY_TAG: INDEX_PRIORITY},
     description="Builds (or updates, for new shards) and publishes a version's index once none of its shards is missing or running.",
 )

@@ -25,6 +25,12 @@ def test_k8s_needs_s3_paths(monkeypatch):
         executor_from_env("/data", 20)
 
 
+@pytest.mark.parametrize("root", ["s3://bucket/backfill", "s3a://bucket/backfill"])
+def test_k8s_accepts_every_root_the_store_treats_as_s3(monkeypatch, root):
+    monkeypatch.setenv(DEPLOYMENT_ENV, "k8s")
+    assert executor_from_env(root, 20).name == "k8s"
+
+
 def test_k8s_uses_the_pooled_k8s_job_executor(monkeypatch):
     monkeypatch.setenv(DEPLOYMENT_ENV, "k8s")
     executor = executor_from_env("s3://bucket/backfill", 20)
@@ -60,11 +66,25 @@ def test_the_real_definitions_in_the_k8s_deployment():
     code = (
         "import json; from ops.definitions import defs; repo = defs.get_repository_def();"
         "job = repo.get_job('embed_job');"
-        "auto = repo.get_sensor_def('backfill_automation');"
-        "print(json.dumps({'executor': job.executor_def.name, 'tags': dict(auto.run_tags)}))"
+        "auto = repo.get_sensor_def('backfill_automation'); index = repo.get_sensor_def('index_automation');"
+        "print(json.dumps({'executor': job.executor_def.name, 'tags': dict(auto.run_tags), 'index_tags': dict(index.run_tags)}))"
     )
     env = {**os.environ, DEPLOYMENT_ENV: "k8s", "BACKFILL_ROOT": "s3://bucket/backfill", POOL_ENV: "gpu-spot"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out == {"executor": "k8s", "tags": {"dagster/retry_strategy": "ALL_STEPS", POOL_TAG: "gpu-spot"}}
+    assert out == {
+        "executor": "k8s",
+        "tags": {"dagster/retry_strategy": "ALL_STEPS", POOL_TAG: "gpu-spot"},
+        # index runs are not counted against the embedding pool's run limit, and jump its queue
+        "index_tags": {"dagster/retry_strategy": "ALL_STEPS", "dagster/priority": "10"},
+    }
+
+
+def test_the_index_priority_tag_is_the_one_the_run_queue_reads():
+    # Dagster names it only in a private module: this breaks if Dagster renames the tag
+    from dagster._core.storage.tags import PRIORITY_TAG
+
+    from ops.sensors import INDEX_PRIORITY, INDEX_PRIORITY_TAG
+
+    assert INDEX_PRIORITY_TAG == PRIORITY_TAG and int(INDEX_PRIORITY) > 0

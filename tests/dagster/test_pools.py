@@ -329,7 +329,7 @@ def test_cpu_pool_must_not_take_a_gpu_and_default_must_exist():
         parse_pools(data, "pools.yaml")
     data = _pools_yaml()
     data["default"] = "gpu"
-    with pytest.raises(ConfigError, match=r"'default' must name one of the pools \['cpu-tidal', 'gpu-spot'\], got 'gpu'"):
+    with pytest.raises(ConfigError, match=r"'default' must name one of the pools \['cpu-tidal', 'gpu-spot', 'index'\], got 'gpu'"):
         parse_pools(data, "pools.yaml")
 
 

@@ -111,3 +111,28 @@ def test_dockerfile_variants_pin_the_torch_of_setup(variant):
     assert re.search(rf"^\s+{variant}\)\s+pip install \"torch==\$\{{TORCH_VERSION\}}\"", dockerfile, re.M)
     setup = (DEPLOY.parent / "scripts" / "setup.sh").read_text()
     assert re.search(r"ARG TORCH_VERSION=(\S+)", dockerfile).group(1) == re.search(r"torch==(\S+)", setup).group(1)
+
+
+def test_index_steps_get_an_on_demand_pool_sized_for_an_index():
+    # without indexPool, faiss_index and search_index step pods get the run launcher's 1 GiB limit
+    from ops.deployment import INDEX_OPS, pool_executor_config
+
+    pools = load_pools()
+    assert pools.index_pool, "deploy/pools.yaml must set indexPool"
+    pool = pools.get(pools.index_pool)
+    assert pool.device == "cpu" and not pool.k8s_config()["pod_spec_config"]["tolerations"]  # never on spot nodes
+    assert pool.k8s_config()["pod_spec_config"]["node_selector"] == {"backfill.dev/capacity": "on-demand"}
+    memory = pool.k8s_config()["container_config"]["resources"]["limits"]["memory"]
+    assert memory.endswith("Gi") and int(memory[:-2]) >= 16
+    per_step = pool_executor_config({}, pools, {POOL_TAG: "gpu-spot"})["per_step_k8s_config"]
+    assert all(per_step[op] == pool.k8s_config() for op in INDEX_OPS)
+
+
+def test_the_cuda_image_installs_the_torchvision_built_for_its_torch():
+    # without torchvision the GPU feed never decodes JPEGs with nvjpeg (backfill/feed.py falls back to PIL)
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"^\s+cuda\)\s+pip install \"torch==\$\{TORCH_VERSION\}\" \"torchvision==\$\{TORCHVISION_VERSION\}\"", dockerfile, re.M)
+    assert not re.search(r"^\s+cpu\)[^\n]*torchvision", dockerfile, re.M)  # it cannot sit beside the CPU torch
+    torch = re.search(r"ARG TORCH_VERSION=2\.(\d+)\.(\d+)", dockerfile)
+    vision = re.search(r"ARG TORCHVISION_VERSION=0\.(\d+)\.(\d+)", dockerfile)
+    assert int(vision.group(1)) == int(torch.group(1)) + 15 and vision.group(2) == torch.group(2)  # torch 2.13.0 <-> 0.28.0

@@ -52,3 +52,15 @@ def test_searching_with_a_non_image_names_the_file(registered, tmp_path, capsys)
     query.write_text("not a picture")
     assert main(["--root", layout.store.root, "search", str(query)]) == 2
     assert f"query {query}: not an image" in capsys.readouterr().err
+
+
+def test_serve_applies_the_cpu_budget_before_serving(tmp_path, monkeypatch):
+    from backfill import service
+    from backfill.pipeline import ThreadBudget
+
+    calls = []
+    monkeypatch.setattr(ThreadBudget, "apply", lambda self: calls.append(("budget", self.cpus)) or self)
+    monkeypatch.setattr(service, "serve", lambda searcher, host, port, config: calls.append(("serve", config)))
+    assert main(["--root", str(tmp_path), "serve"]) == 0
+    assert [c[0] for c in calls] == ["budget", "serve"]
+    assert calls[1][1] == service.ServiceConfig()  # the flags' defaults are the service's own

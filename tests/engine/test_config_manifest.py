@@ -53,3 +53,12 @@ def test_manifest_without_uri_column_says_what_is_needed(layout):
     with pytest.raises(ManifestError, match="has no 'uri' column"):
         write_shard(layout, "bad", pa.table({"image_id": pa.array([1], pa.int64())}))
     assert "bad" not in list_shards(layout)
+
+
+def test_fetch_workers_never_exceed_the_s3_connection_pool():
+    from backfill.storage import S3_CONNECTIONS, filesystem_options
+
+    assert filesystem_options("s3")["config_kwargs"]["max_pool_connections"] == S3_CONNECTIONS
+    assert EmbedConfig(fetch_workers=512).fetch_workers == 512  # the range it always allowed
+    with pytest.raises(ConfigError, match=rf"fetch_workers must be in 1..{S3_CONNECTIONS} \(the S3 connection pool per process\), got {S3_CONNECTIONS + 1}"):
+        EmbedConfig(fetch_workers=S3_CONNECTIONS + 1)

@@ -125,3 +125,15 @@ def test_an_unembedded_new_shard_is_refused_by_name(registered):
     build_or_update(layout, MODEL, "v1", [s0, s1], IndexConfig())
     with pytest.raises(IncompleteError, match=f"shard {s2} has no completion marker"):
         build_or_update(layout, MODEL, "v1", [s0, s1, s2], IndexConfig())
+
+
+@pytest.mark.parametrize("damaged, why", [(INDEX_FILE, "does not match its sha256"), (IDS_FILE, "is unreadable")])
+def test_a_damaged_base_build_falls_back_to_a_full_build(registered, damaged, why):
+    layout, card = registered
+    s0, s1, s2 = list_shards(layout)
+    embed(layout, card, [s0, s1, s2])
+    base = build_or_update(layout, MODEL, "v1", [s0, s1], IndexConfig(), model_created=card.created).build
+    layout.store.write_bytes(f"{base.path}/{damaged}", b"bit rot")
+    out = build_or_update(layout, MODEL, "v1", [s0, s1, s2], IndexConfig(), model_created=card.created)
+    assert out.mode == "full" and base.build_id in out.reason and why in out.reason
+    assert out.build.passed and out.build.vectors == 60 and out.build.shard_names == [s0, s1, s2]

@@ -11,7 +11,7 @@ from backfill.incremental import build_or_update
 from backfill.index import build_index
 from backfill.manifest import list_shards
 from backfill.publish import publish, read_pointer
-from backfill.registry import load_model
+from backfill.registry import list_versions, load_model
 from backfill.retire import plan_retirement, retire, retired_versions
 from backfill.search import Searcher
 from tests.conftest import MODEL, TINY, register_tiny
@@ -105,3 +105,17 @@ def test_cli_is_a_dry_run_unless_yes(three_versions, capsys):
     assert "retired v1" in capsys.readouterr().out and not layout.store.exists(layout.embeddings(MODEL, "v1"))
     assert main(["--root", layout.store.root, "retire", "--keep", "-2"]) == 2
     assert "keep must be in 0..1000" in capsys.readouterr().err
+
+
+def test_a_kept_version_keeps_its_newest_passing_build_when_its_newest_failed_the_gate(three_versions):
+    layout, b = three_versions
+    failing = IndexConfig(flat_below=10, pq_from=11, pq_m=2, target_recall=1.0, n_queries=20)
+    card1 = next(c for c in list_versions(layout, MODEL)[0] if c.version == "v1")
+    first_v1 = builds_of(layout, "v1")
+    passing = build_index(layout, MODEL, "v1", list_shards(layout), IndexConfig(), model_created=card1.created)
+    failed = build_index(layout, MODEL, "v1", list_shards(layout), failing, model_created=card1.created)
+    assert passing.passed and not failed.passed
+    plan = plan_retirement(layout, MODEL, keep=1)  # v1 is kept for rollback
+    assert plan.retire == [] and "v1" in plan.keep
+    assert passing.build_id not in plan.builds and failed.build_id not in plan.builds
+    assert plan.builds == first_v1  # superseded by a passing build: that one goes

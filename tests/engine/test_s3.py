@@ -8,7 +8,7 @@ from backfill.errors import ConfigError, IncompleteError, RetryableError
 from backfill.images import make_fetcher
 from backfill.index import INDEX_FILE, build_index
 from backfill.manifest import list_shards, read_shard
-from backfill.publish import publish, read_pointer
+from backfill.publish import publish
 from backfill.registry import load_model
 from backfill.search import Searcher
 from backfill.storage import Layout, Store, local_copy

@@ -30,14 +30,15 @@ def _no_sleep():
 
 def start_server(root, tmp) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    log = open(tmp / f"serve-{port}.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "backfill.cli", "--root", str(root), "--model", MODEL, "serve", "--port", str(port), "--poll-s", "0.1", "--max-upload-bytes", str(LIMIT)],
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    log_path = tmp / f"serve-{port}.log"
+    with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "backfill.cli", "--root", str(root), "--model", MODEL, "serve", "--port", str(port), "--poll-s", "0.1", "--max-upload-bytes", str(LIMIT)],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # until uvicorn accepts connections
@@ -48,9 +49,8 @@ def start_server(root, tmp) -> tuple[subprocess.Popen, str]:
             if proc.poll() is not None:
                 break
             time.sleep(0.1)
-    log.seek(0)
     stop_server(proc)
-    raise AssertionError(f"server did not start: {log.read()[-2000:]}")
+    raise AssertionError(f"server did not start: {log_path.read_text()[-2000:]}")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
