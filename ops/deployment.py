@@ -57,6 +57,12 @@ def pool_executor_config(executor_config: Mapping[str, Any], pools: Pools, run_t
     return config
 
 
+def runs_on_pool(step_keys) -> bool:
+    """Whether a run has a step that goes to the backfill's pool (an index-only run does not, and
+    tagging it would count it against that pool's run limit)."""
+    return any(key in EMBED_OPS for key in step_keys)
+
+
 class PooledK8sExecutor(Executor):
     """k8s_job_executor, built per run once the run's pool tag is known."""
 
@@ -75,7 +81,7 @@ class PooledK8sExecutor(Executor):
 
     def execute(self, plan_context, execution_plan):
         run = plan_context.dagster_run
-        if POOL_TAG not in run.tags:
+        if POOL_TAG not in run.tags and runs_on_pool(execution_plan.step_keys_to_execute):
             # make the default pool explicit: the UI shows it, and the step pods read it for their device
             plan_context.instance.add_run_tags(run.run_id, {POOL_TAG: self._pools.default})
         config = pool_executor_config(self._init.executor_config, self._pools, run.tags)

@@ -88,3 +88,11 @@ def test_the_index_priority_tag_is_the_one_the_run_queue_reads():
     from ops.sensors import INDEX_PRIORITY, INDEX_PRIORITY_TAG
 
     assert INDEX_PRIORITY_TAG == PRIORITY_TAG and int(INDEX_PRIORITY) > 0
+
+
+def test_only_runs_with_an_embedding_step_are_tagged_with_the_default_pool():
+    # an index run tagged with the default pool took one of that pool's run slots while it ran
+    from ops.deployment import runs_on_pool
+
+    assert runs_on_pool(["image_embeddings"])
+    assert not runs_on_pool(["faiss_index", "search_index"])
