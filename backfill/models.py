@@ -104,7 +104,12 @@ def torchscript_bytes(arch: Architecture, calibration: int = 768) -> bytes:
     """The TorchScript artifact of a reference model (loadable without any Python class)."""
     model = RefCNN(arch).eval()
     model.calibrate(calibration_images(arch, n=calibration))
-    example = torch.zeros(2, 3, arch.input_size, arch.input_size)
+    return trace_bytes(model, arch.input_size)
+
+
+def trace_bytes(model: nn.Module, input_size: int) -> bytes:
+    """A model in eval mode traced on (2, 3, input_size, input_size) and saved as TorchScript bytes."""
+    example = torch.zeros(2, 3, input_size, input_size)
     buf = io.BytesIO()
     with torch.inference_mode(), warnings.catch_warnings():
         # TorchScript is deprecated in torch 2.13 but is still the registry's format (registry.FORMATS)

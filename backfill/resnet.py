@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import io
-import warnings
-
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from backfill.models import trace_bytes
 
 # (block, blocks per stage); widths are the standard 64-128-256-512 (x4 for bottlenecks)
 DEPTHS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet50": ("bottleneck", (3, 4, 6, 3))}
@@ -94,11 +93,4 @@ class ResNet(nn.Module):
 
 def torchscript_bytes(kind: str, dim: int = 256, input_size: int = 224, seed: int = 0) -> bytes:
     """The TorchScript artifact of a (random-weight) ResNet, in eval mode, for the registry."""
-    model = ResNet(kind, dim, seed).eval()
-    example = torch.zeros(2, 3, input_size, input_size)
-    buf = io.BytesIO()
-    with torch.inference_mode(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.jit.save(torch.jit.trace(model, example), buf)
-    return buf.getvalue()
+    return trace_bytes(ResNet(kind, dim, seed).eval(), input_size)
