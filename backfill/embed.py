@@ -22,7 +22,7 @@ from backfill.images import BadImage, fetch_many
 from backfill.manifest import read_shard
 from backfill.pipeline import Prefetched, ThreadBudget, bounded_map
 from backfill.preemption import StopSignal
-from backfill.registry import LoadedModel
+from backfill.runtime import LoadedModel
 from backfill.storage import Layout
 
 MARKER = "_SUCCESS.json"

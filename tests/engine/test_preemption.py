@@ -10,7 +10,7 @@ from backfill.config import EmbedConfig
 from backfill.embed import embed_shard, is_chunk, load_embeddings
 from backfill.errors import Preempted, RetryableError
 from backfill.preemption import StopSignal, sigterm_notice
-from backfill.registry import load_model
+from backfill.runtime import load_model
 from tests.conftest import MODEL
 
 CONFIG = EmbedConfig(batch_size=2, chunk_size=6, fetch_workers=2, decode_workers=1, torch_threads=1)
