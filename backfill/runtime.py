@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import math
+import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,6 +14,9 @@ from torch.nn import functional as F
 from backfill.errors import ConfigError, ModelError
 from backfill.registry import ModelCard, read_artifact
 from backfill.storage import Layout
+
+if TYPE_CHECKING:
+    from backfill.reader import Span
 
 
 class LoadedModel:
@@ -37,6 +42,10 @@ class LoadedModel:
         std = torch.tensor(card.std, device=self.device).view(1, 3, 1, 1)
         self._scale = 1.0 / (255.0 * std)
         self._shift = -mean / std
+
+    def __call__(self, pixels: torch.Tensor) -> "PendingEmbedding":
+        """The model stage per batch (the model was loaded once, by load_model): embed_pixels_async."""
+        return self.embed_pixels_async(pixels)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """uint8 NHWC images of the card's input size -> float32 unit vectors (N, dim)."""
@@ -102,6 +111,38 @@ class PendingEmbedding:
         return self._vectors
 
 
+class Chunk:
+    """The rows start..end of one chunk as the model stage sees them: its batches' pending vectors, its rejects."""
+
+    def __init__(self, model: LoadedModel, start: int, end: int) -> None:
+        self.model, self.start, self.end = model, start, end
+        self.errors: list[str | None] = [None] * (end - start)
+        self.parts: list[tuple[list[int], PendingEmbedding]] = []  # (chunk offsets, their vectors)
+        self.embedded = 0
+        self.began = time.monotonic()
+
+    def launch(self, span: "Span", pixels: torch.Tensor | None, failed: dict[int, str]) -> int:
+        """Queue the model on a prepared batch; its rejects keep their reason. Returns the rows embedded."""
+        for i, reason in span.rejects:
+            self.errors[i] = reason
+        for j, reason in failed.items():
+            self.errors[span.offsets[j]] = reason
+        rows = [i for j, i in enumerate(span.offsets) if j not in failed]
+        if rows:
+            self.parts.append((rows, self.model(pixels)))
+            self.embedded += len(rows)
+        return len(rows)
+
+    def collect(self) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors (n, dim) float32, valid mask): waits for the device."""
+        vectors = np.zeros((self.end - self.start, self.model.card.dim), dtype=np.float32)
+        valid = np.zeros(self.end - self.start, dtype=bool)
+        for rows, pending in self.parts:
+            vectors[rows] = pending.result()
+            valid[rows] = True
+        return vectors, valid
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a card's precision on a device, or None for fp32."""
     if precision == "bf16" and (device.type == "cpu" or torch.cuda.is_bf16_supported()):
@@ -122,7 +163,8 @@ def load_model(layout: Layout, card: ModelCard, device: str = "cpu") -> LoadedMo
     try:
         module = torch.jit.load(io.BytesIO(blob), map_location=device).eval()
     except Exception as exc:  # a TorchScript archive that does not parse
-        raise ModelError(f"model {card.name} version {card.version}: artifact is not loadable TorchScript ({exc})") from None
+        what = f"model {card.name} version {card.version}"
+        raise ModelError(f"{what}: artifact is not loadable TorchScript ({exc})") from None
     model = LoadedModel(card, module, device)
     probe = np.random.default_rng(0).integers(0, 256, (2, card.input_size, card.input_size, 3), dtype=np.uint8)
     vecs = model.embed(probe)
