@@ -48,31 +48,26 @@ def embed_shard(
 ) -> EmbedStats:
     """Embed every row of a manifest shard with one model version.
 
-    Chunk i covers the same rows on every attempt and is committed atomically, so a
-    retried partition skips committed chunks and redoes at most the chunk it was in.
-    Bad images become rows with a null embedding and a reason. The completion marker
-    (counts and an id checksum) is written last.
+    Chunk i covers the same rows on every attempt and is committed atomically, so a retried
+    partition skips committed chunks and redoes at most the chunk it was in. Bad images become
+    rows with a null embedding and a reason. The completion marker (counts, id checksum) is last.
 
-    When `stop` is set (a preemption notice), the chunk in hand is finished and committed
-    if the rate so far says it fits in config.grace_s, else abandoned; then Preempted is
-    raised so the caller retries. `on_batch(n)` reports every n images embedded (work
-    accounting: images embedded but never committed are the cost of a kill), as does
-    config.work_log; see hooks.EmbedHooks.
+    After a preemption notice (`stop`) the chunk in hand is committed if the rate so far says it
+    fits in config.grace_s, else abandoned; then Preempted is raised so the caller retries. The
+    hooks (hooks.EmbedHooks, and config.work_log) report progress and let a test kill the run.
     """
     started = time.perf_counter()
     card = model.card
     out = layout.embeddings(card.name, card.version, shard_name)
     stats = EmbedStats(shard_name, card.name, card.version, batch_size=config.images_per_batch, device=config.device)
-    work_log = WorkLog(config.work_log, card.version, shard_name) if config.work_log else None
-    hooks = EmbedHooks(progress, on_chunk_committed, on_batch, work_log)
+    hooks = EmbedHooks(progress, on_chunk_committed, on_batch, WorkLog.at(config.work_log, card.version, shard_name))
     shard = read_shard(layout, shard_name)
     plan = chunk_plan(len(shard), config.chunk_size)
     todo = _resume(layout, out, plan, config.chunk_size, stats)
     if todo is None:
         stats.wall_s = time.perf_counter() - started
         return stats
-    pending = set(todo)
-    resumed = [(s, e) for s, e in plan if (s, e) not in pending]
+    resumed = sorted(set(plan) - set(todo))  # committed by earlier attempts
     hooks.resumed(sum(e - s for s, e in resumed))
 
     # one budget (affinity and cgroup CPU limit) for torch, FAISS and the decode pool

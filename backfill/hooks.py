@@ -19,6 +19,11 @@ class WorkLog:
     version: str
     shard: str
 
+    @classmethod
+    def at(cls, path: str | None, version: str, shard: str) -> "WorkLog | None":
+        """The work log of one partition, or None when no path is configured."""
+        return cls(path, version, shard) if path else None
+
     def __call__(self, n: int) -> None:
         # one short O_APPEND write per batch: lines from concurrent processes never interleave
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
