@@ -9,7 +9,8 @@ from dagster import ConfigurableResource, Failure
 from backfill.config import EmbedConfig, IndexConfig
 from backfill.errors import PermanentError
 from backfill.pipeline import ThreadBudget
-from backfill.registry import LoadedModel, load_model, read_card
+from backfill.registry import read_card
+from backfill.runtime import LoadedModel, load_model
 from backfill.storage import Layout, Store
 
 

@@ -9,7 +9,7 @@ from backfill.images import make_fetcher
 from backfill.index import INDEX_FILE, build_index
 from backfill.manifest import list_shards, read_shard
 from backfill.publish import publish
-from backfill.registry import load_model
+from backfill.runtime import load_model
 from backfill.search import Searcher
 from backfill.storage import Layout, Store, local_copy
 from ops.chaos import verify_version
