@@ -32,7 +32,7 @@ from backfill.publish import read_pointer  # noqa: E402
 from backfill.registry import register_version  # noqa: E402
 from backfill.sample import SampleSpec, make_sample_corpus  # noqa: E402
 from backfill.storage import Layout, Store  # noqa: E402
-from ops.local_instance import free_port, init_instance, start_daemon, start_search_service, stop, wait_for  # noqa: E402
+from harness.local_instance import free_port, init_instance, start_daemon, start_search_service, stop, wait_for  # noqa: E402
 
 MODEL = "refcnn"
 

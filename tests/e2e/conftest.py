@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 
 import requests
 
-from ops.local_instance import REPO, free_port, init_instance, start_daemon, start_webserver, stop, wait_for
+from harness.local_instance import REPO, free_port, init_instance, start_daemon, start_webserver, stop, wait_for
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from assets.index import faiss_index, search_index
 from assets.resources import BackfillResource
 from backfill.manifest import list_shards, read_shard, write_shard
 from backfill.publish import read_pointer
-from ops.local_instance import REPO, free_port, init_instance, start_daemon, start_search_service, stop, wait_for
+from harness.local_instance import REPO, free_port, init_instance, start_daemon, start_search_service, stop, wait_for
 from tests.conftest import MODEL, make_layout, register_tiny
 
 pytestmark = pytest.mark.e2e

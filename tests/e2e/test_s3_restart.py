@@ -8,9 +8,9 @@ import pytest
 from dagster import DagsterInstance
 
 from backfill.publish import read_pointer
-from ops.chaos import retries, verify_version
-from ops.local_instance import wait_for
-from ops.local_s3 import LocalS3
+from harness.chaos import retries, verify_version
+from harness.local_instance import wait_for
+from harness.local_s3 import LocalS3
 from tests.conftest import MODEL, make_layout, register_tiny
 from tests.e2e.conftest import running_dagster
 

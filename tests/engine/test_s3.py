@@ -12,7 +12,7 @@ from backfill.publish import publish
 from backfill.registry import load_model
 from backfill.search import Searcher
 from backfill.storage import Layout, Store, local_copy
-from ops.chaos import verify_version
+from harness.chaos import verify_version
 from tests.conftest import MODEL, make_layout, register_tiny
 
 
@@ -85,7 +85,7 @@ def test_endpoint_setting_is_validated(monkeypatch):
 def outage(tmp_path_factory):
     """A server of its own with an object on it, then stopped: (its settings, the root). Module scope:
     set up before the no-sleep guard of engine tests, since starting a server waits."""
-    from ops.local_s3 import LocalS3
+    from harness.local_s3 import LocalS3
 
     server = LocalS3(tmp_path_factory.mktemp("outage")).start()
     try:

@@ -27,7 +27,7 @@ from backfill.publish import read_pointer
 from backfill.registry import register_version
 from backfill.sample import SampleSpec, make_sample_corpus
 from backfill.storage import Layout, Store
-from ops.local_instance import REPO, init_instance, start_daemon, step_worker_pids, stop
+from harness.local_instance import REPO, init_instance, start_daemon, step_worker_pids, stop
 
 MODEL = "refcnn"
 
