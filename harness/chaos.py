@@ -21,7 +21,7 @@ from backfill.registry import register_version
 from backfill.sample import SampleSpec, make_sample_corpus
 from backfill.storage import Layout, Store
 from backfill.verify import verify_version
-from harness.local_instance import REPO, init_instance, start_daemon, step_worker_pids, stop
+from harness.local_instance import new_instance, start_daemon, step_worker_pids, stop
 
 MODEL = "refcnn"
 
@@ -96,24 +96,18 @@ def run_chaos(config: ChaosConfig, workdir: Path, say: Callable[[str], None] = p
 
     shutil.rmtree(workdir, ignore_errors=True)
     home, root, work_log = workdir / "dagster_home", workdir / "root", workdir / "work.log"
-    home.mkdir(parents=True)
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
     layout = Layout(Store.open(str(root)))
     made = make_sample_corpus(layout, SampleSpec(images=config.images, shards=config.shards, seed=config.seed))
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "BACKFILL_ROOT": str(root),
-        "BACKFILL_SENSOR_INTERVAL": "2",
-        "BACKFILL_AUTOMATION_INTERVAL": "2",
-        "BACKFILL_CHUNK_SIZE": str(config.chunk_size),
-        "BACKFILL_BATCH_SIZE": str(config.batch_size),
-        "BACKFILL_GRACE_S": str(config.grace_s),
-        "BACKFILL_WORK_LOG": str(work_log),
-    }
+    env = new_instance(
+        home,
+        root,
+        BACKFILL_CHUNK_SIZE=str(config.chunk_size),
+        BACKFILL_BATCH_SIZE=str(config.batch_size),
+        BACKFILL_GRACE_S=str(config.grace_s),
+        BACKFILL_WORK_LOG=str(work_log),  # every attempt appends "{pid} {version} {shard} {n}" per embedded batch
+    )
     say(f"corpus: {made['images']} images in {made['shards']} shards, chunks of {config.chunk_size}; logs in {workdir}")
     rng = random.Random(config.seed)
-    init_instance(home)
     daemon = start_daemon(env, workdir / "daemon.log")
     results: list[RoundResult] = []
     try:
