@@ -26,7 +26,7 @@ from backfill.models import REFERENCE, torchscript_bytes  # noqa: E402
 from backfill.registry import register_version  # noqa: E402
 from backfill.sample import SampleSpec, make_sample_corpus  # noqa: E402
 from backfill.storage import Layout, Store  # noqa: E402
-from ops.local_instance import init_instance, start_daemon, stop, wait_for  # noqa: E402
+from harness.local_instance import init_instance, start_daemon, stop, wait_for  # noqa: E402
 
 MODEL = "refcnn"
 

@@ -10,8 +10,8 @@ from dagster import multiprocess_executor
 
 from assets.pools import POOL_ENV, POOL_TAG, pool_tags_from_env
 from backfill.errors import ConfigError
+from harness.local_instance import REPO
 from ops.deployment import DEPLOYMENT_ENV, executor_from_env
-from ops.local_instance import REPO
 
 
 def test_local_is_the_default_and_uses_processes(monkeypatch):
