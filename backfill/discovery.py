@@ -123,7 +123,9 @@ def _discover_shards(
         # known shards are accepted first: new ones wait until every known one has its summary
         found.pending = len(waiting) + len(new)
     else:
-        changed |= _accept_new(layout, new, [catalog.summaries[n] for n in known if n in catalog.summaries], catalog, tick, found)
+        changed |= _accept_new(
+            layout, new, [catalog.summaries[n] for n in known if n in catalog.summaries], catalog, tick, found
+        )
     if changed:
         save_catalog(layout, catalog)
     found.shards = [n for n in names if (n in known_shards and n not in catalog.refused) or n in found.new_shards]
@@ -173,7 +175,11 @@ def _accept_new(
             catalog.refused[name] = found.skipped[f"shard {name}"] = str(exc)
             changed = True
             continue
-        near = [ranked[i] for i in np.flatnonzero((mins <= summary.max_id) & (maxs >= summary.min_id))] if summary.rows else []
+        near = (
+            [ranked[i] for i in np.flatnonzero((mins <= summary.max_id) & (maxs >= summary.min_id))]
+            if summary.rows
+            else []
+        )
         verdict = _clash(layout, summary, ids, near, tick)
         if verdict == "later":
             found.pending += 1

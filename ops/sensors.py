@@ -52,7 +52,12 @@ def model_registry_sensor(context: SensorEvaluationContext, backfill: BackfillRe
         context.log.warning(f"shards {found.unverified}: id ranges overlap too many ids to check in a tick; "
                             "uniqueness is checked before their index is published")
     cursor = json.dumps(
-        {"versions": found.versions, "shards": len(found.shards), "pending": found.pending, "skipped": sorted(found.skipped)}
+        {
+            "versions": found.versions,
+            "shards": len(found.shards),
+            "pending": found.pending,
+            "skipped": sorted(found.skipped),
+        }
     )
     requests = []
     # shards first: a version added in the same tick must see every shard
@@ -72,7 +77,8 @@ def model_registry_sensor(context: SensorEvaluationContext, backfill: BackfillRe
         context.update_cursor(cursor)
         return SkipReason(why)
     context.log.info(
-        f"adding versions {found.new_versions} and {len(found.new_shards)} shards; deleting retired versions {found.retired}{later}"
+        f"adding versions {found.new_versions} and {len(found.new_shards)} shards; "
+        f"deleting retired versions {found.retired}{later}"
     )
     return SensorResult(dynamic_partitions_requests=requests, cursor=cursor)
 

@@ -31,7 +31,9 @@ class WrongDimModel(torch.nn.Module):
 
 def verify(instance, layout, version: str):
     instance.add_dynamic_partitions("model_version", [version])
-    return materialize([model_version], partition_key=version, instance=instance, resources=resources(layout), raise_on_error=False)
+    return materialize(
+        [model_version], partition_key=version, instance=instance, resources=resources(layout), raise_on_error=False
+    )
 
 
 def test_a_good_version_is_materialized_with_a_passing_check(registered):

@@ -41,7 +41,11 @@ def test_a_new_shard_overlapping_one_known_range_reads_that_sidecar_only(layout,
     reads.clear()
     found = discover(layout, MODEL, known_versions=set(), known_shards=known)
     assert found.new_shards == ["r-99"]
-    assert [p.rsplit("/", 1)[-1] for p in reads if p.endswith((".parquet", ".npy"))] == ["catalog.parquet", "r-99.parquet", "r-04.npy"]
+    assert [p.rsplit("/", 1)[-1] for p in reads if p.endswith((".parquet", ".npy"))] == [
+        "catalog.parquet",
+        "r-99.parquet",
+        "r-04.npy",
+    ]
 
 
 def test_a_new_shard_repeating_a_known_id_is_refused_and_not_read_again(layout, reads):
@@ -61,7 +65,9 @@ def test_new_shards_colliding_with_each_other_keep_the_first_by_name(layout):
     write_ids(layout, "b-new", [501, 502])
     found = discover(layout, MODEL, known_versions=set(), known_shards=known)
     assert found.new_shards == ["a-new"]
-    assert found.skipped == {"shard b-new": "image_id 501 appears in manifest shards 'a-new' and 'b-new': every image_id must be in exactly one shard"}
+    assert found.skipped == {
+        "shard b-new": "image_id 501 appears in manifest shards 'a-new' and 'b-new': every image_id must be in exactly one shard"
+    }
 
 
 def test_an_invalid_manifest_is_skipped_with_its_reason(layout):
@@ -111,7 +117,12 @@ def test_the_budget_must_be_positive():
 
 
 def test_overlapping_groups_chain_ranges():
-    s = [ShardSummary("a", 2, 0, 10), ShardSummary("b", 2, 20, 30), ShardSummary("c", 2, 5, 21), ShardSummary("d", 2, 40, 50)]
+    s = [
+        ShardSummary("a", 2, 0, 10),
+        ShardSummary("b", 2, 20, 30),
+        ShardSummary("c", 2, 5, 21),
+        ShardSummary("d", 2, 40, 50),
+    ]
     assert [[x.name for x in g] for g in overlapping_groups(s)] == [["a", "c", "b"], ["d"]]
 
 
@@ -133,5 +144,7 @@ def test_the_pre_publish_check_finds_a_duplicate_among_interleaved_shards(layout
     names = [f"x-{i}" for i in range(8)]
     check_unique(layout, names, max_ids_in_memory=max_ids)  # unique: no error
     write_ids(layout, "x-dup", [int(ids[12_345]), 50_000])
-    with pytest.raises(ManifestError, match=f"image_id {int(ids[12_345])} appears in manifest shards 'x-1' and 'x-dup'"):
+    with pytest.raises(
+        ManifestError, match=f"image_id {int(ids[12_345])} appears in manifest shards 'x-1' and 'x-dup'"
+    ):
         check_unique(layout, names + ["x-dup"], max_ids_in_memory=max_ids)
