@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from backfill.errors import ConfigError, PermanentError, RetryableError
+from backfill.errors import BackfillError, ConfigError, PermanentError, RetryableError
 from backfill.manifest import list_shards
 from backfill.registry import list_versions, valid_name
 from backfill.retire import retired_versions
@@ -22,6 +23,9 @@ from backfill.shard_summary import (
     summarise,
 )
 from backfill.storage import Layout
+
+# manifests read at once: a tick is bound by the store's latency (a GET and a PUT per shard), not by CPU
+READ_WORKERS = 8
 
 
 @dataclass(frozen=True)
@@ -137,66 +141,80 @@ def _summarise_known(layout: Layout, known: list[str], catalog: Catalog, tick: _
     for name in known:
         if name in catalog.refused:
             found.skipped[f"shard {name}"] = catalog.refused[name]
-        if name in catalog.summaries or name in catalog.refused or not tick.can_read():
-            continue
-        tick.reads += 1
-        try:
-            catalog.summaries[name] = summarise(layout, name)[0]
-        except RetryableError:
-            continue  # the store is unreachable now: a later call tries again
-        except PermanentError as exc:
-            catalog.refused[name] = found.skipped[f"shard {name}"] = str(exc)
-        changed = True
+    todo = [n for n in known if n not in catalog.summaries and n not in catalog.refused]
+    for name, outcome in _read(layout, todo, tick):
+        if isinstance(outcome, PermanentError):
+            catalog.refused[name] = found.skipped[f"shard {name}"] = str(outcome)
+        elif isinstance(outcome, tuple):
+            catalog.summaries[name] = outcome[0]
+        changed |= outcome is not None and not isinstance(outcome, RetryableError)
     return changed
 
 
 def _accept_new(
     layout: Layout, new: list[str], accepted: list[ShardSummary], catalog: Catalog, tick: _Tick, found: Discovery
 ) -> bool:
-    """Read each new shard once, in name order, and accept it unless it is invalid or collides."""
+    """Read each new shard once and accept it, in name order, unless it is invalid or collides."""
     changed = False
-    mins = np.array([s.min_id for s in accepted if s.rows], np.int64)
-    maxs = np.array([s.max_id for s in accepted if s.rows], np.int64)
     ranked = [s for s in accepted if s.rows]
+    mins = np.array([s.min_id for s in ranked], np.int64)
+    maxs = np.array([s.max_id for s in ranked], np.int64)
     for name in new:
         if name in catalog.refused:
             found.skipped[f"shard {name}"] = catalog.refused[name]
+    todo = [n for n in new if n not in catalog.refused]
+    for name, outcome in _read(layout, todo, tick):
+        if outcome is None or isinstance(outcome, RetryableError):
+            found.pending += 1  # over the budget, or the store is unreachable now: a later call reads it
             continue
-        if not tick.can_read():
-            found.pending += 1
-            continue
-        tick.reads += 1
-        try:
-            summary, ids = summarise(layout, name)
-        except RetryableError:
-            found.pending += 1
-            continue
-        except PermanentError as exc:
-            catalog.refused[name] = found.skipped[f"shard {name}"] = str(exc)
+        if isinstance(outcome, PermanentError):
+            catalog.refused[name] = found.skipped[f"shard {name}"] = str(outcome)
             changed = True
             continue
-        near = (
-            [ranked[i] for i in np.flatnonzero((mins <= summary.max_id) & (maxs >= summary.min_id))]
-            if summary.rows
-            else []
-        )
-        verdict = _clash(layout, summary, ids, near, tick)
+        summary, ids = outcome
+        near = [ranked[i] for i in np.flatnonzero((mins <= summary.max_id) & (maxs >= summary.min_id))]
+        verdict = _clash(layout, summary, ids, near if summary.rows else [], tick)
         if verdict == "later":
             found.pending += 1
             continue
+        changed = True
         if verdict:
             catalog.refused[name] = found.skipped[f"shard {name}"] = verdict
-            changed = True
             continue
-        if verdict is None and near and sum(s.rows for s in near) > tick.budget.max_overlap_ids:
+        if sum(s.rows for s in near) > tick.budget.max_overlap_ids:
             found.unverified.append(name)
         catalog.summaries[name] = summary
         found.new_shards.append(name)
-        changed = True
         if summary.rows:
             ranked.append(summary)
             mins, maxs = np.append(mins, summary.min_id), np.append(maxs, summary.max_id)
     return changed
+
+
+Outcome = tuple[ShardSummary, np.ndarray] | BackfillError | None
+
+
+def _read(layout: Layout, names: list[str], tick: _Tick) -> Iterator[tuple[str, Outcome]]:
+    """Summarise names in order, READ_WORKERS at a time, while the budget lasts (None: not read)."""
+    with ThreadPoolExecutor(READ_WORKERS) as pool:
+        for start in range(0, len(names), READ_WORKERS):
+            window = names[start : start + READ_WORKERS]
+            futures = []
+            for name in window:
+                if tick.can_read():
+                    tick.reads += 1
+                    futures.append(pool.submit(_summarise_or_error, layout, name))
+                else:
+                    futures.append(None)
+            for name, future in zip(window, futures):
+                yield name, None if future is None else future.result()
+
+
+def _summarise_or_error(layout: Layout, name: str) -> Outcome:
+    try:
+        return summarise(layout, name)
+    except BackfillError as exc:
+        return exc
 
 
 def _clash(layout: Layout, summary: ShardSummary, ids: np.ndarray, near: list[ShardSummary], tick: _Tick) -> str | None:
