@@ -132,7 +132,8 @@ def _discover_shards(
         )
     if changed:
         save_catalog(layout, catalog)
-    found.shards = [n for n in names if (n in known_shards and n not in catalog.refused) or n in found.new_shards]
+    added = set(found.new_shards)
+    found.shards = [n for n in names if (n in known_shards and n not in catalog.refused) or n in added]
 
 
 def _summarise_known(layout: Layout, known: list[str], catalog: Catalog, tick: _Tick, found: Discovery) -> bool:
