@@ -39,7 +39,7 @@ def measure(repo: str, root: str, case: str, timeout_s: float) -> dict:
     """One case in a fresh process, with `repo`'s engine on sys.path."""
     cmd = [sys.executable, os.path.abspath(__file__), "_tick", "--repo", repo, "--root", root, "--case", case]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=repo)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=repo, check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"> {timeout_s:.0f} s"}
     if out.returncode:
@@ -73,7 +73,12 @@ def _tick_worker(repo: str, root: str, case: str) -> None:
         known |= set(found.new_shards)
         if not budgeted or not found.pending or not found.new_shards:
             break
-    row = {"ticks": ticks, "worst_tick_s": worst, "total_s": total, "added": len(found.new_shards) if ticks == 1 else None}
+    row = {
+        "ticks": ticks,
+        "worst_tick_s": worst,
+        "total_s": total,
+        "added": len(found.new_shards) if ticks == 1 else None,
+    }
     print(json.dumps({**row, "known": len(known), "peak_mib": _rss_mib(), "base_mib": base}))
 
 
@@ -91,7 +96,9 @@ def discover_section(args: argparse.Namespace) -> None:
                     _add_one_new(root, args.rows, n)
                 for label, repo in engines:
                     if label == "before" and case == "first" and n > args.before_max_first:
-                        print(f"{label:<7} {n:>7} {'first deploy':<14} {'skipped: quadratic (see --before-max-first)':>40}")
+                        print(
+                            f"{label:<7} {n:>7} {'first deploy':<14} {'skipped: quadratic (see --before-max-first)':>40}"
+                        )
                         continue
                     r = measure(repo, root, case, args.timeout)
                     name = "first deploy" if case == "first" else "N known + 1"
