@@ -82,34 +82,37 @@ def _tick_worker(repo: str, root: str, case: str) -> None:
     print(json.dumps({**row, "known": len(known), "peak_mib": _rss_mib(), "base_mib": base}))
 
 
+CASES = {"first": "first deploy", "one-new": "N known + 1"}
+HEADER = ("engine", "shards", "case", "ticks", "worst tick s", "total s", "peak MiB", "base MiB")
+
+
+def _line(*cells: object) -> str:
+    widths, left = (7, 7, 14, 5, 12, 8, 9, 9), (0, 2)
+    return " ".join(f"{c:<{w}}" if i in left else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
+
+
+def _result(r: dict) -> tuple:
+    if "error" in r:
+        return (r["error"],)
+    return r["ticks"], f"{r['worst_tick_s']:.2f}", f"{r['total_s']:.2f}", f"{r['peak_mib']:.0f}", f"{r['base_mib']:.0f}"
+
+
 def discover_section(args: argparse.Namespace) -> None:
     engines = [("after", HERE)] + ([("before", os.path.abspath(args.before))] if args.before else [])
     print(f"discover: {args.rows}-row shards, range-partitioned ids, local disk, {os.cpu_count()} CPUs")
-    header = f"{'engine':<7} {'shards':>7} {'case':<14} {'ticks':>5} {'worst tick s':>12} {'total s':>8} {'peak MiB':>9} {'base MiB':>9}"
-    print(header)
-    print("-" * len(header))
+    print(_line(*HEADER))
+    print("-" * len(_line(*HEADER)))
     for n in args.shards:
         with tempfile.TemporaryDirectory(prefix="scale-bench-") as root:
             write_corpus(root, n, args.rows)
-            for case in ("first", "one-new"):
+            for case, name in CASES.items():
                 if case == "one-new":
                     _add_one_new(root, args.rows, n)
                 for label, repo in engines:
                     if label == "before" and case == "first" and n > args.before_max_first:
-                        print(
-                            f"{label:<7} {n:>7} {'first deploy':<14} {'skipped: quadratic (see --before-max-first)':>40}"
-                        )
-                        continue
-                    r = measure(repo, root, case, args.timeout)
-                    name = "first deploy" if case == "first" else "N known + 1"
-                    if "error" in r:
-                        print(f"{label:<7} {n:>7} {name:<14} {r['error']:>40}")
-                        continue
-                    print(
-                        f"{label:<7} {n:>7} {name:<14} {r['ticks']:>5} {r['worst_tick_s']:>12.2f} {r['total_s']:>8.2f} "
-                        f"{r['peak_mib']:>9.0f} {r['base_mib']:>9.0f}",
-                        flush=True,
-                    )
+                        print(_line(label, n, name, "skipped: quadratic (see --before-max-first)"))
+                    else:
+                        print(_line(label, n, name, *_result(measure(repo, root, case, args.timeout))), flush=True)
 
 
 def _add_one_new(root: str, rows: int, n: int) -> None:
