@@ -6,18 +6,21 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
     AssetCheckSpec,
+    AssetDep,
     AssetExecutionContext,
     AutomationCondition,
     Backoff,
     Jitter,
     MaterializeResult,
     MetadataValue,
+    MultiToSingleDimensionPartitionMapping,
     RetryPolicy,
     RetryRequested,
     asset,
 )
 
 from assets.k8s import STEP_K8S_TAGS
+from assets.models import model_version
 from assets.partitions import embedding_partitions
 from assets.pools import device_for_run
 from assets.resources import BackfillResource, run_engine
@@ -47,6 +50,8 @@ EMBED_WHEN_MISSING = (
 
 @asset(
     partitions_def=embedding_partitions,
+    # each shard of a version waits for that version's verification (a failed one stays missing)
+    deps=[AssetDep(model_version, partition_mapping=MultiToSingleDimensionPartitionMapping(partition_dimension_name="model_version"))],
     retry_policy=EMBED_RETRY_POLICY,
     # new partitions (a new model version or a new shard) are embedded as one backfill per tick
     automation_condition=EMBED_WHEN_MISSING,

@@ -9,6 +9,7 @@ from dagster import Definitions, define_asset_job
 
 from assets.embeddings import image_embeddings
 from assets.index import faiss_index, search_index
+from assets.models import model_version
 from assets.resources import BackfillResource
 from ops.deployment import executor_from_env
 from ops.retire import retire_job
@@ -50,7 +51,7 @@ index_job = define_asset_job("index_job", selection=[faiss_index, search_index])
 _resource = backfill_resource_from_env()
 
 defs = Definitions(
-    assets=[image_embeddings, faiss_index, search_index],
+    assets=[model_version, image_embeddings, faiss_index, search_index],
     jobs=[embed_job, index_job, retire_job],
     sensors=[model_registry_sensor, backfill_automation, index_automation],
     schedules=[refresh_schedule],

@@ -15,34 +15,50 @@ from dagster import (
 
 from assets.embeddings import image_embeddings
 from assets.index import faiss_index, search_index
+from assets.models import model_version
 from assets.partitions import model_versions, shards
 from assets.pools import pool_tags_from_env
 from assets.resources import BackfillResource
-from backfill.discovery import discover
+from backfill.discovery import DiscoveryBudget, discover
 
 REGISTRY_INTERVAL_S = int(os.environ.get("BACKFILL_SENSOR_INTERVAL", "30"))
+
+
+# what one registry tick may read; the rest is found by the next tick (first deploy: 10,000 shards in ~10 ticks)
+DISCOVERY_BUDGET = DiscoveryBudget()
 
 
 @sensor(
     name="model_registry_sensor",
     minimum_interval_seconds=REGISTRY_INTERVAL_S,
     default_status=DefaultSensorStatus.RUNNING,
-    description="Adds a model_version partition for each new version whose artifact verifies and loads, and a shard "
-    "partition for each new valid manifest shard; anything else is skipped with its reason in the tick log. "
+    description="Adds a model_version partition for each new version whose model.json parses (the model_version "
+    "asset then verifies, loads and probes it) and a shard partition for each new valid manifest shard, reading "
+    "only new manifests, at most a budget per tick; anything else is skipped with its reason in the tick log. "
     "Deletes the partitions of versions retired with `backfill retire`. "
     "The backfill_automation sensor then embeds the new partitions as one backfill.",
 )
 def model_registry_sensor(context: SensorEvaluationContext, backfill: BackfillResource) -> SensorResult | SkipReason:
-    layout = backfill.layout()
     found = discover(
-        layout,
+        backfill.layout(),
         backfill.model,
         known_versions=set(context.instance.get_dynamic_partitions(model_versions.name)),
         known_shards=set(context.instance.get_dynamic_partitions(shards.name)),
+        budget=DISCOVERY_BUDGET,
     )
     for what, why in found.skipped.items():
         context.log.warning(f"skipping {what}: {why}")
-    cursor = json.dumps({"versions": found.versions, "shards": len(found.shards), "skipped": sorted(found.skipped)})
+    if found.unverified:
+        context.log.warning(f"shards {found.unverified}: id ranges overlap too many ids to check in a tick; "
+                            "uniqueness is checked before their index is published")
+    cursor = json.dumps(
+        {
+            "versions": found.versions,
+            "shards": len(found.shards),
+            "pending": found.pending,
+            "skipped": sorted(found.skipped),
+        }
+    )
     requests = []
     # shards first: a version added in the same tick must see every shard
     if found.new_shards:
@@ -52,13 +68,18 @@ def model_registry_sensor(context: SensorEvaluationContext, backfill: BackfillRe
     if found.retired:
         # retired with `backfill retire` (or the retire job): keeps Dagster's partition count bounded
         requests.append(model_versions.build_delete_request(found.retired))
+    later = f"; {found.pending} shards left for the next tick" if found.pending else ""
+    later += f" (versions {found.held_versions} wait for them)" if found.held_versions else ""
     if not requests:
-        why = f"no new versions of {backfill.model} or manifest shards"
+        why = f"no new versions of {backfill.model} or manifest shards{later}"
         if found.skipped:
             why += "; skipped: " + "; ".join(f"{what}: {reason}" for what, reason in found.skipped.items())
         context.update_cursor(cursor)
         return SkipReason(why)
-    context.log.info(f"adding versions {found.new_versions} and {len(found.new_shards)} shards; deleting retired versions {found.retired}")
+    context.log.info(
+        f"adding versions {found.new_versions} and {len(found.new_shards)} shards; "
+        f"deleting retired versions {found.retired}{later}"
+    )
     return SensorResult(dynamic_partitions_requests=requests, cursor=cursor)
 
 
@@ -89,7 +110,7 @@ INDEX_PRIORITY_TAG, INDEX_PRIORITY = "dagster/priority", "10"
 # add up to 30 s to every near-line update for nothing (there is one partition to run).
 index_automation = AutomationConditionSensorDefinition(
     "index_automation",
-    target=AssetSelection.assets(faiss_index, search_index),
+    target=AssetSelection.assets(model_version, faiss_index, search_index),  # model_version: a plain run too
     default_status=DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=AUTOMATION_INTERVAL_S,
     emit_backfills=False,

@@ -17,9 +17,16 @@ def test_every_job_resolves():
 
 def test_assets_checks_and_partitions():
     graph = defs.resolve_asset_graph()
-    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {"image_embeddings", "faiss_index", "search_index"}
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {"model_version", "image_embeddings", "faiss_index", "search_index"}
     checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
-    assert checks == {("image_embeddings", "complete"), ("image_embeddings", "reject_rate"), ("faiss_index", "recall_at_10")}
+    assert checks == {
+        ("model_version", "verified"),
+        ("image_embeddings", "complete"),
+        ("image_embeddings", "reject_rate"),
+        ("faiss_index", "recall_at_10"),
+    }
+    # every version is verified before any of its shards is embedded
+    assert graph.get(AssetKey("image_embeddings")).parent_keys == {AssetKey("model_version")}
     emb = graph.get(AssetKey("image_embeddings"))
     assert emb.partitions_def.partition_dimension_names == ["model_version", "shard"]
     assert graph.get(AssetKey("faiss_index")).partitions_def.name == "model_version"
@@ -37,6 +44,8 @@ def test_sensors_run_by_default_and_refresh_is_off():
     assert repo.get_sensor_def("model_registry_sensor").default_status == DefaultSensorStatus.RUNNING
     assert repo.get_sensor_def("backfill_automation").default_status == DefaultSensorStatus.RUNNING
     assert repo.get_sensor_def("index_automation").default_status == DefaultSensorStatus.RUNNING
+    # model_version runs as a plain run: nothing would verify a new version otherwise
+    assert AssetKey("model_version") in repo.get_sensor_def("index_automation").asset_selection.resolve(defs.resolve_asset_graph())
     assert repo.get_schedule_def("refresh_schedule").default_status == DefaultScheduleStatus.STOPPED
 
 
