@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from backfill.errors import BackfillError
-
-DEFAULT_ROOT = "data"
-DEFAULT_MODEL = "refcnn"
+from backfill.settings import setting
 
 
 def _layout(root: str):
@@ -166,8 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="On S3: credentials come from the standard AWS chain (AWS_* variables, ~/.aws, IAM role); "
         "an S3-compatible store also needs BACKFILL_S3_ENDPOINT_URL=https://host:port.",
     )
-    parser.add_argument("--root", default=os.environ.get("BACKFILL_ROOT", DEFAULT_ROOT), help="data root: a folder or s3://bucket/prefix (env BACKFILL_ROOT; default %(default)s)")
-    parser.add_argument("--model", default=os.environ.get("BACKFILL_MODEL", DEFAULT_MODEL), help="model name in the registry (env BACKFILL_MODEL; default %(default)s)")
+    # only the two settings the command uses: a bad BACKFILL_BATCH_SIZE must not stop `backfill status`
+    parser.add_argument("--root", default=setting("BACKFILL_ROOT"), help="data root: a folder or s3://bucket/prefix (env BACKFILL_ROOT; default %(default)s)")
+    parser.add_argument("--model", default=setting("BACKFILL_MODEL"), help="model name in the registry (env BACKFILL_MODEL; default %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("sample", help="generate a synthetic JPEG corpus with near-duplicate groups and its manifest shards")
