@@ -13,6 +13,7 @@ from backfill.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: relative roots and the shipped pools file are under it
 DEFAULT_ROOT = str(REPO / "data")
+DEFAULT_POOLS_FILE = REPO / "deploy" / "pools.yaml"
 DEFAULT_MODEL = "refcnn"  # the reference model name the demo, the tests and the Helm values use
 DEPLOYMENTS = ("local", "k8s")
 
@@ -135,7 +136,7 @@ class Settings:
     automation_interval_s: int = 30
     refresh_cron: str = "0 3 * * 0"
     deployment: str = "local"
-    pools_file: str = str(REPO / "deploy" / "pools.yaml")
+    pools_file: str = str(DEFAULT_POOLS_FILE)
     pool: str = ""  # empty: the pools file's default
 
     @classmethod

@@ -9,8 +9,10 @@ upgrade changes either, these fail.
 from dagster import AssetKey, MultiPartitionKey, evaluate_automation_conditions, instance_for_test, materialize
 
 from assets.embeddings import image_embeddings
-from ops.definitions import defs
+from ops.definitions import defs as load_defs
 from tests.dagster.test_assets import resources
+
+defs = load_defs()  # lazy Definitions: built from the environment when called
 
 SHARDS = ["shard-00000", "shard-00001", "shard-00002"]
 

@@ -10,7 +10,7 @@ from dagster_k8s.client import DagsterKubernetesClient
 from assets.embeddings import image_embeddings
 from assets.index import faiss_index, search_index
 from assets.partitions import model_versions, shards
-from assets.pools import POOL_TAG, load_pools
+from ops.pools import POOL_TAG, load_pools
 from assets.resources import BackfillResource
 from ops.deployment import pooled_k8s_executor
 from ops.schedules import embed_job
@@ -276,7 +276,7 @@ def _pools_yaml(**changes):
 
     import yaml
 
-    from assets.pools import DEFAULT_POOLS_FILE
+    from ops.pools import DEFAULT_POOLS_FILE
 
     data = yaml.safe_load(DEFAULT_POOLS_FILE.read_text())
     pool = copy.deepcopy(data["pools"]["gpu-spot"])
@@ -296,7 +296,7 @@ def _pools_yaml(**changes):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"device": "tpu"}, "pool 'gpu-spot': device must be 'cpu' or 'cuda', got 'tpu'"),
+        ({"device": "tpu"}, "pool 'gpu-spot': device must be one of ('cpu', 'cuda'), got 'tpu'"),
         ({"resources__limits": {"cpu": "8", "memory": "24Gi"}}, "device 'cuda' needs resources.limits.nvidia.com/gpu of at least 1"),
         ({"resources__limits__memory": None}, "resources.limits.memory is required"),
         ({"resources__limits__cpu": "eight"}, "resources.limits.cpu must be a Kubernetes quantity such as '4', '500m' or '16Gi', got 'eight'"),
@@ -312,7 +312,7 @@ def _pools_yaml(**changes):
     ],
 )
 def test_a_bad_pool_is_refused_naming_file_pool_and_field(changes, message):
-    from assets.pools import parse_pools
+    from ops.pools import parse_pools
     from backfill.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
@@ -321,7 +321,7 @@ def test_a_bad_pool_is_refused_naming_file_pool_and_field(changes, message):
 
 
 def test_cpu_pool_must_not_take_a_gpu_and_default_must_exist():
-    from assets.pools import parse_pools
+    from ops.pools import parse_pools
     from backfill.errors import ConfigError
 
     data = _pools_yaml(device="cpu")
@@ -334,7 +334,7 @@ def test_cpu_pool_must_not_take_a_gpu_and_default_must_exist():
 
 
 def test_pools_file_from_the_environment(monkeypatch, tmp_path):
-    from assets.pools import POOLS_FILE_ENV, load_pools
+    from ops.pools import POOLS_FILE_ENV, load_pools
     from backfill.errors import ConfigError
 
     monkeypatch.setenv(POOLS_FILE_ENV, str(tmp_path / "missing.yaml"))
