@@ -27,7 +27,9 @@ class BackfillResource(ConfigurableResource):
     root: str
     model: str = _SETTINGS.model
     warn_reject_rate: float = _SETTINGS.warn_reject_rate
-    work_log: str = _SETTINGS.work_log  # if set, a file that every attempt appends "<pid> <version> <shard> <n>" to per batch
+    work_log: str = (
+        _SETTINGS.work_log
+    )  # if set, a file that every attempt appends "<pid> <version> <shard> <n>" to per batch
     # EmbedConfig
     device: str = _EMBED.device
     batch_size: int = _EMBED.batch_size

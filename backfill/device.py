@@ -15,10 +15,11 @@ def require_device(device: str, asked_by: str, fix: str) -> str:
     """`device`, or a ConfigError when it is CUDA and this process has none.
 
     `asked_by` says who wants it ("pool 'gpu-spot' runs its steps", "model m version v was asked to run"),
-    `fix` what the operator should change; the message is "<asked_by> on <device>, but CUDA is not available ...: <fix>".
+    `fix` what the operator should change: "<asked_by> on <device>, but CUDA is not available ...: <fix>".
     """
     if device.startswith("cuda") and not cuda_available():
         raise ConfigError(
-            f"{asked_by} on {device}, but CUDA is not available in this process (torch.cuda.is_available() is False): {fix}"
+            f"{asked_by} on {device}, but CUDA is not available in this process "
+            f"(torch.cuda.is_available() is False): {fix}"
         )
     return device

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from backfill.config import EmbedConfig, IndexConfig
 from backfill.errors import ConfigError
@@ -83,39 +84,57 @@ class Variable:
     meaning: str
 
 
-# Adding a setting is one line here (its default stays on the dataclass field it fills).
+# Adding a setting is one entry here (its default stays on the dataclass field it fills).
 VARIABLES: tuple[Variable, ...] = (
-    Variable("BACKFILL_ROOT", "root", _root, "data root: a folder (relative: under the repository) or `s3://bucket/prefix`"),
+    Variable("BACKFILL_ROOT", "root", _root,
+        "data root: a folder (relative: under the repository) or `s3://bucket/prefix`"),
     Variable("BACKFILL_MODEL", "model", _text, "the model name in the registry this deployment follows"),
-    Variable("BACKFILL_S3_ENDPOINT_URL", "s3_endpoint_url", _url, "an S3-compatible endpoint (MinIO, SeaweedFS, Ceph, R2); unset for AWS S3"),
-    Variable("BACKFILL_CACHE_DIR", "cache_dir", _text, "where the search service downloads (and verifies) index files from an object store"),
-    Variable("BACKFILL_DEVICE", "embed.device", _text, "`cpu`, `cuda` or `cuda:N` (a GPU partition without CUDA fails, never falls back)"),
+    Variable("BACKFILL_S3_ENDPOINT_URL", "s3_endpoint_url", _url,
+        "an S3-compatible endpoint (MinIO, SeaweedFS, Ceph, R2); unset for AWS S3"),
+    Variable("BACKFILL_CACHE_DIR", "cache_dir", _text,
+        "where the search service downloads (and verifies) index files from an object store"),
+    Variable("BACKFILL_DEVICE", "embed.device", _text,
+        "`cpu`, `cuda` or `cuda:N` (a GPU partition without CUDA fails, never falls back)"),
     Variable("BACKFILL_BATCH_SIZE", "embed.batch_size", _int, "images per forward pass (0: 256 on CUDA, 32 on a CPU)"),
     Variable("BACKFILL_CHUNK_SIZE", "embed.chunk_size", _int, "rows per committed chunk; fixed for a model version"),
-    Variable("BACKFILL_FETCH_WORKERS", "embed.fetch_workers", _int, "image reads in flight per partition (at most the S3 pool, 512)"),
-    Variable("BACKFILL_DECODE_WORKERS", "embed.decode_workers", _int, "decode threads (0: one per CPU of the pod's limit)"),
-    Variable("BACKFILL_TORCH_THREADS", "embed.torch_threads", _int, "torch intra-op threads (0: one per CPU of the pod's limit)"),
-    Variable("BACKFILL_PREFETCH_BATCHES", "embed.prefetch_batches", _int, "prepared batches waiting for the model (1..16)"),
+    Variable("BACKFILL_FETCH_WORKERS", "embed.fetch_workers", _int,
+        "image reads in flight per partition (at most the S3 pool, 512)"),
+    Variable("BACKFILL_DECODE_WORKERS", "embed.decode_workers", _int,
+        "decode threads (0: one per CPU of the pod's limit)"),
+    Variable("BACKFILL_TORCH_THREADS", "embed.torch_threads", _int,
+        "torch intra-op threads (0: one per CPU of the pod's limit)"),
+    Variable("BACKFILL_PREFETCH_BATCHES", "embed.prefetch_batches", _int,
+        "prepared batches waiting for the model (1..16)"),
     Variable("BACKFILL_GPU_DECODE", "embed.gpu_decode", _bool, "on CUDA with torchvision: decode JPEGs with nvjpeg"),
-    Variable("BACKFILL_MAX_IMAGE_PIXELS", "embed.max_image_pixels", _int, "larger images are rejected (decompression bombs)"),
-    Variable("BACKFILL_MAX_REJECT_RATE", "embed.max_reject_rate", _float, "a shard with a larger share of rejects fails"),
+    Variable("BACKFILL_MAX_IMAGE_PIXELS", "embed.max_image_pixels", _int,
+        "larger images are rejected (decompression bombs)"),
+    Variable("BACKFILL_MAX_REJECT_RATE", "embed.max_reject_rate", _float,
+        "a shard with a larger share of rejects fails"),
     Variable("BACKFILL_WARN_REJECT_RATE", "warn_reject_rate", _float, "the reject_rate check warns above this share"),
-    Variable("BACKFILL_GRACE_S", "embed.grace_s", _float, "after SIGTERM, seconds a partition may take to commit the chunk in hand"),
-    Variable("BACKFILL_TARGET_RECALL", "index.target_recall", _float, "recall@k gate for publishing; nprobe is tuned to reach it"),
+    Variable("BACKFILL_GRACE_S", "embed.grace_s", _float,
+        "after SIGTERM, seconds a partition may take to commit the chunk in hand"),
+    Variable("BACKFILL_TARGET_RECALL", "index.target_recall", _float,
+        "recall@k gate for publishing; nprobe is tuned to reach it"),
     Variable("BACKFILL_RECALL_K", "index.k", _int, "k of the recall@k gate"),
     Variable("BACKFILL_RECALL_QUERIES", "index.n_queries", _int, "held-out queries the recall is measured on"),
     Variable("BACKFILL_INDEX_SEED", "index.seed", _int, "seed of the training sample and the queries"),
     Variable("BACKFILL_FLAT_BELOW", "index.flat_below", _int, "fewer vectors: an exact Flat index"),
     Variable("BACKFILL_PQ_FROM", "index.pq_from", _int, "this many vectors or more: IVF-PQ instead of IVF-Flat"),
     Variable("BACKFILL_PQ_M", "index.pq_m", _int, "PQ sub-quantizers (0: dim / 4)"),
-    Variable("BACKFILL_TRAIN_POINTS_PER_CENTROID", "index.train_points_per_centroid", _int, "training sample per IVF centroid (39..256)"),
-    Variable("BACKFILL_WORK_LOG", "work_log", _text, "a file every attempt appends its embedded-batch sizes to (the chaos harness)"),
+    Variable("BACKFILL_TRAIN_POINTS_PER_CENTROID", "index.train_points_per_centroid", _int,
+        "training sample per IVF centroid (39..256)"),
+    Variable("BACKFILL_WORK_LOG", "work_log", _text,
+        "a file every attempt appends its embedded-batch sizes to (the chaos harness)"),
     Variable("BACKFILL_SENSOR_INTERVAL", "sensor_interval_s", _seconds, "seconds between registry sensor ticks"),
-    Variable("BACKFILL_AUTOMATION_INTERVAL", "automation_interval_s", _seconds, "seconds between automation sensor ticks"),
+    Variable("BACKFILL_AUTOMATION_INTERVAL", "automation_interval_s", _seconds,
+        "seconds between automation sensor ticks"),
     Variable("BACKFILL_REFRESH_CRON", "refresh_cron", _text, "cron of the refresh schedule (stopped by default)"),
-    Variable("BACKFILL_DEPLOYMENT", "deployment", _deployment, "`local` (a process per step) or `k8s` (a Job per step)"),
-    Variable("BACKFILL_POOLS_FILE", "pools_file", _text, "the pools file (in the cluster: the `backfill-pools` ConfigMap)"),
-    Variable("BACKFILL_POOL", "pool", _text, "pool of the runs that sensors and the schedule launch (else the file's default)"),
+    Variable("BACKFILL_DEPLOYMENT", "deployment", _deployment,
+        "`local` (a process per step) or `k8s` (a Job per step)"),
+    Variable("BACKFILL_POOLS_FILE", "pools_file", _text,
+        "the pools file (in the cluster: the `backfill-pools` ConfigMap)"),
+    Variable("BACKFILL_POOL", "pool", _text,
+        "pool of the runs that sensors and the schedule launch (else the file's default)"),
 )  # fmt: skip
 BY_NAME = {v.name: v for v in VARIABLES}
 

@@ -1,4 +1,4 @@
-"""The Definitions: assets, checks, sensors, schedule and the one resource, built from Settings when Dagster loads them."""
+"""The Definitions: assets, checks, sensors, schedule and the resource, built from Settings when Dagster loads them."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ index_job = define_asset_job("index_job", selection=[faiss_index, search_index])
 
 def build_definitions(settings: Settings) -> Definitions:
     """Everything Dagster runs, configured by `settings`; a bad pool or pools file fails here, at load."""
-    tags = pool_tags(settings.pool, settings.pools_file)  # BACKFILL_POOL: the pool of what sensors and the schedule launch
+    tags = pool_tags(
+        settings.pool, settings.pools_file
+    )  # BACKFILL_POOL: the pool of what sensors and the schedule launch
     return Definitions(
         assets=[image_embeddings, faiss_index, search_index],
         jobs=[embed_job, index_job, retire_job],

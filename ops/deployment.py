@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from dagster import Executor, ExecutorDefinition, InitExecutorContext, multiple_process_executor_requirements, multiprocess_executor
+from dagster import (
+    Executor,
+    ExecutorDefinition,
+    InitExecutorContext,
+    multiple_process_executor_requirements,
+    multiprocess_executor,
+)
 from dagster_k8s import k8s_job_executor
 
 from backfill.errors import ConfigError
@@ -23,15 +30,17 @@ def executor_for(settings: Settings) -> ExecutorDefinition:
         return multiprocess_executor
     if protocol_of(settings.root) not in OBJECT_STORES:  # the protocols the engine's Store treats as S3
         raise ConfigError(
-            f"{DEPLOYMENT_ENV}=k8s needs BACKFILL_ROOT=s3://bucket/prefix, got {settings.root!r}: step pods share no disk "
-            "(set BACKFILL_S3_ENDPOINT_URL for an S3-compatible store)"
+            f"{DEPLOYMENT_ENV}=k8s needs BACKFILL_ROOT=s3://bucket/prefix, got {settings.root!r}: "
+            "step pods share no disk (set BACKFILL_S3_ENDPOINT_URL for an S3-compatible store)"
         )
     # a broken pools file fails at load, not at the first run
     pools = load_pools(settings.pools_file, min_grace_s=settings.embed.grace_s)
     return pooled_k8s_executor(pools)
 
 
-def pool_executor_config(executor_config: Mapping[str, Any], pools: Pools, run_tags: Mapping[str, str]) -> dict[str, Any]:
+def pool_executor_config(
+    executor_config: Mapping[str, Any], pools: Pools, run_tags: Mapping[str, str]
+) -> dict[str, Any]:
     """The k8s_job_executor config of one run: its pool's step config for the embedding (and index) steps.
 
     This is run-level on purpose. dagster-k8s 0.29 builds a step pod from the run launcher's
@@ -79,7 +88,12 @@ class PooledK8sExecutor(Executor):
             plan_context.instance.add_run_tags(run.run_id, {POOL_TAG: self._pools.default})
         config = pool_executor_config(self._init.executor_config, self._pools, run.tags)
         inner = k8s_job_executor.executor_creation_fn(
-            InitExecutorContext(job=self._init.job, executor_def=self._init.executor_def, executor_config=config, instance=self._init.instance)
+            InitExecutorContext(
+                job=self._init.job,
+                executor_def=self._init.executor_def,
+                executor_config=config,
+                instance=self._init.instance,
+            )
         )
         yield from inner.execute(plan_context, execution_plan)
 

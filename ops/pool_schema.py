@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 GPU = "nvidia.com/gpu"
 TOLERATION_OPERATORS = ("Equal", "Exists")
@@ -138,7 +139,9 @@ POOL_SCHEMA = {
             "must be a Kubernetes Affinity mapping (nodeAffinity, podAffinity, podAntiAffinity)",
         )
     ),
-    "priorityClassName": Key(that(lambda v: isinstance(v, str) and bool(v), "must be a non-empty string"), required=True),
+    "priorityClassName": Key(
+        that(lambda v: isinstance(v, str) and bool(v), "must be a non-empty string"), required=True
+    ),
     # its floor depends on BACKFILL_GRACE_S: checked with the pool's other rules (ops/pools.py)
     "terminationGracePeriodSeconds": Key(lambda value, path: value, required=True),
     "maxConcurrentRuns": Key(that(lambda v: _is_int(v) and v >= 1, "must be a positive integer"), required=True),

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
 from backfill.device import require_device
 from backfill.errors import ConfigError
-from backfill.settings import DEFAULT_POOLS_FILE, setting
+from backfill.settings import DEFAULT_POOLS_FILE, setting  # noqa: F401 (DEFAULT_POOLS_FILE: for tools and tests)
 from ops.pool_schema import GPU, NAME, POOL_SCHEMA, Invalid, check_record, quantity
 
 POOL_TAG = "backfill/pool"  # run tag (set on a backfill) that chooses the pool of its step pods
@@ -86,7 +87,7 @@ class Pools:
 
 
 def load_pools(path: str | os.PathLike | None = None, *, min_grace_s: float = 0.0) -> Pools:
-    """Read and validate a pools file (default: BACKFILL_POOLS_FILE); every error names the file, the pool and the field."""
+    """Read and validate a pools file (default: BACKFILL_POOLS_FILE); errors name the file, the pool and the field."""
     path = Path(path if path is not None else setting(POOLS_FILE_ENV))
     try:
         data = yaml.safe_load(path.read_text())
@@ -137,7 +138,9 @@ def _pool(name: Any, spec: Any, min_grace_s: float) -> Pool:
         if key in limits and quantity(value, "") > quantity(limits[key], ""):
             raise Invalid(f"resources.requests.{key}={value} is more than resources.limits.{key}={limits[key]}")
     if GPU in requests and GPU in limits and str(requests[GPU]) != str(limits[GPU]):
-        raise Invalid(f"resources.requests.{GPU} must equal resources.limits.{GPU} (Kubernetes does not overcommit GPUs)")
+        raise Invalid(
+            f"resources.requests.{GPU} must equal resources.limits.{GPU} (Kubernetes does not overcommit GPUs)"
+        )
     gpus = quantity(limits.get(GPU, "0"), f"resources.limits.{GPU}")
     if device == "cuda" and gpus < 1:
         raise Invalid(f"device 'cuda' needs resources.limits.{GPU} of at least 1 (the pod gets no GPU otherwise)")
@@ -146,8 +149,9 @@ def _pool(name: Any, spec: Any, min_grace_s: float) -> Pool:
     grace, floor = spec["terminationGracePeriodSeconds"], int(min_grace_s) + REPORT_MARGIN_S
     if not isinstance(grace, int) or isinstance(grace, bool) or grace < floor:
         raise Invalid(
-            f"terminationGracePeriodSeconds must be an integer of at least {floor} (BACKFILL_GRACE_S={min_grace_s:g} to "
-            f"commit the chunk in hand + {REPORT_MARGIN_S} s to report), got {grace!r}"
+            f"terminationGracePeriodSeconds must be an integer of at least {floor} "
+            f"(BACKFILL_GRACE_S={min_grace_s:g} to commit the chunk in hand + {REPORT_MARGIN_S} s to report), "
+            f"got {grace!r}"
         )
     return Pool(
         name=name,
@@ -167,8 +171,8 @@ def _pool(name: Any, spec: Any, min_grace_s: float) -> Pool:
 def device_for_pool(pool: Pool) -> str:
     """The engine's device on this pool; a GPU pool without CUDA is a permanent error, never a silent CPU run."""
     fix = (
-        f"run the CUDA image (deploy/Dockerfile with --build-arg VARIANT=cuda) on a node with an NVIDIA driver and keep "
-        f"resources.limits.{GPU} in the pool, or launch the backfill with {POOL_TAG}=<a cpu pool>"
+        "run the CUDA image (deploy/Dockerfile with --build-arg VARIANT=cuda) on a node with an NVIDIA driver "
+        f"and keep resources.limits.{GPU} in the pool, or launch the backfill with {POOL_TAG}=<a cpu pool>"
     )
     return require_device(pool.device, f"pool {pool.name!r} runs its steps", fix)
 

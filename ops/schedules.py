@@ -1,6 +1,6 @@
 """A periodic refresh (reconciliation) of the serving version's embeddings (off by default)."""
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from dagster import (
     DagsterInvalidDefinitionError,
@@ -24,7 +24,9 @@ from backfill.settings import Settings
 embed_job = define_asset_job("embed_job", selection=[image_embeddings])
 
 
-def refresh_schedule_for(cron: str = Settings().refresh_cron, pool_tags: Mapping[str, str] | None = None) -> ScheduleDefinition:
+def refresh_schedule_for(
+    cron: str = Settings().refresh_cron, pool_tags: Mapping[str, str] | None = None
+) -> ScheduleDefinition:
     """The refresh schedule on `cron` (BACKFILL_REFRESH_CRON), its runs tagged with `pool_tags` (BACKFILL_POOL)."""
     tags = dict(pool_tags or {})
 
@@ -50,8 +52,8 @@ def refresh_schedule_for(cron: str = Settings().refresh_cron, pool_tags: Mapping
             job=embed_job,
             default_status=DefaultScheduleStatus.STOPPED,
             description="Re-runs every shard partition of the serving model version: a shard whose completion marker "
-            "is in storage is verified and kept (the model is deterministic, so embedding it again would write the same "
-            "vectors), a shard that is missing or incomplete (lost data, a failed partition) is embedded; then "
+            "is in storage is verified and kept (the model is deterministic, so embedding it again would write the "
+            "same vectors), a shard that is missing or incomplete (lost data, a failed partition) is embedded; then "
             "faiss_index and search_index rebuild and republish. Dagster 1.13 schedules cannot launch a backfill, so "
             "this launches one run per shard.",
         )(refresh)

@@ -1,7 +1,7 @@
 """The registry sensor adds partitions; the automation sensor turns new partitions into one backfill."""
 
 import json
-from typing import Mapping
+from collections.abc import Mapping
 
 from dagster import (
     AssetSelection,

@@ -19,9 +19,17 @@ def test_every_job_resolves():
 
 def test_assets_checks_and_partitions():
     graph = defs.resolve_asset_graph()
-    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {"image_embeddings", "faiss_index", "search_index"}
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {
+        "image_embeddings",
+        "faiss_index",
+        "search_index",
+    }
     checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
-    assert checks == {("image_embeddings", "complete"), ("image_embeddings", "reject_rate"), ("faiss_index", "recall_at_10")}
+    assert checks == {
+        ("image_embeddings", "complete"),
+        ("image_embeddings", "reject_rate"),
+        ("faiss_index", "recall_at_10"),
+    }
     emb = graph.get(AssetKey("image_embeddings"))
     assert emb.partitions_def.partition_dimension_names == ["model_version", "shard"]
     assert graph.get(AssetKey("faiss_index")).partitions_def.name == "model_version"
@@ -77,9 +85,11 @@ def test_importing_the_definitions_reads_no_environment():
         "ops.definitions.defs()"
     )
     env = {**os.environ, "BACKFILL_SENSOR_INTERVAL": "soon"}  # ops/sensors.py read it at import before
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip().splitlines()[-1] == "imported", proc.stderr[-2000:]
-    assert proc.returncode != 0 and "environment variable BACKFILL_SENSOR_INTERVAL='soon' is not an integer" in proc.stderr
+    assert (
+        proc.returncode != 0 and "environment variable BACKFILL_SENSOR_INTERVAL='soon' is not an integer" in proc.stderr
+    )
 
 
 def test_sensor_intervals_cron_and_resource_come_from_settings():
@@ -122,7 +132,9 @@ def test_step_jobs_render_with_backoff_limit_zero():
 
     from assets.index import faiss_index, search_index
 
-    config = DagsterK8sJobConfig(job_image="backfill:test", dagster_home="/opt/dagster/dagster_home", instance_config_map="dagster-instance")
+    config = DagsterK8sJobConfig(
+        job_image="backfill:test", dagster_home="/opt/dagster/dagster_home", instance_config_map="dagster-instance"
+    )
     for asset in (image_embeddings, faiss_index, search_index):
         user = get_user_defined_k8s_config(asset.op.tags)
         assert user.job_spec_config == {"backoff_limit": 0}, asset.key

@@ -25,7 +25,10 @@ def test_local_is_the_default_and_uses_processes():
 
 
 def test_k8s_needs_s3_paths():
-    with pytest.raises(ConfigError, match=r"BACKFILL_DEPLOYMENT=k8s needs BACKFILL_ROOT=s3://bucket/prefix, got '/data': step pods share no disk"):
+    with pytest.raises(
+        ConfigError,
+        match=r"BACKFILL_DEPLOYMENT=k8s needs BACKFILL_ROOT=s3://bucket/prefix, got '/data': step pods share no disk",
+    ):
         executor_for(k8s("/data"))
 
 
@@ -38,7 +41,12 @@ def test_k8s_uses_the_pooled_k8s_job_executor():
     executor = executor_for(k8s("s3://bucket/backfill"))
     assert executor.name == "k8s" and "default cpu-tidal" in executor.description
     # the run config of k8s_job_executor still applies (job_image, step_k8s_config, ...)
-    assert executor.config_schema.config_type.fields.keys() >= {"job_image", "step_k8s_config", "per_step_k8s_config", "retries"}
+    assert executor.config_schema.config_type.fields.keys() >= {
+        "job_image",
+        "step_k8s_config",
+        "per_step_k8s_config",
+        "retries",
+    }
 
 
 def test_k8s_refuses_a_grace_period_that_cannot_commit_a_chunk():
@@ -47,7 +55,9 @@ def test_k8s_refuses_a_grace_period_that_cannot_commit_a_chunk():
 
 
 def test_an_unknown_deployment_is_named():
-    with pytest.raises(ConfigError, match=r"environment variable BACKFILL_DEPLOYMENT='cloud' must be one of local, k8s"):
+    with pytest.raises(
+        ConfigError, match=r"environment variable BACKFILL_DEPLOYMENT='cloud' must be one of local, k8s"
+    ):
         Settings.from_env({DEPLOYMENT_ENV: "cloud"})
 
 
@@ -68,7 +78,7 @@ def test_the_real_definitions_in_the_k8s_deployment():
         "print(json.dumps({'executor': job.executor_def.name, 'tags': dict(auto.run_tags), 'index_tags': dict(index.run_tags)}))"
     )
     env = {**os.environ, DEPLOYMENT_ENV: "k8s", "BACKFILL_ROOT": "s3://bucket/backfill", POOL_ENV: "gpu-spot"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out == {

@@ -309,6 +309,14 @@ def _pools_yaml(**changes):
         ({"priorityClassName": None}, "pool 'gpu-spot': is missing 'priorityClassName'"),
         ({"maxConcurrentRuns": 0}, "maxConcurrentRuns must be a positive integer, got 0"),
         ({"nodeSelectr": {}}, "unknown keys ['nodeSelectr']"),
+        ({"tolerations": [{"key": "k", "operater": "Equal"}]}, "tolerations[0]: unknown keys ['operater']"),
+        ({"tolerations": [{"key": "k", "value": "v", "tolerationSeconds": 5}]}, "tolerations[0]: tolerationSeconds only applies to effect NoExecute"),
+        ({"tolerations": [{"value": "v"}]}, "tolerations[0]: operator Equal needs a key"),
+        ({"tolerations": {"key": "k"}}, "tolerations must be a list, got {'key': 'k'}"),
+        ({"affinity": {"nodeAfinity": {}}}, "affinity must be a Kubernetes Affinity mapping"),
+        ({"resources__limits__nvidia.com/gpu": "2"}, "resources.requests.nvidia.com/gpu must equal resources.limits.nvidia.com/gpu"),
+        ({"resources__request": {}}, "resources: unknown keys ['request']"),
+        ({"priorityClassName": ""}, "priorityClassName must be a non-empty string, got ''"),
     ],
 )
 def test_a_bad_pool_is_refused_naming_file_pool_and_field(changes, message):
@@ -330,6 +338,16 @@ def test_cpu_pool_must_not_take_a_gpu_and_default_must_exist():
     data = _pools_yaml()
     data["default"] = "gpu"
     with pytest.raises(ConfigError, match=r"'default' must name one of the pools \['cpu-tidal', 'gpu-spot', 'index'\], got 'gpu'"):
+        parse_pools(data, "pools.yaml")
+
+
+def test_a_pool_name_must_be_a_dns_label():
+    from backfill.errors import ConfigError
+    from ops.pools import parse_pools
+
+    data = _pools_yaml()
+    data["pools"]["GPU_spot"] = data["pools"].pop("gpu-spot")
+    with pytest.raises(ConfigError, match=r"pools file pools.yaml: pool name 'GPU_spot' must be a lowercase DNS label"):
         parse_pools(data, "pools.yaml")
 
 

@@ -13,7 +13,9 @@ def test_cpu_needs_nothing(monkeypatch):
 
 def test_cuda_without_cuda_is_refused_naming_who_asked_and_the_fix(monkeypatch):
     monkeypatch.setattr(device, "cuda_available", lambda: False)
-    with pytest.raises(ConfigError, match=r"pool 'gpu-spot' runs its steps on cuda:1, but CUDA is not available .*: use a cpu pool"):
+    with pytest.raises(
+        ConfigError, match=r"pool 'gpu-spot' runs its steps on cuda:1, but CUDA is not available .*: use a cpu pool"
+    ):
         device.require_device("cuda:1", "pool 'gpu-spot' runs its steps", "use a cpu pool")
 
 

@@ -53,9 +53,16 @@ def test_each_variable_reaches_its_field(variable):
 
 def test_parsing():
     settings = Settings.from_env(
-        {"BACKFILL_BATCH_SIZE": " 16 ", "BACKFILL_GPU_DECODE": "off", "BACKFILL_TARGET_RECALL": "0.9", "BACKFILL_ROOT": "corpus"}
+        {
+            "BACKFILL_BATCH_SIZE": " 16 ",
+            "BACKFILL_GPU_DECODE": "off",
+            "BACKFILL_TARGET_RECALL": "0.9",
+            "BACKFILL_ROOT": "corpus",
+        }
     )
-    assert settings.embed.batch_size == 16 and settings.embed.gpu_decode is False and settings.index.target_recall == 0.9
+    assert (
+        settings.embed.batch_size == 16 and settings.embed.gpu_decode is False and settings.index.target_recall == 0.9
+    )
     assert settings.root == str(REPO / "corpus")  # relative: the repository's, as Dagster and the CLI both need
     assert Settings.from_env({"BACKFILL_ROOT": "/abs/root"}).root == "/abs/root"
     assert Settings.from_env({"BACKFILL_ROOT": "s3://b/p"}).root == "s3://b/p"
@@ -65,14 +72,35 @@ def test_parsing():
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"BACKFILL_BATCH_SIZE": "abc"}, "environment variable BACKFILL_BATCH_SIZE='abc' is not an integer: set a valid value or unset it (default 64"),
-        ({"BACKFILL_BATCH_SIZE": "99999"}, "environment variable BACKFILL_BATCH_SIZE=99999: batch_size must be in 1..8192"),
+        (
+            {"BACKFILL_BATCH_SIZE": "abc"},
+            "environment variable BACKFILL_BATCH_SIZE='abc' is not an integer: set a valid value or unset it (default 64",
+        ),
+        (
+            {"BACKFILL_BATCH_SIZE": "99999"},
+            "environment variable BACKFILL_BATCH_SIZE=99999: batch_size must be in 1..8192",
+        ),
         ({"BACKFILL_GRACE_S": "soon"}, "environment variable BACKFILL_GRACE_S='soon' is not a number"),
-        ({"BACKFILL_GPU_DECODE": "maybe"}, "environment variable BACKFILL_GPU_DECODE='maybe' is not a boolean (use true or false)"),
-        ({"BACKFILL_SENSOR_INTERVAL": "0"}, "environment variable BACKFILL_SENSOR_INTERVAL='0' must be at least 1 second"),
-        ({"BACKFILL_DEVICE": "tpu"}, "environment variable BACKFILL_DEVICE='tpu': device must be 'cpu', 'cuda' or 'cuda:N'"),
-        ({"BACKFILL_DEPLOYMENT": "cloud"}, "environment variable BACKFILL_DEPLOYMENT='cloud' must be one of local, k8s"),
-        ({"BACKFILL_S3_ENDPOINT_URL": "minio:9000"}, "BACKFILL_S3_ENDPOINT_URL='minio:9000' is not a URL; expected e.g. https://"),
+        (
+            {"BACKFILL_GPU_DECODE": "maybe"},
+            "environment variable BACKFILL_GPU_DECODE='maybe' is not a boolean (use true or false)",
+        ),
+        (
+            {"BACKFILL_SENSOR_INTERVAL": "0"},
+            "environment variable BACKFILL_SENSOR_INTERVAL='0' must be at least 1 second",
+        ),
+        (
+            {"BACKFILL_DEVICE": "tpu"},
+            "environment variable BACKFILL_DEVICE='tpu': device must be 'cpu', 'cuda' or 'cuda:N'",
+        ),
+        (
+            {"BACKFILL_DEPLOYMENT": "cloud"},
+            "environment variable BACKFILL_DEPLOYMENT='cloud' must be one of local, k8s",
+        ),
+        (
+            {"BACKFILL_S3_ENDPOINT_URL": "minio:9000"},
+            "BACKFILL_S3_ENDPOINT_URL='minio:9000' is not a URL; expected e.g. https://",
+        ),
         (
             {"BACKFILL_FLAT_BELOW": "100", "BACKFILL_PQ_FROM": "50", "BACKFILL_RECALL_K": "5"},
             "environment variable BACKFILL_FLAT_BELOW=100, BACKFILL_PQ_FROM=50: pq_from must be greater than flat_below",
@@ -134,7 +162,7 @@ def test_importing_the_product_parses_no_variable():
     ]
     code = "import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)\nprint('imported')"
     env = {**os.environ, **{v.name: "!malformed" for v in VARIABLES}}
-    proc = subprocess.run([sys.executable, "-c", code, *modules], cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code, *modules], check=False, cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "imported", proc.stderr[-2000:]
     with pytest.raises(ConfigError, match="BACKFILL_"):
         Settings.from_env(env)
