@@ -10,7 +10,8 @@ from dagster import ConfigurableResource, Failure
 from backfill.config import EmbedConfig, IndexConfig
 from backfill.errors import PermanentError
 from backfill.pipeline import ThreadBudget
-from backfill.registry import LoadedModel, load_model, read_card
+from backfill.registry import read_card
+from backfill.runtime import LoadedModel, load_model
 from backfill.settings import Settings
 from backfill.storage import Layout, Store
 
@@ -27,9 +28,6 @@ class BackfillResource(ConfigurableResource):
     root: str
     model: str = _SETTINGS.model
     warn_reject_rate: float = _SETTINGS.warn_reject_rate
-    work_log: str = (
-        _SETTINGS.work_log
-    )  # if set, a file that every attempt appends "<pid> <version> <shard> <n>" to per batch
     # EmbedConfig
     device: str = _EMBED.device
     batch_size: int = _EMBED.batch_size
@@ -42,6 +40,7 @@ class BackfillResource(ConfigurableResource):
     grace_s: float = _EMBED.grace_s
     gpu_decode: bool = _EMBED.gpu_decode
     prefetch_batches: int = _EMBED.prefetch_batches
+    work_log: str | None = _EMBED.work_log  # a file every attempt appends "<pid> <version> <shard> <n>" to
     # IndexConfig
     target_recall: float = _INDEX.target_recall
     k: int = _INDEX.k  # of recall@k
@@ -58,7 +57,6 @@ class BackfillResource(ConfigurableResource):
             root=settings.root,
             model=settings.model,
             warn_reject_rate=settings.warn_reject_rate,
-            work_log=settings.work_log,
             **dataclasses.asdict(settings.embed),
             **dataclasses.asdict(settings.index),
         )

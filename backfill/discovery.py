@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from backfill.errors import BackfillError
 from backfill.manifest import find_cross_shard_duplicates, list_shards, read_shard
-from backfill.registry import list_versions, load_model, valid_name
+from backfill.registry import list_versions, valid_name
+from backfill.runtime import load_model
 from backfill.retire import retired_versions
 from backfill.storage import Layout
 

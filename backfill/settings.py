@@ -123,7 +123,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("BACKFILL_PQ_M", "index.pq_m", _int, "PQ sub-quantizers (0: dim / 4)"),
     Variable("BACKFILL_TRAIN_POINTS_PER_CENTROID", "index.train_points_per_centroid", _int,
         "training sample per IVF centroid (39..256)"),
-    Variable("BACKFILL_WORK_LOG", "work_log", _text,
+    Variable("BACKFILL_WORK_LOG", "embed.work_log", _text,
         "a file every attempt appends its embedded-batch sizes to (the chaos harness)"),
     Variable("BACKFILL_SENSOR_INTERVAL", "sensor_interval_s", _seconds, "seconds between registry sensor ticks"),
     Variable("BACKFILL_AUTOMATION_INTERVAL", "automation_interval_s", _seconds,
@@ -148,7 +148,6 @@ class Settings:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     warn_reject_rate: float = 0.01
-    work_log: str = ""  # empty: no work log
     s3_endpoint_url: str = ""  # empty: AWS S3 (botocore's own endpoint)
     cache_dir: str = ""  # empty: ~/.cache/backfill
     sensor_interval_s: int = 30

@@ -67,7 +67,8 @@ def sample_corpus_vectors(images: int) -> np.ndarray:
     from backfill.embed import embed_shard, load_embeddings
     from backfill.manifest import list_shards
     from backfill.models import REFERENCE, torchscript_bytes
-    from backfill.registry import load_model, register_version
+    from backfill.registry import register_version
+    from backfill.runtime import load_model
     from backfill.sample import SampleSpec, make_sample_corpus
     from backfill.storage import Layout, Store
 

@@ -50,7 +50,7 @@ def registered(layout: Layout):
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """One real S3-compatible server (SeaweedFS) on loopback for the whole session."""
-    from ops.local_s3 import LocalS3
+    from harness.local_s3 import LocalS3
 
     server = LocalS3(tmp_path_factory.mktemp("seaweedfs")).start()
     yield server

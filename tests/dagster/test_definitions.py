@@ -54,7 +54,7 @@ def test_publishing_is_serialised_by_a_pool_of_one():
     import yaml
 
     from assets.index import PUBLISH_POOL, search_index
-    from ops.local_instance import REPO
+    from harness.local_instance import REPO
 
     assert search_index.op.pool == PUBLISH_POOL
     instance = yaml.safe_load((REPO / "dagster_home" / "dagster.yaml").read_text())

@@ -14,7 +14,7 @@ from backfill.incremental import build_or_update
 from backfill.index import IDS_FILE, INDEX_FILE, build_index, collect, recall_at_k
 from backfill.manifest import list_shards, read_shard
 from backfill.publish import publish
-from backfill.registry import load_model
+from backfill.runtime import load_model
 from backfill.search import Searcher
 from tests.conftest import MODEL, make_layout, register_tiny
 

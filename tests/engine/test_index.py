@@ -7,7 +7,7 @@ from backfill.embed import MARKER, embed_shard, is_chunk
 from backfill.errors import IncompleteError
 from backfill.index import BUILD_FILE, build_index, choose_index, latest_build, recall_at_k, train_index
 from backfill.manifest import list_shards
-from backfill.registry import load_model
+from backfill.runtime import load_model
 from tests.conftest import MODEL
 
 CONFIG = EmbedConfig(batch_size=8, chunk_size=8, torch_threads=1)

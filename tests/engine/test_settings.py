@@ -38,14 +38,15 @@ def test_every_engine_field_has_one_variable():
 # a valid value other than the default, where the type's sample is out of range
 VALID = {
     "BACKFILL_S3_ENDPOINT_URL": "https://minio.example.com:9000", "BACKFILL_DEPLOYMENT": "k8s", "BACKFILL_DEVICE": "cuda:1",
-    "BACKFILL_PQ_FROM": 5000, "BACKFILL_TRAIN_POINTS_PER_CENTROID": 100,
+    "BACKFILL_PQ_FROM": 5000, "BACKFILL_WORK_LOG": "/tmp/work.log", "BACKFILL_TRAIN_POINTS_PER_CENTROID": 100,
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("variable", VARIABLES, ids=lambda v: v.name)
 def test_each_variable_reaches_its_field(variable):
     owner, _, name = variable.target.rpartition(".")
-    value = VALID.get(variable.name, {int: 7, float: 0.5, bool: False, str: "s3://bucket/x"}[type(default(variable))])
+    samples = {int: 7, float: 0.5, bool: False, str: "s3://bucket/x"}
+    value = VALID[variable.name] if variable.name in VALID else samples[type(default(variable))]
     settings = Settings.from_env({variable.name: str(value).lower()})
     holder = {"": settings, "embed": settings.embed, "index": settings.index}[owner]
     assert getattr(holder, name) == value
