@@ -22,7 +22,7 @@ from dagster import (
 from assets.k8s import STEP_K8S_TAGS
 from assets.models import model_version
 from assets.partitions import embedding_partitions
-from assets.pools import device_for_run
+from ops.pools import device_for_run
 from assets.resources import BackfillResource, run_engine
 from backfill.embed import EmbedStats, embed_shard
 from backfill.errors import Preempted

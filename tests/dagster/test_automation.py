@@ -18,8 +18,10 @@ from dagster import (
 
 from assets.embeddings import image_embeddings
 from assets.models import model_version
-from ops.definitions import defs
+from ops.definitions import defs as load_defs
 from tests.dagster.test_assets import resources
+
+defs = load_defs()  # lazy Definitions: built from the environment when called
 
 SHARDS = ["shard-00000", "shard-00001", "shard-00002"]
 

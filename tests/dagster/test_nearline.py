@@ -10,10 +10,12 @@ from assets.index import faiss_index, search_index
 from backfill.index import IDS_FILE
 from backfill.manifest import read_shard, write_shard
 from backfill.publish import read_pointer
-from ops.definitions import defs
+from ops.definitions import defs as load_defs
 from tests.conftest import MODEL, register_tiny
 from tests.dagster.test_assets import embed_one, latest_metadata, resources
 from tests.dagster.test_automation import requested, verified
+
+defs = load_defs()  # lazy Definitions: built from the environment when called
 
 FIRST, NEW = ["shard-00000", "shard-00001"], "shard-00002"
 

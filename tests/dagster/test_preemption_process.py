@@ -21,7 +21,7 @@ SHARD = "shard-00000"
 def embed_job():
     from ops.definitions import defs
 
-    return defs.get_job_def("embed_job")
+    return defs().get_job_def("embed_job")
 
 
 ROWS = 120
