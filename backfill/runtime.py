@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from backfill.errors import ConfigError, ModelError
+from backfill.device import require_device
+from backfill.errors import ModelError
 from backfill.registry import ModelCard, read_artifact
 from backfill.storage import Layout
 
@@ -154,11 +155,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def load_model(layout: Layout, card: ModelCard, device: str = "cpu") -> LoadedModel:
     """Verify the artifact against the card's sha256, load it (TorchScript: no pickle), probe it."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"device {device!r} was asked for model {card.name} version {card.version}, but CUDA is not available "
-            "in this process: refusing to run a GPU partition silently on the CPU"
-        )
+    require_device(device, f"model {card.name} version {card.version} was asked to run",
+                   "refusing to run a GPU partition silently on the CPU")
     blob = read_artifact(layout, card)
     try:
         module = torch.jit.load(io.BytesIO(blob), map_location=device).eval()

@@ -21,9 +21,10 @@ from backfill.registry import register_version
 from backfill.sample import SampleSpec, make_sample_corpus
 from backfill.storage import Layout, Store
 from backfill.verify import verify_version
+from backfill.settings import DEFAULT_MODEL
 from harness.local_instance import new_instance, start_daemon, step_worker_pids, stop
 
-MODEL = "refcnn"
+MODEL = DEFAULT_MODEL
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,10 @@ from backfill.publish import read_pointer  # noqa: E402
 from backfill.registry import register_version  # noqa: E402
 from backfill.sample import SampleSpec, make_sample_corpus  # noqa: E402
 from backfill.storage import Layout, Store  # noqa: E402
+from backfill.settings import DEFAULT_MODEL  # noqa: E402
 from harness.local_instance import free_port, new_instance, start_daemon, start_search_service, stop, wait_for  # noqa: E402
 
-MODEL = "refcnn"
+MODEL = DEFAULT_MODEL
 
 
 def machine() -> str:

@@ -11,8 +11,9 @@ from backfill.models import Architecture, torchscript_bytes
 from backfill.registry import register_version
 from backfill.sample import SampleSpec, make_sample_corpus
 from backfill.storage import Layout, Store
+from backfill.settings import DEFAULT_MODEL
 
-MODEL = "refcnn"
+MODEL = DEFAULT_MODEL
 TINY = {
     "v1": Architecture(widths=(4, 8, 8, 16), dim=16, input_size=32, seed=1),
     "v2": Architecture(widths=(4, 8, 16, 16), dim=24, input_size=32, seed=2),
