@@ -22,12 +22,12 @@ from dagster import (
 from assets.k8s import STEP_K8S_TAGS
 from assets.models import model_version
 from assets.partitions import embedding_partitions
-from ops.pools import device_for_run
 from assets.resources import BackfillResource, run_engine
 from backfill.embed import EmbedStats, embed_shard
 from backfill.errors import Preempted
 from backfill.preemption import sigterm_notice
 from backfill.verify import Verdict, verify_shard
+from ops.pools import device_for_run
 
 EMBED_RETRY_POLICY = RetryPolicy(max_retries=4, delay=5, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
 # spot capacity can preempt the same shard many times; a preemption is not the shard's fault
@@ -51,14 +51,25 @@ EMBED_WHEN_MISSING = (
 @asset(
     partitions_def=embedding_partitions,
     # each shard of a version waits for that version's verification (a failed one stays missing)
-    deps=[AssetDep(model_version, partition_mapping=MultiToSingleDimensionPartitionMapping(partition_dimension_name="model_version"))],
+    deps=[
+        AssetDep(
+            model_version,
+            partition_mapping=MultiToSingleDimensionPartitionMapping(partition_dimension_name="model_version"),
+        )
+    ],
     retry_policy=EMBED_RETRY_POLICY,
     # new partitions (a new model version or a new shard) are embedded as one backfill per tick
     automation_condition=EMBED_WHEN_MISSING,
     check_specs=[
         # blocking: a shard that fails re-verification from storage holds back what depends on it
-        AssetCheckSpec("complete", asset="image_embeddings", blocking=True, description="every manifest row committed exactly once"),
-        AssetCheckSpec("reject_rate", asset="image_embeddings", description="share of images rejected (warns above warn_reject_rate)"),
+        AssetCheckSpec(
+            "complete", asset="image_embeddings", blocking=True, description="every manifest row committed exactly once"
+        ),
+        AssetCheckSpec(
+            "reject_rate",
+            asset="image_embeddings",
+            description="share of images rejected (warns above warn_reject_rate)",
+        ),
     ],
     kinds={"pytorch", "parquet"},
     op_tags=STEP_K8S_TAGS,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from backfill.config import EmbedConfig
 from backfill.errors import ConfigError
@@ -30,8 +30,18 @@ from backfill.writer import ChunkWriter, chunk_name, chunk_plan, is_chunk, load_
 
 # the names other modules import from here; each lives in its stage's module
 __all__ = [
-    "MARKER", "REJECTS", "EmbedStats", "chunk_name", "chunk_plan", "embed_shard", "ids_sha256", "is_chunk",
-    "load_embeddings", "read_chunks", "read_rejects", "reason_kind",
+    "MARKER",
+    "REJECTS",
+    "EmbedStats",
+    "chunk_name",
+    "chunk_plan",
+    "embed_shard",
+    "ids_sha256",
+    "is_chunk",
+    "load_embeddings",
+    "read_chunks",
+    "read_rejects",
+    "reason_kind",
 ]
 
 

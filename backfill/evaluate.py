@@ -22,7 +22,9 @@ def near_duplicate_recall(layout: Layout, model: str, version: str, shards: list
     ids_all, vecs_all, groups_all = [], [], []
     for shard in shards:
         ids, vectors, valid = load_embeddings(layout, model, version, shard)
-        table = pq.read_table(io.BytesIO(layout.store.read_bytes(layout.manifest(shard))), columns=["image_id", "group_id"])
+        table = pq.read_table(
+            io.BytesIO(layout.store.read_bytes(layout.manifest(shard))), columns=["image_id", "group_id"]
+        )
         group_of = dict(zip(table.column("image_id").to_pylist(), table.column("group_id").to_pylist()))
         ids_all.append(ids[valid])
         vecs_all.append(vectors[valid])

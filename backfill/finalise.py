@@ -73,12 +73,12 @@ class ShardMarker:
     chunk_size: int = 0
 
     @classmethod
-    def of(cls, stats: EmbedStats, chunk_size: int) -> "ShardMarker":
+    def of(cls, stats: EmbedStats, chunk_size: int) -> ShardMarker:
         data = asdict(stats)
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name != "chunk_size"}, chunk_size=chunk_size)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "ShardMarker":
+    def from_json(cls, data: dict[str, Any]) -> ShardMarker:
         # unknown keys are ignored, so a marker from a newer release stays readable
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
@@ -134,7 +134,12 @@ def tally(
 
 
 def finalise(
-    layout: Layout, out: str, shard: Shard, errors: list[str | None], stats: EmbedStats, max_reject_rate: float,
+    layout: Layout,
+    out: str,
+    shard: Shard,
+    errors: list[str | None],
+    stats: EmbedStats,
+    max_reject_rate: float,
     chunk_size: int,
 ) -> ShardMarker:
     """Check the tallied shard, then write its rejects file and its marker; the marker is written last."""

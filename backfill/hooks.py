@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class WorkLog:
     shard: str
 
     @classmethod
-    def at(cls, path: str | None, version: str, shard: str) -> "WorkLog | None":
+    def at(cls, path: str | None, version: str, shard: str) -> WorkLog | None:
         """The work log of one partition, or None when no path is configured."""
         return cls(path, version, shard) if path else None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import fsspec
 import numpy as np

@@ -29,7 +29,9 @@ class Shard:
 
 def list_shards(layout: Layout) -> list[str]:
     """Shard names, sorted; the manifest folder is the listing (no object listing of images)."""
-    return [n[: -len(SUFFIX)] for n in layout.store.ls(layout.manifests) if n.endswith(SUFFIX) and not n.startswith(".")]
+    return [
+        n[: -len(SUFFIX)] for n in layout.store.ls(layout.manifests) if n.endswith(SUFFIX) and not n.startswith(".")
+    ]
 
 
 def write_shard(layout: Layout, name: str, table: pa.Table) -> None:
@@ -76,8 +78,13 @@ def _validate_columns(name: str, table: pa.Table) -> None:
     if table.column("image_id").null_count:
         raise ManifestError(f"manifest shard {name!r}: image_id has {table.column('image_id').null_count} null values")
     uri_type = table.schema.field("uri").type
-    if not any(check(uri_type) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)):
-        raise ManifestError(f"manifest shard {name!r}: uri must be a string (or binary, for non-UTF-8 paths) column, got {uri_type}")
+    if not any(
+        check(uri_type)
+        for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
+    ):
+        raise ManifestError(
+            f"manifest shard {name!r}: uri must be a string (or binary, for non-UTF-8 paths) column, got {uri_type}"
+        )
     if table.num_rows and pc.min(table.column("image_id")).as_py() < 0:
         raise ManifestError(f"manifest shard {name!r}: image_id must be non-negative")
 
@@ -96,4 +103,3 @@ def find_cross_shard_duplicates(ids_by_shard: dict[str, np.ndarray]) -> str | No
         return None
     i = dup[0]
     return f"image_id {int(ids[i])} appears in manifest shards {names[owner[i]]!r} and {names[owner[i + 1]]!r}"
-

@@ -9,11 +9,12 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -96,12 +97,12 @@ class ThreadBudget:
     faiss: int
 
     @classmethod
-    def resolve(cls, torch_threads: int = 0, decode_workers: int = 0, cpus: int | None = None) -> "ThreadBudget":
+    def resolve(cls, torch_threads: int = 0, decode_workers: int = 0, cpus: int | None = None) -> ThreadBudget:
         """0 means "one per CPU of the budget"; explicit settings win."""
         cpus = cpus or cpu_budget()
         return cls(cpus=cpus, torch=torch_threads or cpus, decode=decode_workers or cpus, faiss=cpus)
 
-    def apply(self) -> "ThreadBudget":
+    def apply(self) -> ThreadBudget:
         """Set torch intra-op and FAISS OpenMP threads (decode workers are sized by the caller)."""
         import torch
 

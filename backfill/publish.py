@@ -84,4 +84,6 @@ def _verify_index_file(layout: Layout, build: IndexBuild) -> None:
     except FileNotFoundError:
         raise IncompleteError(f"index build {build.model}/{build.build_id} has no {INDEX_FILE}") from None
     if digest != build.index_sha256:
-        raise IncompleteError(f"index build {build.model}/{build.build_id}: {INDEX_FILE} does not match its recorded sha256")
+        raise IncompleteError(
+            f"index build {build.model}/{build.build_id}: {INDEX_FILE} does not match its recorded sha256"
+        )

@@ -34,7 +34,7 @@ class ModelCard:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, data: Any, where: str) -> "ModelCard":
+    def from_json(cls, data: Any, where: str) -> ModelCard:
         """Parse and validate a model.json; errors name the version and the field."""
 
         def bad(problem: str) -> ModelError:

@@ -65,7 +65,9 @@ class ResNet(nn.Module):
         block = Basic if block_name == "basic" else Bottleneck
         state = torch.random.get_rng_state()
         torch.manual_seed(seed)
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        )
         stages: list[nn.Module] = []
         cin = 64
         for i, n in enumerate(depths):

@@ -50,7 +50,14 @@ def plan_retirement(layout: Layout, model: str, keep: int) -> RetirePlan:
     versions = set(created) | set(layout.store.ls(layout.embeddings(model, ""))) | {v for v, _, _ in builds.values()}
     versions -= set(retired_versions(layout, model))
     if pointer is None:
-        return RetirePlan(model, None, None, sorted(versions), [], reason="nothing is published yet, so every version may still be needed")
+        return RetirePlan(
+            model,
+            None,
+            None,
+            sorted(versions),
+            [],
+            reason="nothing is published yet, so every version may still be needed",
+        )
     serving = pointer["version"]
     order = sorted(versions, key=lambda v: (created_at(created.get(v)), v))  # unknown (unregistered) versions first
     older = [v for v in order if created_at(created.get(v)) < created_at(pointer.get("model_created")) and v != serving]
@@ -78,9 +85,13 @@ def retire(layout: Layout, plan: RetirePlan) -> None:
     now = datetime.now(timezone.utc).isoformat()
     current = read_pointer(layout, plan.model)
     if current and current["build_id"] != plan.serving_build:
-        raise ConfigError(f"CURRENT moved to {current['build_id']} since the plan was made (it named {plan.serving_build}); plan again")
+        raise ConfigError(
+            f"CURRENT moved to {current['build_id']} since the plan was made (it named {plan.serving_build}); plan again"
+        )
     for version in plan.retire:
-        layout.store.write_json(layout.retired(plan.model, version), {"version": version, "retired_at": now, "serving": plan.serving})
+        layout.store.write_json(
+            layout.retired(plan.model, version), {"version": version, "retired_at": now, "serving": plan.serving}
+        )
     for version in plan.retire:
         folder = layout.embeddings(plan.model, version)
         if layout.store.exists(folder):

@@ -44,7 +44,7 @@ class LoadedModel:
         self._scale = 1.0 / (255.0 * std)
         self._shift = -mean / std
 
-    def __call__(self, pixels: torch.Tensor) -> "PendingEmbedding":
+    def __call__(self, pixels: torch.Tensor) -> PendingEmbedding:
         """The model stage per batch (the model was loaded once, by load_model): embed_pixels_async."""
         return self.embed_pixels_async(pixels)
 
@@ -58,7 +58,7 @@ class LoadedModel:
         """uint8 (N, 3, H, W) pixels (any device, any memory layout) -> float32 unit vectors (N, dim)."""
         return self.embed_pixels_async(pixels).result()
 
-    def embed_pixels_async(self, pixels: torch.Tensor) -> "PendingEmbedding":
+    def embed_pixels_async(self, pixels: torch.Tensor) -> PendingEmbedding:
         """embed_pixels without waiting for the device: on CUDA the kernels and the copy of the
         vectors into pinned host memory are queued and a CUDA event marks their end, so the
         caller can queue the next batch while this one runs; `.result()` waits for that event
@@ -122,7 +122,7 @@ class Chunk:
         self.embedded = 0
         self.began = time.monotonic()
 
-    def launch(self, span: "Span", pixels: torch.Tensor | None, failed: dict[int, str]) -> int:
+    def launch(self, span: Span, pixels: torch.Tensor | None, failed: dict[int, str]) -> int:
         """Queue the model on a prepared batch; its rejects keep their reason. Returns the rows embedded."""
         for i, reason in span.rejects:
             self.errors[i] = reason
@@ -155,8 +155,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def load_model(layout: Layout, card: ModelCard, device: str = "cpu") -> LoadedModel:
     """Verify the artifact against the card's sha256, load it (TorchScript: no pickle), probe it."""
-    require_device(device, f"model {card.name} version {card.version} was asked to run",
-                   "refusing to run a GPU partition silently on the CPU")
+    require_device(
+        device,
+        f"model {card.name} version {card.version} was asked to run",
+        "refusing to run a GPU partition silently on the CPU",
+    )
     blob = read_artifact(layout, card)
     try:
         module = torch.jit.load(io.BytesIO(blob), map_location=device).eval()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -92,7 +92,9 @@ def make_sample_corpus(
     while len(rows) < spec.images:
         original = synthetic_image(rng)
         members = [("original", original, 92)]
-        for kind in rng.choice(TRANSFORMS, size=min(int(rng.integers(0, spec.max_copies + 1)), len(TRANSFORMS)), replace=False):
+        for kind in rng.choice(
+            TRANSFORMS, size=min(int(rng.integers(0, spec.max_copies + 1)), len(TRANSFORMS)), replace=False
+        ):
             img, quality = _transform(original, str(kind), rng)
             members.append((str(kind), img, quality))
         for kind, img, quality in members[: spec.images - len(rows)]:

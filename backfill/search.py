@@ -58,7 +58,12 @@ class Searcher:
     """Answers queries from whatever CURRENT names, reloading when it moves."""
 
     def __init__(
-        self, layout: Layout, model: str, device: str = "cpu", max_image_pixels: int = 64_000_000, cache_dir: str | None = None
+        self,
+        layout: Layout,
+        model: str,
+        device: str = "cpu",
+        max_image_pixels: int = 64_000_000,
+        cache_dir: str | None = None,
     ) -> None:
         self.layout, self.model_name, self.device = layout, model, device
         # index files from an object store are downloaded here (verified) before FAISS reads them
@@ -123,7 +128,9 @@ class Searcher:
         except BackfillError:
             raise
         except Exception as exc:
-            raise IncompleteError(f"index build {self.model_name}/{build_id} could not be loaded: {type(exc).__name__}: {exc}") from exc
+            raise IncompleteError(
+                f"index build {self.model_name}/{build_id} could not be loaded: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def _load(self, build_id: str, previous: _Served | None) -> _Served:
         build = read_build(self.layout, self.model_name, build_id)
@@ -141,13 +148,24 @@ class Searcher:
             faiss.extract_index_ivf(index).make_direct_map()  # reconstruct() by position, for queries by image_id
         table = pq.read_table(io.BytesIO(self.layout.store.read_bytes(f"{folder}/{IDS_FILE}")))
         if table.num_rows != index.ntotal:
-            raise IncompleteError(f"index build {self.model_name}/{build_id}: {IDS_FILE} has {table.num_rows} rows for {index.ntotal} vectors")
+            raise IncompleteError(
+                f"index build {self.model_name}/{build_id}: {IDS_FILE} has {table.num_rows} rows for {index.ntotal} vectors"
+            )
         if previous is not None and previous.version == build.version:
             model = previous.model
         else:
             model = load_model(self.layout, read_card(self.layout, self.model_name, build.version), self.device)
         ids = table.column("image_id").to_numpy()
-        return _Served(build_id, build.version, build.index_sha256, index, ids, table.column("uri").to_pylist(), model, np.argsort(ids, kind="stable"))
+        return _Served(
+            build_id,
+            build.version,
+            build.index_sha256,
+            index,
+            ids,
+            table.column("uri").to_pylist(),
+            model,
+            np.argsort(ids, kind="stable"),
+        )
 
     def search_image(self, data: bytes, k: int = 10) -> SearchResult:
         served = self.current()
@@ -160,15 +178,13 @@ class Searcher:
         served = self.current()
         at = int(np.searchsorted(served.ids, image_id, sorter=served.by_id))
         if at == len(served.ids) or served.ids[served.by_id[at]] != image_id:
-            raise UnknownImageError(f"image_id {image_id} is not in index build {served.build_id} of {self.model_name} (rejected, or not embedded yet)")
+            raise UnknownImageError(
+                f"image_id {image_id} is not in index build {served.build_id} of {self.model_name} (rejected, or not embedded yet)"
+            )
         vector = served.index.reconstruct(int(served.by_id[at]))
         return self._answer(served, vector[None], k)
 
     def _answer(self, served: _Served, vector: np.ndarray, k: int) -> SearchResult:
         scores, positions = served.index.search(np.ascontiguousarray(vector, dtype=np.float32), k)
-        hits = [
-            Hit(int(served.ids[p]), served.uris[p], float(s))
-            for p, s in zip(positions[0], scores[0])
-            if p >= 0
-        ]
+        hits = [Hit(int(served.ids[p]), served.uris[p], float(s)) for p, s in zip(positions[0], scores[0]) if p >= 0]
         return SearchResult(self.model_name, served.version, served.build_id, hits)

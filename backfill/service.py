@@ -16,7 +16,7 @@ from starlette.routing import Route
 
 from backfill.errors import BackfillError, ConfigError, UnknownImageError
 from backfill.images import BadImage
-from backfill.search import SearchResult, Searcher
+from backfill.search import Searcher, SearchResult
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,9 @@ class ServiceConfig:
         if not 1 <= self.max_upload_bytes <= 1 << 30:
             raise ConfigError(f"max_upload_bytes must be in 1..{1 << 30}, got {self.max_upload_bytes}")
         if not 1 <= self.default_k <= self.max_k <= 1000:
-            raise ConfigError(f"need 1 <= default_k <= max_k <= 1000, got default_k={self.default_k} max_k={self.max_k}")
+            raise ConfigError(
+                f"need 1 <= default_k <= max_k <= 1000, got default_k={self.default_k} max_k={self.max_k}"
+            )
         if not 0.05 <= self.poll_s <= 3600:
             raise ConfigError(f"poll_s must be in 0.05..3600 seconds, got {self.poll_s}")
 
@@ -92,7 +94,10 @@ def create_app(searcher: Searcher, config: ServiceConfig = ServiceConfig()) -> S
                     raise HTTPError(400, "multipart upload needs a file field named 'image'")
                 body = await image.read()
         elif kind and not kind.startswith(("image/", "application/octet-stream")):
-            raise HTTPError(415, f"send the image as the body (image/* or application/octet-stream) or as multipart field 'image', not {kind!r}")
+            raise HTTPError(
+                415,
+                f"send the image as the body (image/* or application/octet-stream) or as multipart field 'image', not {kind!r}",
+            )
         if not body:
             raise HTTPError(400, "empty upload: send the query image's bytes")
         return body
@@ -101,7 +106,9 @@ def create_app(searcher: Searcher, config: ServiceConfig = ServiceConfig()) -> S
         try:
             served = await run_in_threadpool(searcher.current)
         except BackfillError as exc:
-            return JSONResponse({"status": "unavailable", "model": searcher.model_name, "error": str(exc)}, status_code=503)
+            return JSONResponse(
+                {"status": "unavailable", "model": searcher.model_name, "error": str(exc)}, status_code=503
+            )
         return JSONResponse(
             {
                 "status": "ok",
@@ -116,7 +123,9 @@ def create_app(searcher: Searcher, config: ServiceConfig = ServiceConfig()) -> S
     @contextlib.asynccontextmanager
     async def lifespan(app):
         stop = threading.Event()
-        poller = threading.Thread(target=_poll, args=(searcher, stop, config.poll_s), name="current-poller", daemon=True)
+        poller = threading.Thread(
+            target=_poll, args=(searcher, stop, config.poll_s), name="current-poller", daemon=True
+        )
         poller.start()
         try:
             yield
@@ -125,7 +134,10 @@ def create_app(searcher: Searcher, config: ServiceConfig = ServiceConfig()) -> S
             poller.join(timeout=5)
 
     app = Starlette(
-        routes=[Route("/search", _errors(search), methods=["GET", "POST"]), Route("/healthz", healthz, methods=["GET"])],
+        routes=[
+            Route("/search", _errors(search), methods=["GET", "POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+        ],
         lifespan=lifespan,
     )
     return app

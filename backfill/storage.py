@@ -35,7 +35,11 @@ def filesystem_options(protocol: str) -> dict[str, Any]:
     # whether to split the read, which doubles the requests for every small image
     # and a connection pool as wide as the requests the fetch stage keeps in flight: botocore's
     # default of 10 connections capped a partition at 10 GETs in flight whatever fetch_workers said
-    options: dict[str, Any] = {"use_listings_cache": False, "max_concurrency": 1, "config_kwargs": {"max_pool_connections": S3_CONNECTIONS}}
+    options: dict[str, Any] = {
+        "use_listings_cache": False,
+        "max_concurrency": 1,
+        "config_kwargs": {"max_pool_connections": S3_CONNECTIONS},
+    }
     from backfill.settings import setting  # not at the top: settings imports config, which imports this module
 
     endpoint = setting(S3_ENDPOINT_ENV)  # validated there: a URL
@@ -88,7 +92,7 @@ class Store:
     fs: fsspec.AbstractFileSystem
 
     @classmethod
-    def open(cls, root: str, **storage_options: Any) -> "Store":
+    def open(cls, root: str, **storage_options: Any) -> Store:
         options = {**filesystem_options(protocol_of(root)), **storage_options}
         try:
             fs, path = fsspec.core.url_to_fs(root, **options)
@@ -139,7 +143,9 @@ class Store:
         except (FileNotFoundError, PermissionError):
             raise
         except transient_errors() as exc:
-            raise RetryableError(f"could not {action} {self.display(path)}: store unreachable ({type(exc).__name__}: {exc})") from exc
+            raise RetryableError(
+                f"could not {action} {self.display(path)}: store unreachable ({type(exc).__name__}: {exc})"
+            ) from exc
 
     def read_json(self, path: str) -> Any:
         return json.loads(self.read_bytes(path))
@@ -153,7 +159,9 @@ class Store:
                 self.fs.pipe_file(path, data)
         except PermissionError as exc:
             # S3's AccessDenied on a PUT: every retry would be refused the same way
-            raise ConfigError(f"no permission to write {self.display(path)}: check the credentials/bucket policy for writes ({exc})") from exc
+            raise ConfigError(
+                f"no permission to write {self.display(path)}: check the credentials/bucket policy for writes ({exc})"
+            ) from exc
         except (OSError, *transient_errors()) as exc:
             # a full disk or a dropped connection: the same write may succeed on retry
             raise RetryableError(f"could not write {self.display(path)}: {exc}") from exc

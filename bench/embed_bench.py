@@ -79,7 +79,12 @@ def make_corpus(layout: Layout, images: int, unique: int, side: int) -> list[byt
         with open(path, "wb") as f:
             f.write(blob)
         uris.append(path)
-    table = pa.table({"image_id": pa.array(np.arange(images), pa.int64()), "uri": pa.array([uris[i % unique] for i in range(images)])})
+    table = pa.table(
+        {
+            "image_id": pa.array(np.arange(images), pa.int64()),
+            "uri": pa.array([uris[i % unique] for i in range(images)]),
+        }
+    )
     write_shard(layout, "bench", table)
     return blobs
 
@@ -154,7 +159,9 @@ def ray_data(root: str, card, device: str, uris: list[str], batch: int, cores: i
     except ImportError:
         return float("nan"), "not installed"
     size = card.input_size
-    ray.init(num_cpus=cores, num_gpus=1 if device.startswith("cuda") else 0, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        num_cpus=cores, num_gpus=1 if device.startswith("cuda") else 0, include_dashboard=False, log_to_driver=False
+    )
     try:
 
         def decode_batch(rows: dict) -> dict:
@@ -196,9 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unique", type=int, default=0, help="distinct JPEG files (rows repeat them); 0: one per row")
     p.add_argument("--side", type=int, default=512, help="JPEG width and height")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--threads", type=int, default=0, help="torch threads and decode workers; 0: the CPUs of this process")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads and decode workers; 0: the CPUs of this process"
+    )
     p.add_argument("--no-gpu-decode", action="store_true", help="on CUDA: decode with PIL on the CPU cores, not nvjpeg")
-    p.add_argument("--prefetch", type=int, default=EmbedConfig.prefetch_batches, help="embed_shard: prepared batches ahead of the model")
+    p.add_argument(
+        "--prefetch",
+        type=int,
+        default=EmbedConfig.prefetch_batches,
+        help="embed_shard: prepared batches ahead of the model",
+    )
     p.add_argument("--fetch-workers", type=int, default=EmbedConfig.fetch_workers, help="embed_shard: fetch threads")
     p.add_argument("--decode-workers", type=int, default=0, help="embed_shard: decode threads (PIL path); 0: --threads")
     p.add_argument(
@@ -225,7 +239,15 @@ def main(argv: list[str] | None = None) -> int:
         uris = [layout.store.url("corpus", "images", f"{i % unique:08d}.jpg") for i in range(args.images)]
         dim, size = MODELS[args.model]
         began = time.perf_counter()
-        card = register_version(layout, args.model, "bench", artifact(args.model), dim=dim, input_size=size, extra={"precision": args.precision})
+        card = register_version(
+            layout,
+            args.model,
+            "bench",
+            artifact(args.model),
+            dim=dim,
+            input_size=size,
+            extra={"precision": args.precision},
+        )
         register_s = time.perf_counter() - began
         began = time.perf_counter()
         model = load_model(layout, card, args.device)
@@ -239,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         work = max(args.images, 4 * args.batch)
         cuda = args.device.startswith("cuda")
         prep = Preprocessor(size, 64_000_000, args.device, gpu_decode=not args.no_gpu_decode)
+
         def embed_config(prefetch: int, fetch: int, decode_workers: int, batch: int) -> EmbedConfig:
             return EmbedConfig(
                 batch_size=batch,
@@ -261,25 +284,46 @@ def main(argv: list[str] | None = None) -> int:
                 rows[name] = (rate, note + (f", best of {args.repeat}" if args.repeat > 1 else ""))
 
         for round_ in range(args.repeat):  # interleaved, so a load change on a shared machine hits every row
-            best("a model-only (preloaded pixels)", model_only(model, pixels, args.batch, work), f"{work} images, batch {args.batch}")
+            best(
+                "a model-only (preloaded pixels)",
+                model_only(model, pixels, args.batch, work),
+                f"{work} images, batch {args.batch}",
+            )
             best("b decode-only, PIL, 1 core", decode_cpu(sample[:256], size, 1), "draft + resize, per core")
             best(f"b decode-only, PIL, {cores} threads", decode_cpu(sample, size, cores), f"{len(sample)} images")
             if cuda and prep.gpu_decode:
                 rate = decode_gpu(prep, blobs, args.batch, work)
-                best("b decode-only, nvjpeg batched + resize", rate, f"batch {args.batch}, {prep.fallbacks} fell back to PIL")
+                best(
+                    "b decode-only, nvjpeg batched + resize",
+                    rate,
+                    f"batch {args.batch}, {prep.fallbacks} fell back to PIL",
+                )
             elif cuda:
                 why = "disabled (--no-gpu-decode)" if args.no_gpu_decode else "torchvision not installed"
                 rows["b decode-only, nvjpeg batched + resize"] = (float("nan"), why)
             shutil.rmtree(layout.embeddings(args.model, "bench"), ignore_errors=True)
             stats = embed_shard(layout, "bench", model, config)
             settings = f"prefetch={config.prefetch_batches} fetch={config.fetch_workers} decode={config.decode_workers}"
-            best("d embed_shard end to end", stats.images_per_s, f"{stats.embedded} embedded, nvjpeg={prep.gpu_decode}, {settings}; {stage_note(stats)}")
+            best(
+                "d embed_shard end to end",
+                stats.images_per_s,
+                f"{stats.embedded} embedded, nvjpeg={prep.gpu_decode}, {settings}; {stage_note(stats)}",
+            )
             if "naive" not in skip:
-                best("e naive loop (read, decode, infer, write)", naive(model, uris[:naive_n], size, args.batch, out_dir), f"{naive_n} images, one thread decodes")
+                best(
+                    "e naive loop (read, decode, infer, write)",
+                    naive(model, uris[:naive_n], size, args.batch, out_dir),
+                    f"{naive_n} images, one thread decodes",
+                )
             log(f"round {round_ + 1}/{args.repeat} done")
 
         for i, setting in enumerate(filter(None, args.sweep.split(";"))):
-            knobs = {"prefetch": config.prefetch_batches, "fetch": config.fetch_workers, "decode": config.decode_workers, "batch": args.batch}
+            knobs = {
+                "prefetch": config.prefetch_batches,
+                "fetch": config.fetch_workers,
+                "decode": config.decode_workers,
+                "batch": args.batch,
+            }
             for pair in setting.split(","):
                 key, _, value = pair.partition("=")
                 if key.strip() not in knobs or not value.strip().isdigit():
@@ -299,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
             d = rows["b decode-only, nvjpeg batched + resize"][0]
             limit = min(m, d)
             rows["c compute limit"] = (limit, "min(model, nvjpeg): stages overlap on separate streams")
-            rows["c compute limit, serialised"] = (1 / (1 / m + 1 / d), "1/(1/model + 1/nvjpeg): if they cannot overlap")
+            rows["c compute limit, serialised"] = (
+                1 / (1 / m + 1 / d),
+                "1/(1/model + 1/nvjpeg): if they cannot overlap",
+            )
         elif cuda:
             d = rows[f"b decode-only, PIL, {cores} threads"][0]
             limit = min(m, d)
@@ -314,7 +361,10 @@ def main(argv: list[str] | None = None) -> int:
             rows["f Ray Data map_batches + actor"] = (rate, note)
             log("ray done")
         if cuda:
-            rows["gpu decode agreement"] = (_agreement(model, prep, blobs[:256], size), "mean cosine, nvjpeg vs PIL path")
+            rows["gpu decode agreement"] = (
+                _agreement(model, prep, blobs[:256], size),
+                "mean cosine, nvjpeg vs PIL path",
+            )
 
         env = {
             "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine(),

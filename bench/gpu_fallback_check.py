@@ -57,7 +57,9 @@ def main() -> int:
     print(f"{'case':20} {'path':8} {'GPU path':34} {'PIL (CPU path)':34} {'mean |gpu - PIL|':>17}")
     for name in cases:
         path = "nvjpeg" if isinstance(staged.get(name), Encoded) else "PIL"
-        gpu_reason = rejected.get(name) or (failed[names.index(name)] if name in names and names.index(name) in failed else None)
+        gpu_reason = rejected.get(name) or (
+            failed[names.index(name)] if name in names and names.index(name) in failed else None
+        )
         try:
             ref, cpu_reason = decode(cases[name], 224, 64_000_000).astype(np.int16), None
         except BadImage as exc:

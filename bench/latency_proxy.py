@@ -22,7 +22,9 @@ async def _pipe_requests(reader: asyncio.StreamReader, writer: asyncio.StreamWri
     writer.close()
 
 
-async def _pipe_responses(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sent: list[float], delay: float) -> None:
+async def _pipe_responses(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sent: list[float], delay: float
+) -> None:
     while data := await reader.read(65536):
         if sent:
             wait = sent[-1] + delay - time.monotonic()

@@ -1,6 +1,6 @@
 """Peak RSS of a partition process (embed_shard in a fresh process) for shards of growing size; should be flat.
 
-    .venv/bin/python bench/memory_bench.py --sizes 1000,50000 --model refcnn-v1
+.venv/bin/python bench/memory_bench.py --sizes 1000,50000 --model refcnn-v1
 """
 
 from __future__ import annotations
@@ -43,8 +43,18 @@ def child(root: str, model: str, batch: int, chunk: int) -> None:
     began = time.perf_counter()
     stats = embed_shard(layout, "bench", loaded, EmbedConfig(batch_size=batch, chunk_size=chunk))
     peak = rss_mib("VmHWM")
-    print(json.dumps({"images": stats.images, "rss_after_load_mib": before, "peak_rss_mib": peak, "end_rss_mib": rss_mib(),
-                      "wall_s": time.perf_counter() - began, "images_per_s": stats.images_per_s}))
+    print(
+        json.dumps(
+            {
+                "images": stats.images,
+                "rss_after_load_mib": before,
+                "peak_rss_mib": peak,
+                "end_rss_mib": rss_mib(),
+                "wall_s": time.perf_counter() - began,
+                "images_per_s": stats.images_per_s,
+            }
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     import embed_bench
+
     from backfill.registry import register_version
     from backfill.storage import Layout, Store
 
@@ -72,9 +83,25 @@ def main(argv: list[str] | None = None) -> int:
             layout = Layout(Store.open(root))
             embed_bench.make_corpus(layout, size, min(size, args.unique), args.side)
             dim, input_size = embed_bench.MODELS[args.model]
-            register_version(layout, args.model, "bench", embed_bench.artifact(args.model), dim=dim, input_size=input_size)
-            proc = subprocess.run([sys.executable, __file__, "--child", root, "--model", args.model, "--batch", str(args.batch), "--chunk", str(args.chunk)],
-                                  capture_output=True, text=True)
+            register_version(
+                layout, args.model, "bench", embed_bench.artifact(args.model), dim=dim, input_size=input_size
+            )
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    root,
+                    "--model",
+                    args.model,
+                    "--batch",
+                    str(args.batch),
+                    "--chunk",
+                    str(args.chunk),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode:
                 print(proc.stderr, file=sys.stderr)
                 return 1
@@ -83,9 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             shutil.rmtree(root, ignore_errors=True)
     print(f"model={args.model} batch={args.batch} chunk={args.chunk} side={args.side} load={os.getloadavg()[0]:.2f}")
-    print(f"{'images':>8} {'RSS after load MiB':>19} {'peak RSS MiB':>13} {'RSS at end MiB':>15} {'wall s':>8} {'img/s':>7}")
+    print(
+        f"{'images':>8} {'RSS after load MiB':>19} {'peak RSS MiB':>13} {'RSS at end MiB':>15} {'wall s':>8} {'img/s':>7}"
+    )
     for r in rows:
-        print(f"{r['images']:>8} {r['rss_after_load_mib']:>19.0f} {r['peak_rss_mib']:>13.0f} {r['end_rss_mib']:>15.0f} {r['wall_s']:>8.1f} {r['images_per_s']:>7.0f}")
+        print(
+            f"{r['images']:>8} {r['rss_after_load_mib']:>19.0f} {r['peak_rss_mib']:>13.0f} {r['end_rss_mib']:>15.0f} {r['wall_s']:>8.1f} {r['images_per_s']:>7.0f}"
+        )
     return 0
 
 

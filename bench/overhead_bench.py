@@ -25,8 +25,8 @@ from backfill.manifest import list_shards  # noqa: E402
 from backfill.models import REFERENCE, torchscript_bytes  # noqa: E402
 from backfill.registry import register_version  # noqa: E402
 from backfill.sample import SampleSpec, make_sample_corpus  # noqa: E402
-from backfill.storage import Layout, Store  # noqa: E402
 from backfill.settings import DEFAULT_MODEL  # noqa: E402
+from backfill.storage import Layout, Store  # noqa: E402
 from harness.local_instance import init_instance, start_daemon, stop, wait_for  # noqa: E402
 
 MODEL = DEFAULT_MODEL
@@ -45,7 +45,14 @@ def start_cost(root: str, version: str) -> dict[str, float]:
         "print(t1 - t0, time.perf_counter() - t1)\n"
     )
     began = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     total = time.perf_counter() - began
     imports, model = (float(v) for v in out.stdout.split())
     return {"process_s": total - imports - model, "imports_s": imports, "model_load_s": model, "total_s": total}
@@ -64,7 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     root, home = work / "data", work / "dagster_home"
     home.mkdir(parents=True)
     shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
-    env = {**os.environ, "DAGSTER_HOME": str(home), "BACKFILL_ROOT": str(root), "BACKFILL_SENSOR_INTERVAL": "2", "BACKFILL_AUTOMATION_INTERVAL": "2"}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "BACKFILL_ROOT": str(root),
+        "BACKFILL_SENSOR_INTERVAL": "2",
+        "BACKFILL_AUTOMATION_INTERVAL": "2",
+    }
     os.environ.update(env)
     layout = Layout(Store.open(str(root)))
     make_sample_corpus(layout, SampleSpec(images=args.shards * args.images_per_shard, shards=args.shards, seed=11))
@@ -105,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     ideal = compute / slots
     rate = sum(args.images_per_shard for _ in walls) / compute
     c = statistics.median(per_run)
-    print(f"shards={len(walls)} images/shard={args.images_per_shard} model={MODEL}/{args.version} run slots={slots} cores={os.cpu_count()} load={os.getloadavg()[0]:.2f}")
+    print(
+        f"shards={len(walls)} images/shard={args.images_per_shard} model={MODEL}/{args.version} run slots={slots} cores={os.cpu_count()} load={os.getloadavg()[0]:.2f}"
+    )
     rows = [
         ("registration -> first run created (sensor + automation polling)", first_created - registered),
         ("first run start -> last embedding run end (makespan)", makespan),
@@ -123,9 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         shown = f"{value:8.1%}" if name.startswith("overhead") else f"{value:7.2f}s"
         print(f"{name:66} {shown}")
     print(f"partition compute rate: {rate:.0f} img/s per run on {slots} concurrent runs")
-    print("projected overhead (per-run cost / partition compute) by shard size, at this rate and at 70 img/s (resnet18 bf16 here):")
+    print(
+        "projected overhead (per-run cost / partition compute) by shard size, at this rate and at 70 img/s (resnet18 bf16 here):"
+    )
     for size in (1_000, 10_000, 50_000, 100_000):
-        print(f"  {size:>7} images/shard: {c / (size / rate):7.1%} at {rate:.0f} img/s, {c / (size / 70):7.1%} at 70 img/s")
+        print(
+            f"  {size:>7} images/shard: {c / (size / rate):7.1%} at {rate:.0f} img/s, {c / (size / 70):7.1%} at 70 img/s"
+        )
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -64,14 +64,24 @@ def main() -> None:
             payload = os.urandom(50_000)  # incompressible, the size of a web JPEG thumbnail
             fs.pipe({f"bench/img/{i:07d}.jpg": payload for i in range(args.objects)}, batch_size=64)
             uris = [f"s3://bench/img/{i:07d}.jpg" for i in range(args.objects)]
-            print(f"{args.objects} objects of 50 KB on SeaweedFS at {server.endpoint_url}; engine: fetch_many, {args.workers} in flight; {os.cpu_count()} CPUs")
+            print(
+                f"{args.objects} objects of 50 KB on SeaweedFS at {server.endpoint_url}; engine: fetch_many, {args.workers} in flight; {os.cpu_count()} CPUs"
+            )
             print(f"{'latency':>8} {'sequential/s':>13} {'engine/s':>9} {'ratio':>6} {'MB/s':>6}")
             for latency in args.latency_ms:
                 proxy = None
                 endpoint = server.endpoint_url
                 if latency > 0:
                     port = free_port()
-                    proxy = subprocess.Popen([sys.executable, str(Path(__file__).with_name("latency_proxy.py")), str(port), str(server.ports["s3"]), str(latency)])
+                    proxy = subprocess.Popen(
+                        [
+                            sys.executable,
+                            str(Path(__file__).with_name("latency_proxy.py")),
+                            str(port),
+                            str(server.ports["s3"]),
+                            str(latency),
+                        ]
+                    )
                     endpoint = f"http://127.0.0.1:{port}"
                     wait_for(lambda: _listening(port), timeout=10, interval=0.1, what="latency proxy")
                 os.environ["BACKFILL_S3_ENDPOINT_URL"] = endpoint

@@ -9,9 +9,9 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from backfill.embed import MARKER
 from backfill.manifest import list_shards
@@ -19,9 +19,9 @@ from backfill.models import Architecture, torchscript_bytes
 from backfill.publish import read_pointer
 from backfill.registry import register_version
 from backfill.sample import SampleSpec, make_sample_corpus
+from backfill.settings import DEFAULT_MODEL
 from backfill.storage import Layout, Store
 from backfill.verify import verify_version
-from backfill.settings import DEFAULT_MODEL
 from harness.local_instance import new_instance, start_daemon, step_worker_pids, stop
 
 MODEL = DEFAULT_MODEL
@@ -67,7 +67,13 @@ class RoundResult:
 
     @property
     def ok(self) -> bool:
-        return self.lost == 0 and self.duplicated == 0 and self.index_mismatch == 0 and self.pointer_ok and not self.problems
+        return (
+            self.lost == 0
+            and self.duplicated == 0
+            and self.index_mismatch == 0
+            and self.pointer_ok
+            and not self.problems
+        )
 
 
 def _work_done(log: Path, version: str) -> int:
@@ -118,7 +124,14 @@ def run_chaos(config: ChaosConfig, workdir: Path, say: Callable[[str], None] = p
             result = RoundResult(version=version)
             started = time.monotonic()
             arch = Architecture(widths=(8, 16, 16, 32), dim=32, input_size=48, seed=100 + i)
-            register_version(layout, MODEL, version, torchscript_bytes(arch, calibration=128), dim=arch.dim, input_size=arch.input_size)
+            register_version(
+                layout,
+                MODEL,
+                version,
+                torchscript_bytes(arch, calibration=128),
+                dim=arch.dim,
+                input_size=arch.input_size,
+            )
             done = threading.Event()
             kills: list[tuple[int, int]] = []
             all_embedded = lambda: all(  # noqa: E731 - once true, only index build and publish are left
@@ -135,7 +148,9 @@ def run_chaos(config: ChaosConfig, workdir: Path, say: Callable[[str], None] = p
                     if pointer and pointer["version"] == version:
                         break
                     if daemon.poll() is not None:
-                        raise RuntimeError(f"dagster-daemon exited with {daemon.returncode}; see {workdir / 'daemon.log'}")
+                        raise RuntimeError(
+                            f"dagster-daemon exited with {daemon.returncode}; see {workdir / 'daemon.log'}"
+                        )
                     if time.monotonic() - started > config.round_timeout_s:
                         result.problems.append(f"not published within {config.round_timeout_s:.0f}s")
                         break

@@ -86,12 +86,18 @@ def start_daemon(env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 def start_webserver(env: dict[str, str], log: Path, port: int) -> subprocess.Popen:
-    return start([str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w", str(REPO / "workspace.yaml")], env, log)
+    return start(
+        [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w", str(REPO / "workspace.yaml")],
+        env,
+        log,
+    )
 
 
 def start_search_service(env: dict[str, str], log: Path, port: int, poll_s: float = 0.5) -> subprocess.Popen:
     """`backfill serve` on loopback (root and model from BACKFILL_ROOT / BACKFILL_MODEL in env)."""
-    return start([str(BIN / "python"), "-m", "backfill.cli", "serve", "--port", str(port), "--poll-s", str(poll_s)], env, log)
+    return start(
+        [str(BIN / "python"), "-m", "backfill.cli", "serve", "--port", str(port), "--poll-s", str(poll_s)], env, log
+    )
 
 
 def stop(proc: subprocess.Popen, timeout: float = 30) -> None:

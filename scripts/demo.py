@@ -24,8 +24,8 @@ from backfill.publish import read_pointer  # noqa: E402
 from backfill.registry import register_version  # noqa: E402
 from backfill.sample import SampleSpec, make_sample_corpus  # noqa: E402
 from backfill.search import Searcher  # noqa: E402
-from backfill.storage import Layout, Store  # noqa: E402
 from backfill.settings import DEFAULT_MODEL  # noqa: E402
+from backfill.storage import Layout, Store  # noqa: E402
 from harness.local_instance import init_instance, reset_dagster_home, start_daemon, stop  # noqa: E402
 
 MODEL = DEFAULT_MODEL
@@ -40,7 +40,9 @@ def wait_published(layout: Layout, version: str, daemon, log: Path) -> float:
     """Wait until CURRENT names `version`, showing shards as their partitions complete."""
     started = time.monotonic()
     shards = list_shards(layout)
-    with tqdm(total=len(shards), desc=f"{version} shards embedded", unit="shard", file=sys.stdout, mininterval=5) as bar:
+    with tqdm(
+        total=len(shards), desc=f"{version} shards embedded", unit="shard", file=sys.stdout, mininterval=5
+    ) as bar:
         while True:
             done = sum(layout.store.exists(f"{layout.embeddings(MODEL, version, s)}/{MARKER}") for s in shards)
             bar.update(done - bar.n)
@@ -59,7 +61,9 @@ def near_duplicate_query(layout: Layout) -> tuple[bytes, int, dict[int, tuple[in
     info: dict[int, tuple[int, str]] = {}
     for shard in list_shards(layout):
         t = pq.read_table(io.BytesIO(layout.store.read_bytes(layout.manifest(shard))))
-        for image_id, uri, group, transform in zip(*(t.column(c).to_pylist() for c in ("image_id", "uri", "group_id", "transform"))):
+        for image_id, uri, group, transform in zip(
+            *(t.column(c).to_pylist() for c in ("image_id", "uri", "group_id", "transform"))
+        ):
             info[image_id] = (group, transform, uri)
     sizes: dict[int, int] = {}
     for group, _, _ in info.values():
@@ -98,7 +102,9 @@ def show_backfills() -> None:
     per_version: dict[str, list[tuple[float, float]]] = {}
     for record in instance.fetch_materializations(AssetKey("image_embeddings"), limit=1000).records:
         m = record.asset_materialization
-        per_version.setdefault(m.partition.split("|")[0], []).append((m.metadata["images_per_s"].value, m.metadata["wall_s"].value))
+        per_version.setdefault(m.partition.split("|")[0], []).append(
+            (m.metadata["images_per_s"].value, m.metadata["wall_s"].value)
+        )
     for version, rows in sorted(per_version.items()):
         rates, walls = [r for r, _ in rows], [w for _, w in rows]
         print(
@@ -128,7 +134,9 @@ def main() -> None:
     spec = SampleSpec(images=2400, shards=8)
     with tqdm(total=spec.images, desc="images", unit="img", file=sys.stdout, mininterval=5) as bar:
         made = make_sample_corpus(layout, spec, progress=bar.update)
-    print(f"{made['images']} JPEGs in {made['groups']} near-duplicate groups, {made['shards']} manifest shards under {root}")
+    print(
+        f"{made['images']} JPEGs in {made['groups']} near-duplicate groups, {made['shards']} manifest shards under {root}"
+    )
 
     log = home / "daemon.log"
     say(f"starting dagster-daemon (log: {log})")
@@ -138,7 +146,9 @@ def main() -> None:
         timings = {}
         for version in ("v1", "v2"):
             before = read_pointer(layout, MODEL)
-            say(f"registering {MODEL} {version}: the registry sensor adds the partition, automation launches the backfill")
+            say(
+                f"registering {MODEL} {version}: the registry sensor adds the partition, automation launches the backfill"
+            )
             arch = REFERENCE[version]
             register_version(layout, MODEL, version, torchscript_bytes(arch), dim=arch.dim, input_size=arch.input_size)
             timings[version] = wait_published(layout, version, daemon, log)

@@ -31,15 +31,18 @@ from backfill.models import REFERENCE, torchscript_bytes  # noqa: E402
 from backfill.publish import read_pointer  # noqa: E402
 from backfill.registry import register_version  # noqa: E402
 from backfill.sample import SampleSpec, make_sample_corpus  # noqa: E402
-from backfill.storage import Layout, Store  # noqa: E402
 from backfill.settings import DEFAULT_MODEL  # noqa: E402
+from backfill.storage import Layout, Store  # noqa: E402
 from harness.local_instance import free_port, new_instance, start_daemon, start_search_service, stop, wait_for  # noqa: E402
 
 MODEL = DEFAULT_MODEL
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
     return f"{os.cpu_count()} CPUs ({cpu}), load average {os.getloadavg()[0]:.1f} at the end, Python {platform.python_version()}"
 
 
@@ -48,8 +51,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2400)
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--land", type=int, default=2, help="shards held back and landed one at a time")
-    parser.add_argument("--sensor-interval", type=int, default=5, help="BACKFILL_SENSOR_INTERVAL (production default 30)")
-    parser.add_argument("--automation-interval", type=int, default=5, help="BACKFILL_AUTOMATION_INTERVAL (production default 30)")
+    parser.add_argument(
+        "--sensor-interval", type=int, default=5, help="BACKFILL_SENSOR_INTERVAL (production default 30)"
+    )
+    parser.add_argument(
+        "--automation-interval", type=int, default=5, help="BACKFILL_AUTOMATION_INTERVAL (production default 30)"
+    )
     parser.add_argument("--workdir", help="keep data and the Dagster instance here (default: a temporary folder)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -71,7 +78,9 @@ def main() -> None:
         name = f"shard-{s:05d}"
         held[name] = pq.read_table(layout.manifest(name))
         layout.store.rm(layout.manifest(name))
-    print(f"corpus: {made['images']} images in {args.shards} shards; {len(held)} held back to land one at a time; work folder {work}")
+    print(
+        f"corpus: {made['images']} images in {args.shards} shards; {len(held)} held back to land one at a time; work folder {work}"
+    )
 
     daemon = start_daemon(env, work / "daemon.log")
     port = free_port()
@@ -82,8 +91,12 @@ def main() -> None:
         arch = REFERENCE["v1"]
         started = time.monotonic()
         register_version(layout, MODEL, "v1", torchscript_bytes(arch), dim=arch.dim, input_size=arch.input_size)
-        pointer = wait_for(lambda: read_pointer(layout, MODEL), timeout=900, interval=1, what=f"v1 published (see {work}/daemon.log)")
-        print(f"v1 published over {pointer['vectors']} vectors ({pointer['index_type']}) in {time.monotonic() - started:.0f}s")
+        pointer = wait_for(
+            lambda: read_pointer(layout, MODEL), timeout=900, interval=1, what=f"v1 published (see {work}/daemon.log)"
+        )
+        print(
+            f"v1 published over {pointer['vectors']} vectors ({pointer['index_type']}) in {time.monotonic() - started:.0f}s"
+        )
 
         for name, table in held.items():
             before = read_pointer(layout, MODEL)["build_id"]
@@ -106,13 +119,25 @@ def main() -> None:
                     raise SystemExit(f"{name} not searchable after {now:.0f}s; see {work}/daemon.log")
                 time.sleep(0.2)
             build = read_pointer(layout, MODEL)
-            rows.append((name, len(table), marks.get("embedded", float("nan")), marks.get("published", float("nan")), marks["searchable"], build["index_type"], build["vectors"]))
+            rows.append(
+                (
+                    name,
+                    len(table),
+                    marks.get("embedded", float("nan")),
+                    marks.get("published", float("nan")),
+                    marks["searchable"],
+                    build["index_type"],
+                    build["vectors"],
+                )
+            )
     finally:
         stop(service)
         stop(daemon)
 
-    print(f"\nintervals: registry sensor {args.sensor_interval}s, automation sensors {args.automation_interval}s, "
-          "backfill daemon loop 30s (Dagster's), run queue dequeue 2s, service poll 0.2s")
+    print(
+        f"\nintervals: registry sensor {args.sensor_interval}s, automation sensors {args.automation_interval}s, "
+        "backfill daemon loop 30s (Dagster's), run queue dequeue 2s, service poll 0.2s"
+    )
     print(f"machine: {machine()}\n")
     print(f"{'shard':<12} {'images':>6} {'embedded s':>10} {'published s':>11} {'searchable s':>12}  index after")
     for name, n, emb, pub, found, kind, vectors in rows:

@@ -10,8 +10,8 @@ import pytest
 from backfill.models import Architecture, torchscript_bytes
 from backfill.registry import register_version
 from backfill.sample import SampleSpec, make_sample_corpus
-from backfill.storage import Layout, Store
 from backfill.settings import DEFAULT_MODEL
+from backfill.storage import Layout, Store
 
 MODEL = DEFAULT_MODEL
 TINY = {

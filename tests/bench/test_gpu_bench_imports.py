@@ -30,5 +30,10 @@ def test_gpu_bench_imports_with_only_torch_numpy_pyarrow_pillow_fsspec():
 
 
 def test_the_probe_refuses_faiss():
-    result = subprocess.run([sys.executable, "-c", PROBE.replace('print("ok")', "import backfill.index")], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE.replace('print("ok")', "import backfill.index")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0 and "not on the device machine: faiss" in result.stderr

@@ -63,10 +63,14 @@ def test_index_build_then_publish(registered):
     layout, _ = registered
     with instance_for_test() as instance:
         embed_all(instance, layout)
-        result = materialize([faiss_index, search_index], partition_key="v1", instance=instance, resources=resources(layout))
+        result = materialize(
+            [faiss_index, search_index], partition_key="v1", instance=instance, resources=resources(layout)
+        )
         assert result.success
         meta = latest_metadata(instance, "faiss_index", "v1")
-        assert meta["vectors"] == 60 and meta["recall_at_10"] == 1.0 and meta["index_type"] == "Flat" and meta["bytes"] > 0
+        assert (
+            meta["vectors"] == 60 and meta["recall_at_10"] == 1.0 and meta["index_type"] == "Flat" and meta["bytes"] > 0
+        )
         assert read_pointer(layout, MODEL)["build_id"] == meta["build_id"]
         assert latest_metadata(instance, "search_index", "v1")["published"] is True
 
@@ -75,11 +79,19 @@ def test_failed_recall_gate_blocks_publishing(registered, monkeypatch):
     layout, _ = registered
     # an IVF-PQ index with a target of exact recall: the build succeeds, its blocking check fails
     monkeypatch.setattr(
-        BackfillResource, "index_config", lambda self: IndexConfig(flat_below=10, pq_from=11, pq_m=2, target_recall=1.0, n_queries=20)
+        BackfillResource,
+        "index_config",
+        lambda self: IndexConfig(flat_below=10, pq_from=11, pq_m=2, target_recall=1.0, n_queries=20),
     )
     with instance_for_test() as instance:
         embed_all(instance, layout)
-        result = materialize([faiss_index, search_index], partition_key="v1", instance=instance, resources=resources(layout), raise_on_error=False)
+        result = materialize(
+            [faiss_index, search_index],
+            partition_key="v1",
+            instance=instance,
+            resources=resources(layout),
+            raise_on_error=False,
+        )
         assert not result.success
         assert latest_metadata(instance, "faiss_index", "v1")["recall_at_10"] < 1.0
         steps = {(e.step_key, e.event_type_value) for e in result.all_events if e.step_key}

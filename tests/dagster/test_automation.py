@@ -110,7 +110,9 @@ def test_a_version_that_fails_verification_never_gets_its_shards_embedded(regist
         instance.add_dynamic_partitions("shard", SHARDS)
         instance.add_dynamic_partitions("model_version", ["v1"])
         cursor = evaluate_automation_conditions(defs=defs, instance=instance).cursor
-        run = materialize([model_version], partition_key="v1", instance=instance, resources=resources(layout), raise_on_error=False)
+        run = materialize(
+            [model_version], partition_key="v1", instance=instance, resources=resources(layout), raise_on_error=False
+        )
         assert not run.success
         for _ in range(2):  # neither right after the failure nor on a later tick
             result = evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)

@@ -19,7 +19,12 @@ def test_every_job_resolves():
 
 def test_assets_checks_and_partitions():
     graph = defs.resolve_asset_graph()
-    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {"model_version", "image_embeddings", "faiss_index", "search_index"}
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {
+        "model_version",
+        "image_embeddings",
+        "faiss_index",
+        "search_index",
+    }
     checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
     assert checks == {
         ("model_version", "verified"),
@@ -47,7 +52,9 @@ def test_sensors_run_by_default_and_refresh_is_off():
     assert repo.get_sensor_def("backfill_automation").default_status == DefaultSensorStatus.RUNNING
     assert repo.get_sensor_def("index_automation").default_status == DefaultSensorStatus.RUNNING
     # model_version runs as a plain run: nothing would verify a new version otherwise
-    assert AssetKey("model_version") in repo.get_sensor_def("index_automation").asset_selection.resolve(defs.resolve_asset_graph())
+    assert AssetKey("model_version") in repo.get_sensor_def("index_automation").asset_selection.resolve(
+        defs.resolve_asset_graph()
+    )
     assert repo.get_schedule_def("refresh_schedule").default_status == DefaultScheduleStatus.STOPPED
 
 
@@ -86,7 +93,9 @@ def test_importing_the_definitions_reads_no_environment():
         "ops.definitions.defs()"
     )
     env = {**os.environ, "BACKFILL_SENSOR_INTERVAL": "soon"}  # ops/sensors.py read it at import before
-    proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.stdout.strip().splitlines()[-1] == "imported", proc.stderr[-2000:]
     assert (
         proc.returncode != 0 and "environment variable BACKFILL_SENSOR_INTERVAL='soon' is not an integer" in proc.stderr

@@ -29,7 +29,13 @@ def hold_back(layout, shard: str):
 
 
 def index_and_publish(instance, layout, version: str):
-    return materialize([faiss_index, search_index], partition_key=version, instance=instance, resources=resources(layout), raise_on_error=False)
+    return materialize(
+        [faiss_index, search_index],
+        partition_key=version,
+        instance=instance,
+        resources=resources(layout),
+        raise_on_error=False,
+    )
 
 
 def test_a_new_shard_is_added_to_the_published_index_without_a_rebuild(registered):

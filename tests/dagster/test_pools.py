@@ -10,9 +10,9 @@ from dagster_k8s.client import DagsterKubernetesClient
 from assets.embeddings import image_embeddings
 from assets.index import faiss_index, search_index
 from assets.partitions import model_versions, shards
-from ops.pools import POOL_TAG, load_pools
 from assets.resources import BackfillResource
 from ops.deployment import pooled_k8s_executor
+from ops.pools import POOL_TAG, load_pools
 from ops.schedules import embed_job
 
 HELM_VALUES = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "values.yaml"
@@ -82,9 +82,15 @@ def fake_cluster(monkeypatch):
     monkeypatch.setattr(
         DagsterKubernetesClient,
         "production_client",
-        staticmethod(lambda batch_api_override=None, core_api_override=None: DagsterKubernetesClient(
-            batch_api=batch, core_api=FakeCoreApi(), logger=lambda *a: None, sleeper=lambda s: None, timer=__import__("time").time
-        )),
+        staticmethod(
+            lambda batch_api_override=None, core_api_override=None: DagsterKubernetesClient(
+                batch_api=batch,
+                core_api=FakeCoreApi(),
+                logger=lambda *a: None,
+                sleeper=lambda s: None,
+                timer=__import__("time").time,
+            )
+        ),
     )
     return batch
 
@@ -111,7 +117,10 @@ def run_embed(tags):
         instance.add_dynamic_partitions(shards.name, ["shard-00000"])
         key = MultiPartitionKey({"model_version": "v1", "shard": "shard-00000"})
         result = execute_job(
-            reconstructable(pooled_embed_job), instance=instance, tags={"dagster/partition": str(key), **tags}, raise_on_error=False
+            reconstructable(pooled_embed_job),
+            instance=instance,
+            tags={"dagster/partition": str(key), **tags},
+            raise_on_error=False,
         )
         result.run_tags = instance.get_run_by_id(result.run_id).tags
         return result
@@ -147,7 +156,10 @@ def test_pool_tag_places_the_step_pod(fake_cluster):
     assert job["spec"]["backoffLimit"] == 0
     assert pod["serviceAccountName"] == "backfill"
     # what the pool does not set comes from the run launcher: the read-only, non-root security context
-    assert container["securityContext"]["readOnlyRootFilesystem"] is True and pod["securityContext"]["runAsNonRoot"] is True
+    assert (
+        container["securityContext"]["readOnlyRootFilesystem"] is True
+        and pod["securityContext"]["runAsNonRoot"] is True
+    )
     assert job["metadata"]["labels"]["dagster/op"] == "image_embeddings"
 
 
@@ -184,8 +196,13 @@ def test_run_level_k8s_config_tags_do_not_reach_step_pods(fake_cluster):
 def test_unknown_pool_fails_the_run_naming_the_tag_and_the_pools(fake_cluster):
     result = run_embed({POOL_TAG: "tpu-spot"})
     assert not result.success and fake_cluster.jobs == []
-    errors = " ".join(str(e.event_specific_data) for e in result.all_events if e.is_failure or e.event_type_value.endswith("FAILURE"))
-    assert "run tag backfill/pool='tpu-spot' is not a pool defined in" in errors and "defined pools: cpu-tidal, gpu-spot" in errors
+    errors = " ".join(
+        str(e.event_specific_data) for e in result.all_events if e.is_failure or e.event_type_value.endswith("FAILURE")
+    )
+    assert (
+        "run tag backfill/pool='tpu-spot' is not a pool defined in" in errors
+        and "defined pools: cpu-tidal, gpu-spot" in errors
+    )
 
 
 @pytest.mark.parametrize("pool", ["gpu-spot", "cpu-tidal"])
@@ -196,7 +213,11 @@ def test_rendered_step_job_validates_against_the_kubernetes_schema(fake_cluster,
     # kubernetes-validate checks types, not enum values: assert those here
     assert pod["restartPolicy"] == "Never"
     for toleration in pod["tolerations"]:
-        assert toleration["operator"] in ("Equal", "Exists") and toleration["effect"] in ("NoSchedule", "PreferNoSchedule", "NoExecute")
+        assert toleration["operator"] in ("Equal", "Exists") and toleration["effect"] in (
+            "NoSchedule",
+            "PreferNoSchedule",
+            "NoExecute",
+        )
 
 
 def test_deep_merge_would_mix_run_and_step_placement():
@@ -209,8 +230,13 @@ def test_deep_merge_would_mix_run_and_step_placement():
 
     pool = load_pools(min_grace_s=20).get("gpu-spot").k8s_config()
     run = K8sContainerContext(run_k8s_config=UserDefinedDagsterK8sConfig.from_dict(RUN_K8S_CONFIG))
-    deep = run.merge(K8sContainerContext(run_k8s_config=UserDefinedDagsterK8sConfig.from_dict({**pool, "merge_behavior": "DEEP"})))
-    assert deep.run_k8s_config.pod_spec_config["node_selector"] == {"backfill.dev/capacity": "on-demand", "backfill.dev/pool": "gpu-spot"}
+    deep = run.merge(
+        K8sContainerContext(run_k8s_config=UserDefinedDagsterK8sConfig.from_dict({**pool, "merge_behavior": "DEEP"}))
+    )
+    assert deep.run_k8s_config.pod_spec_config["node_selector"] == {
+        "backfill.dev/capacity": "on-demand",
+        "backfill.dev/pool": "gpu-spot",
+    }
     assert len(deep.run_k8s_config.pod_spec_config["tolerations"]) == 5  # the run worker's one + the pool's four
     shallow = run.merge(K8sContainerContext(run_k8s_config=UserDefinedDagsterK8sConfig.from_dict(pool)))
     assert shallow.run_k8s_config.pod_spec_config["node_selector"] == {"backfill.dev/pool": "gpu-spot"}
@@ -243,7 +269,12 @@ def test_gpu_pool_without_cuda_fails_for_good_naming_pool_and_fix(registered, mo
         shard = add_partitions(instance, layout)[0]
         key = MultiPartitionKey({"model_version": "v1", "shard": shard})
         result = materialize(
-            [image_embeddings], partition_key=key, instance=instance, resources=resources(layout), tags={POOL_TAG: "gpu-spot"}, raise_on_error=False
+            [image_embeddings],
+            partition_key=key,
+            instance=instance,
+            resources=resources(layout),
+            tags={POOL_TAG: "gpu-spot"},
+            raise_on_error=False,
         )
         assert not result.success
         failure = result.failure_data_for_node("image_embeddings")
@@ -267,7 +298,13 @@ def test_cpu_pool_runs_on_cpu(registered):
     with instance_for_test() as instance:
         shard = add_partitions(instance, layout)[0]
         key = MultiPartitionKey({"model_version": "v1", "shard": shard})
-        assert materialize([image_embeddings], partition_key=key, instance=instance, resources=resources(layout), tags={POOL_TAG: "cpu-tidal"}).success
+        assert materialize(
+            [image_embeddings],
+            partition_key=key,
+            instance=instance,
+            resources=resources(layout),
+            tags={POOL_TAG: "cpu-tidal"},
+        ).success
         assert latest_metadata(instance, "image_embeddings", str(key))["device"] == "cpu"
 
 
@@ -297,31 +334,61 @@ def _pools_yaml(**changes):
     ("changes", "message"),
     [
         ({"device": "tpu"}, "pool 'gpu-spot': device must be one of ('cpu', 'cuda'), got 'tpu'"),
-        ({"resources__limits": {"cpu": "8", "memory": "24Gi"}}, "device 'cuda' needs resources.limits.nvidia.com/gpu of at least 1"),
+        (
+            {"resources__limits": {"cpu": "8", "memory": "24Gi"}},
+            "device 'cuda' needs resources.limits.nvidia.com/gpu of at least 1",
+        ),
         ({"resources__limits__memory": None}, "resources.limits.memory is required"),
-        ({"resources__limits__cpu": "eight"}, "resources.limits.cpu must be a Kubernetes quantity such as '4', '500m' or '16Gi', got 'eight'"),
-        ({"resources__requests__memory": "32Gi"}, "resources.requests.memory=32Gi is more than resources.limits.memory=24Gi"),
-        ({"tolerations": [{"key": "k", "operator": "Equals", "value": "v", "effect": "NoSchedule"}]}, "tolerations[0].operator must be one of ('Equal', 'Exists'), got 'Equals'"),
-        ({"tolerations": [{"key": "k", "operator": "Equal", "value": "v", "effect": "NoSchedul"}]}, "tolerations[0].effect must be one of"),
-        ({"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}, "tolerations[0]: operator Exists must not have a value"),
-        ({"nodeSelector": {"cloud.google.com/gke-spot": True}}, "nodeSelector must map label names to string values (quote 'true')"),
-        ({"terminationGracePeriodSeconds": 25}, "terminationGracePeriodSeconds must be an integer of at least 30 (BACKFILL_GRACE_S=20"),
+        (
+            {"resources__limits__cpu": "eight"},
+            "resources.limits.cpu must be a Kubernetes quantity such as '4', '500m' or '16Gi', got 'eight'",
+        ),
+        (
+            {"resources__requests__memory": "32Gi"},
+            "resources.requests.memory=32Gi is more than resources.limits.memory=24Gi",
+        ),
+        (
+            {"tolerations": [{"key": "k", "operator": "Equals", "value": "v", "effect": "NoSchedule"}]},
+            "tolerations[0].operator must be one of ('Equal', 'Exists'), got 'Equals'",
+        ),
+        (
+            {"tolerations": [{"key": "k", "operator": "Equal", "value": "v", "effect": "NoSchedul"}]},
+            "tolerations[0].effect must be one of",
+        ),
+        (
+            {"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]},
+            "tolerations[0]: operator Exists must not have a value",
+        ),
+        (
+            {"nodeSelector": {"cloud.google.com/gke-spot": True}},
+            "nodeSelector must map label names to string values (quote 'true')",
+        ),
+        (
+            {"terminationGracePeriodSeconds": 25},
+            "terminationGracePeriodSeconds must be an integer of at least 30 (BACKFILL_GRACE_S=20",
+        ),
         ({"priorityClassName": None}, "pool 'gpu-spot': is missing 'priorityClassName'"),
         ({"maxConcurrentRuns": 0}, "maxConcurrentRuns must be a positive integer, got 0"),
         ({"nodeSelectr": {}}, "unknown keys ['nodeSelectr']"),
         ({"tolerations": [{"key": "k", "operater": "Equal"}]}, "tolerations[0]: unknown keys ['operater']"),
-        ({"tolerations": [{"key": "k", "value": "v", "tolerationSeconds": 5}]}, "tolerations[0]: tolerationSeconds only applies to effect NoExecute"),
+        (
+            {"tolerations": [{"key": "k", "value": "v", "tolerationSeconds": 5}]},
+            "tolerations[0]: tolerationSeconds only applies to effect NoExecute",
+        ),
         ({"tolerations": [{"value": "v"}]}, "tolerations[0]: operator Equal needs a key"),
         ({"tolerations": {"key": "k"}}, "tolerations must be a list, got {'key': 'k'}"),
         ({"affinity": {"nodeAfinity": {}}}, "affinity must be a Kubernetes Affinity mapping"),
-        ({"resources__limits__nvidia.com/gpu": "2"}, "resources.requests.nvidia.com/gpu must equal resources.limits.nvidia.com/gpu"),
+        (
+            {"resources__limits__nvidia.com/gpu": "2"},
+            "resources.requests.nvidia.com/gpu must equal resources.limits.nvidia.com/gpu",
+        ),
         ({"resources__request": {}}, "resources: unknown keys ['request']"),
         ({"priorityClassName": ""}, "priorityClassName must be a non-empty string, got ''"),
     ],
 )
 def test_a_bad_pool_is_refused_naming_file_pool_and_field(changes, message):
-    from ops.pools import parse_pools
     from backfill.errors import ConfigError
+    from ops.pools import parse_pools
 
     with pytest.raises(ConfigError) as err:
         parse_pools(_pools_yaml(**changes), "pools.yaml", min_grace_s=20)
@@ -329,15 +396,17 @@ def test_a_bad_pool_is_refused_naming_file_pool_and_field(changes, message):
 
 
 def test_cpu_pool_must_not_take_a_gpu_and_default_must_exist():
-    from ops.pools import parse_pools
     from backfill.errors import ConfigError
+    from ops.pools import parse_pools
 
     data = _pools_yaml(device="cpu")
     with pytest.raises(ConfigError, match="device 'cpu' must not ask for nvidia.com/gpu"):
         parse_pools(data, "pools.yaml")
     data = _pools_yaml()
     data["default"] = "gpu"
-    with pytest.raises(ConfigError, match=r"'default' must name one of the pools \['cpu-tidal', 'gpu-spot', 'index'\], got 'gpu'"):
+    with pytest.raises(
+        ConfigError, match=r"'default' must name one of the pools \['cpu-tidal', 'gpu-spot', 'index'\], got 'gpu'"
+    ):
         parse_pools(data, "pools.yaml")
 
 
@@ -352,8 +421,8 @@ def test_a_pool_name_must_be_a_dns_label():
 
 
 def test_pools_file_from_the_environment(monkeypatch, tmp_path):
-    from ops.pools import POOLS_FILE_ENV, load_pools
     from backfill.errors import ConfigError
+    from ops.pools import POOLS_FILE_ENV, load_pools
 
     monkeypatch.setenv(POOLS_FILE_ENV, str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match=f"pools file {tmp_path / 'missing.yaml'} does not exist"):

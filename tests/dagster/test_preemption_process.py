@@ -61,13 +61,19 @@ def run_with_signal(instance: DagsterInstance, work_log: Path, signo: int, after
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    result = execute_job(reconstructable_embed_job(), instance=instance, tags={"dagster/partition": PARTITION}, raise_on_error=False)
+    result = execute_job(
+        reconstructable_embed_job(), instance=instance, tags={"dagster/partition": PARTITION}, raise_on_error=False
+    )
     thread.join(timeout=5)
     return result, sent
 
 
 def events(instance, run_id):
-    return [r.event_log_entry.dagster_event for r in instance.get_records_for_run(run_id).records if r.event_log_entry.dagster_event]
+    return [
+        r.event_log_entry.dagster_event
+        for r in instance.get_records_for_run(run_id).records
+        if r.event_log_entry.dagster_event
+    ]
 
 
 def images_embedded(work_log: Path) -> int:

@@ -5,9 +5,9 @@ from dagster import DeleteDynamicPartitionsRequest, instance_for_test
 from assets.resources import BackfillResource
 from backfill.retire import retired_versions
 from ops.retire import retire_job
+from tests.conftest import MODEL
 from tests.dagster.test_sensors import tick
 from tests.engine.test_retire import three_versions  # noqa: F401  (fixture)
-from tests.conftest import MODEL
 
 
 def run_retire(instance, layout, **config):
@@ -47,4 +47,6 @@ def test_registry_sensor_deletes_the_partition_of_a_version_retired_from_the_cli
         instance.add_dynamic_partitions("shard", ["shard-00000", "shard-00001", "shard-00002"])
         instance.add_dynamic_partitions("model_version", ["v1", "v2", "v3"])
         result, _ = tick(instance, layout.store.root)
-        assert result.dynamic_partitions_requests == [DeleteDynamicPartitionsRequest(partitions_def_name="model_version", partition_keys=["v1"])]
+        assert result.dynamic_partitions_requests == [
+            DeleteDynamicPartitionsRequest(partitions_def_name="model_version", partition_keys=["v1"])
+        ]

@@ -27,7 +27,9 @@ SHARDS = ["shard-00000", "shard-00001", "shard-00002"]
 
 
 def tick(instance: DagsterInstance, root: str, cursor: str | None = None):
-    context = build_sensor_context(instance=instance, cursor=cursor, resources={"backfill": BackfillResource(root=root)})
+    context = build_sensor_context(
+        instance=instance, cursor=cursor, resources={"backfill": BackfillResource(root=root)}
+    )
     return model_registry_sensor(context), context
 
 
@@ -76,7 +78,9 @@ def test_invalid_version_is_skipped_with_its_reason(registered):
 def test_refresh_schedule_skips_until_something_is_published(registered):
     layout, _ = registered
     with instance_for_test() as instance:
-        context = build_schedule_context(instance=instance, resources={"backfill": BackfillResource(root=layout.store.root)})
+        context = build_schedule_context(
+            instance=instance, resources={"backfill": BackfillResource(root=layout.store.root)}
+        )
         result = refresh_schedule(context)
         assert isinstance(result, SkipReason) and "nothing is published" in result.skip_message
 
@@ -90,10 +94,14 @@ def test_refresh_schedule_requests_every_shard_of_the_serving_version(registered
 
         when = datetime.datetime(2026, 11, 29, 3, 0, tzinfo=datetime.timezone.utc)
         context = build_schedule_context(
-            instance=instance, resources={"backfill": BackfillResource(root=layout.store.root)}, scheduled_execution_time=when
+            instance=instance,
+            resources={"backfill": BackfillResource(root=layout.store.root)},
+            scheduled_execution_time=when,
         )
         requests = refresh_schedule(context)
-        assert [r.partition_key for r in requests] == [MultiPartitionKey({"model_version": "v1", "shard": s}) for s in SHARDS]
+        assert [r.partition_key for r in requests] == [
+            MultiPartitionKey({"model_version": "v1", "shard": s}) for s in SHARDS
+        ]
         assert [r.run_key for r in requests] == [f"refresh-v1-{s}-20261129T0300" for s in SHARDS]
 
 
@@ -118,18 +126,25 @@ def test_a_new_version_is_added_from_its_card_alone(registered, monkeypatch):
 def test_a_new_shard_repeating_an_image_id_is_refused_before_any_work(registered):
     layout, _ = registered
     taken = int(read_shard(layout, "shard-00001").image_ids[0])
-    write_shard(layout, "shard-00003", pa.table({"image_id": pa.array([taken, 10_000], pa.int64()), "uri": ["a.jpg", "b.jpg"]}))
+    write_shard(
+        layout, "shard-00003", pa.table({"image_id": pa.array([taken, 10_000], pa.int64()), "uri": ["a.jpg", "b.jpg"]})
+    )
     write_shard(layout, "shard-00004", pa.table({"image_id": pa.array([10_001], pa.int64()), "uri": ["c.jpg"]}))
     with instance_for_test() as instance:
         instance.add_dynamic_partitions("shard", SHARDS)
         instance.add_dynamic_partitions("model_version", ["v1"])
         result, _ = tick(instance, layout.store.root)
-        assert result.dynamic_partitions_requests == [AddDynamicPartitionsRequest(partitions_def_name="shard", partition_keys=["shard-00004"])]
+        assert result.dynamic_partitions_requests == [
+            AddDynamicPartitionsRequest(partitions_def_name="shard", partition_keys=["shard-00004"])
+        ]
         assert json.loads(result.cursor)["skipped"] == ["shard shard-00003"]
         apply(instance, result)
         again, _ = tick(instance, layout.store.root, cursor=result.cursor)  # refused once, reported every tick
         assert isinstance(again, SkipReason)
-        assert f"shard shard-00003: image_id {taken} appears in manifest shards 'shard-00001' and 'shard-00003'" in again.skip_message
+        assert (
+            f"shard shard-00003: image_id {taken} appears in manifest shards 'shard-00001' and 'shard-00003'"
+            in again.skip_message
+        )
 
 
 def test_a_shard_name_that_cannot_be_a_partition_key_is_skipped(registered):
@@ -139,7 +154,10 @@ def test_a_shard_name_that_cannot_be_a_partition_key_is_skipped(registered):
         instance.add_dynamic_partitions("shard", SHARDS)
         instance.add_dynamic_partitions("model_version", ["v1"])
         result, _ = tick(instance, layout.store.root)
-        assert isinstance(result, SkipReason) and "shard bad|name: shard name 'bad|name' may only use" in result.skip_message
+        assert (
+            isinstance(result, SkipReason)
+            and "shard bad|name: shard name 'bad|name' may only use" in result.skip_message
+        )
 
 
 def write_ids(layout, name: str, ids) -> None:
@@ -165,7 +183,9 @@ def test_a_tick_with_one_new_shard_reads_that_manifest_and_no_other(registered, 
         original = Store.read_bytes
         monkeypatch.setattr(Store, "read_bytes", lambda self, path: read.append(path) or original(self, path))
         result, _ = tick(instance, layout.store.root, cursor=context.cursor)
-        assert result.dynamic_partitions_requests == [AddDynamicPartitionsRequest(partitions_def_name="shard", partition_keys=["more-99999"])]
+        assert result.dynamic_partitions_requests == [
+            AddDynamicPartitionsRequest(partitions_def_name="shard", partition_keys=["more-99999"])
+        ]
     manifests = [p for p in read if "/corpus/manifests/" in p]
     assert manifests == [layout.manifest("more-99999")]
     assert not [p for p in read if p.endswith(".npy")]  # its id range overlaps no known shard: no sidecar read

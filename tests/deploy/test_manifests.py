@@ -69,8 +69,13 @@ def test_pool_configmap_is_the_pools_file_and_is_mounted_where_the_env_points():
 def test_service_account_is_the_one_the_chart_uses_and_has_role_placeholders():
     sa = manifest("ServiceAccount")
     v = values()
-    assert v["serviceAccount"] == {"create": False, "name": sa["metadata"]["name"]} and v["global"]["serviceAccountName"] == sa["metadata"]["name"]
-    assert {"eks.amazonaws.com/role-arn", "iam.gke.io/gcp-service-account", "azure.workload.identity/client-id"} <= set(sa["metadata"]["annotations"])
+    assert (
+        v["serviceAccount"] == {"create": False, "name": sa["metadata"]["name"]}
+        and v["global"]["serviceAccountName"] == sa["metadata"]["name"]
+    )
+    assert {"eks.amazonaws.com/role-arn", "iam.gke.io/gcp-service-account", "azure.workload.identity/client-id"} <= set(
+        sa["metadata"]["annotations"]
+    )
 
 
 def test_helm_values_use_chart_keys_and_what_the_issue_asks_for():
@@ -79,7 +84,11 @@ def test_helm_values_use_chart_keys_and_what_the_issue_asks_for():
     assert v["runLauncher"]["type"] == "K8sRunLauncher"
     daemon = v["dagsterDaemon"]
     assert daemon["runCoordinator"]["enabled"] and daemon["runCoordinator"]["type"] == "QueuedRunCoordinator"
-    assert daemon["runMonitoring"]["enabled"] and daemon["runRetries"]["enabled"] and daemon["runRetries"]["retryOnAssetOrOpFailure"]
+    assert (
+        daemon["runMonitoring"]["enabled"]
+        and daemon["runRetries"]["enabled"]
+        and daemon["runRetries"]["retryOnAssetOrOpFailure"]
+    )
     assert v["postgresql"]["postgresqlHost"] and v["postgresql"]["service"]["port"] == 5432
     # per-pool run limits are the pools file's maxConcurrentRuns
     limits = {(t["key"], t["value"]): t["limit"] for t in v["concurrency"]["runs"]["tagConcurrencyLimits"]}
@@ -100,7 +109,10 @@ def test_everything_runs_read_only_and_non_root_with_two_writable_dirs():
     home = re.search(r"DAGSTER_HOME=(\S+)", dockerfile).group(1)
     assert writable == {"/tmp", home}
     run = v["runLauncher"]["config"]["k8sRunLauncher"]["runK8sConfig"]
-    assert run["containerConfig"]["securityContext"]["readOnlyRootFilesystem"] and run["podSpecConfig"]["securityContext"]["runAsNonRoot"]
+    assert (
+        run["containerConfig"]["securityContext"]["readOnlyRootFilesystem"]
+        and run["podSpecConfig"]["securityContext"]["runAsNonRoot"]
+    )
     user = re.findall(r"^USER (\S+)", dockerfile, re.M)
     assert user and user[-1].split(":")[0] == str(run["podSpecConfig"]["securityContext"]["runAsUser"]) != "0"
 
@@ -131,8 +143,14 @@ def test_index_steps_get_an_on_demand_pool_sized_for_an_index():
 def test_the_cuda_image_installs_the_torchvision_built_for_its_torch():
     # without torchvision the GPU feed never decodes JPEGs with nvjpeg (backfill/feed.py falls back to PIL)
     dockerfile = (DEPLOY / "Dockerfile").read_text()
-    assert re.search(r"^\s+cuda\)\s+pip install \"torch==\$\{TORCH_VERSION\}\" \"torchvision==\$\{TORCHVISION_VERSION\}\"", dockerfile, re.M)
+    assert re.search(
+        r"^\s+cuda\)\s+pip install \"torch==\$\{TORCH_VERSION\}\" \"torchvision==\$\{TORCHVISION_VERSION\}\"",
+        dockerfile,
+        re.M,
+    )
     assert not re.search(r"^\s+cpu\)[^\n]*torchvision", dockerfile, re.M)  # it cannot sit beside the CPU torch
     torch = re.search(r"ARG TORCH_VERSION=2\.(\d+)\.(\d+)", dockerfile)
     vision = re.search(r"ARG TORCHVISION_VERSION=0\.(\d+)\.(\d+)", dockerfile)
-    assert int(vision.group(1)) == int(torch.group(1)) + 15 and vision.group(2) == torch.group(2)  # torch 2.13.0 <-> 0.28.0
+    assert int(vision.group(1)) == int(torch.group(1)) + 15 and vision.group(2) == torch.group(
+        2
+    )  # torch 2.13.0 <-> 0.28.0

@@ -53,7 +53,11 @@ def test_register_version_backfill_publish_search(dagster):
     backfill = wait_for(completed_backfill, timeout=300, interval=2, what=f"a completed backfill (logs in {logs})")
     (status,) = backfill["assetBackfillData"]["assetBackfillStatuses"]
     assert status["assetKey"]["path"] == ["image_embeddings"]
-    assert (status["numPartitionsTargeted"], status["numPartitionsMaterialized"], status["numPartitionsFailed"]) == (3, 3, 0)
+    assert (status["numPartitionsTargeted"], status["numPartitionsMaterialized"], status["numPartitionsFailed"]) == (
+        3,
+        3,
+        0,
+    )
 
     def published():
         asset = graphql(PUBLISHED)["assetOrError"]

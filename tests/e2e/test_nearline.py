@@ -34,7 +34,9 @@ def publish_v1_in_process(home: Path, layout) -> None:
         for shard in list_shards(layout):
             key = MultiPartitionKey({"model_version": "v1", "shard": shard})
             assert materialize([image_embeddings], partition_key=key, instance=instance, resources=resources).success
-        assert materialize([faiss_index, search_index], partition_key="v1", instance=instance, resources=resources).success
+        assert materialize(
+            [faiss_index, search_index], partition_key="v1", instance=instance, resources=resources
+        ).success
 
 
 @pytest.fixture
@@ -79,7 +81,11 @@ def found(url: str, image_id: int):
 def faiss_index_runs(home: Path, version: str) -> list[dict]:
     with DagsterInstance.from_config(str(home)) as instance:
         records = instance.fetch_materializations(AssetKey("faiss_index"), limit=50).records
-        return [{k: v.value for k, v in r.asset_materialization.metadata.items()} for r in records if r.asset_materialization.partition == version]
+        return [
+            {k: v.value for k, v in r.asset_materialization.metadata.items()}
+            for r in records
+            if r.asset_materialization.partition == version
+        ]
 
 
 def test_a_new_shard_becomes_searchable_without_a_full_rebuild(system):
@@ -90,7 +96,12 @@ def test_a_new_shard_becomes_searchable_without_a_full_rebuild(system):
     landed = time.monotonic()
     write_shard(layout, NEW, held)
     new_ids = [int(i) for i in read_shard(layout, NEW).image_ids]
-    answer = wait_for(lambda: found(url, new_ids[0]), timeout=90, interval=0.5, what=f"a new image found through the API (logs in {logs})")
+    answer = wait_for(
+        lambda: found(url, new_ids[0]),
+        timeout=90,
+        interval=0.5,
+        what=f"a new image found through the API (logs in {logs})",
+    )
     print(f"manifest landed -> searchable through the API: {time.monotonic() - landed:.1f}s")
     assert answer["version"] == "v1" and answer["hits"][0]["image_id"] == new_ids[0]
     assert all(found(url, i) for i in new_ids)
@@ -106,11 +117,21 @@ def test_a_shard_landing_during_a_newer_backfill_is_in_the_newer_index(system):
     assert published(layout, "v1", 60)
     register_tiny(layout, "v2")
     # the first committed chunk of any v2 shard: the backfill is running
-    wait_for(lambda: layout.store.ls(layout.embeddings(MODEL, "v2")), timeout=120, interval=0.2, what=f"v2's backfill under way (logs in {logs})")
+    wait_for(
+        lambda: layout.store.ls(layout.embeddings(MODEL, "v2")),
+        timeout=120,
+        interval=0.2,
+        what=f"v2's backfill under way (logs in {logs})",
+    )
     assert read_pointer(layout, MODEL)["version"] == "v1", "v2 was published before the shard could land"
     write_shard(layout, NEW, held)  # lands while v2's backfill runs
 
-    wait_for(lambda: published(layout, "v2", 90), timeout=150, interval=1, what=f"v2 published with the new shard (logs in {logs})")
+    wait_for(
+        lambda: published(layout, "v2", 90),
+        timeout=150,
+        interval=1,
+        what=f"v2 published with the new shard (logs in {logs})",
+    )
     new_ids = [int(i) for i in read_shard(layout, NEW).image_ids]
     answers = [found(url, i) for i in new_ids]
     assert all(a and a["version"] == "v2" and a["hits"][0]["image_id"] == i for a, i in zip(answers, new_ids))

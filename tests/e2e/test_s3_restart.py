@@ -37,7 +37,12 @@ def test_backfill_survives_an_s3_restart(tmp_path: Path, monkeypatch):
                 fs = server.filesystem()
                 return len([k for k in fs.find(embeddings) if "/rows-" in k]) if fs.exists(embeddings) else 0
 
-            wait_for(lambda: chunks_committed() > 0, timeout=240, interval=0.5, what=f"a first committed chunk (logs in {tmp_path})")
+            wait_for(
+                lambda: chunks_committed() > 0,
+                timeout=240,
+                interval=0.5,
+                what=f"a first committed chunk (logs in {tmp_path})",
+            )
             server.stop(signal.SIGKILL)  # the store vanishes mid-write, as a crashed gateway does
             time.sleep(OUTAGE_S)
             server.start()

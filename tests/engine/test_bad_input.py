@@ -61,7 +61,10 @@ REJECTED = {
     "truncated.jpg": (lambda: encoded(rgb(256, 256), "JPEG")[:700], "truncated or corrupt image"),
     "zero_bytes.jpg": (lambda: b"", "empty file (0 bytes)"),
     "text.jpg": (lambda: b"just some text, not an image\n", "not an image: format not recognised"),
-    "bomb.png": (lambda: png_declaring(100_000, 100_000), "decompression bomb: declared 100000x100000 exceeds 64000000 pixels"),
+    "bomb.png": (
+        lambda: png_declaring(100_000, 100_000),
+        "decompression bomb: declared 100000x100000 exceeds 64000000 pixels",
+    ),
 }
 
 
@@ -89,7 +92,10 @@ def bad_shard(registered, tmp_path):
     for uri, reason in [
         (os.fsencode(str(folder / "missing.jpg")), "missing object: "),
         (None, "manifest uri is null or empty"),
-        (b"nosuchproto://bucket/key.jpg", "malformed uri: 'nosuchproto://bucket/key.jpg' uses unsupported protocol 'nosuchproto'"),
+        (
+            b"nosuchproto://bucket/key.jpg",
+            "malformed uri: 'nosuchproto://bucket/key.jpg' uses unsupported protocol 'nosuchproto'",
+        ),
     ]:
         uris.append(uri)
         expected.append(reason)
@@ -100,7 +106,9 @@ def bad_shard(registered, tmp_path):
 
 def test_each_input_is_embedded_or_rejected_with_its_reason(bad_shard):
     layout, card, ids, expected = bad_shard
-    stats = embed_shard(layout, "odd", load_model(layout, card), EmbedConfig(batch_size=4, chunk_size=5, max_reject_rate=0.6))
+    stats = embed_shard(
+        layout, "odd", load_model(layout, card), EmbedConfig(batch_size=4, chunk_size=5, max_reject_rate=0.6)
+    )
     assert stats.images == len(ids) and stats.rejects == sum(e is not None for e in expected)
     got_ids, vectors, valid = load_embeddings(layout, MODEL, "v1", "odd")
     assert got_ids.tolist() == ids

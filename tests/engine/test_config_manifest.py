@@ -45,7 +45,9 @@ def test_duplicate_id_within_a_shard_is_refused(layout):
 
 def test_duplicate_id_across_shards_names_both(layout):
     first = read_shard(layout, "shard-00000")
-    write_shard(layout, "zz-extra", pa.table({"image_id": pa.array([int(first.image_ids[0])], pa.int64()), "uri": ["x"]}))
+    write_shard(
+        layout, "zz-extra", pa.table({"image_id": pa.array([int(first.image_ids[0])], pa.int64()), "uri": ["x"]})
+    )
     with pytest.raises(ManifestError, match=r"in manifest shards 'shard-00000' and 'zz-extra'"):
         check_unique(layout, list_shards(layout))
 
@@ -61,5 +63,8 @@ def test_fetch_workers_never_exceed_the_s3_connection_pool():
 
     assert filesystem_options("s3")["config_kwargs"]["max_pool_connections"] == S3_CONNECTIONS
     assert EmbedConfig(fetch_workers=512).fetch_workers == 512  # the range it always allowed
-    with pytest.raises(ConfigError, match=rf"fetch_workers must be in 1..{S3_CONNECTIONS} \(the S3 connection pool per process\), got {S3_CONNECTIONS + 1}"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"fetch_workers must be in 1..{S3_CONNECTIONS} \(the S3 connection pool per process\), got {S3_CONNECTIONS + 1}",
+    ):
         EmbedConfig(fetch_workers=S3_CONNECTIONS + 1)

@@ -87,7 +87,9 @@ def test_one_budget_sets_torch_faiss_and_decode(monkeypatch):
         assert torch.get_num_threads() == 3
         assert faiss.omp_get_max_threads() == 3
         # explicit settings win over the budget
-        assert ThreadBudget.resolve(torch_threads=1, decode_workers=5, cpus=3) == ThreadBudget(cpus=3, torch=1, decode=5, faiss=3)
+        assert ThreadBudget.resolve(torch_threads=1, decode_workers=5, cpus=3) == ThreadBudget(
+            cpus=3, torch=1, decode=5, faiss=3
+        )
     finally:
         torch.set_num_threads(before_torch)
         faiss.omp_set_num_threads(before_torch)

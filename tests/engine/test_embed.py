@@ -62,7 +62,9 @@ def test_changed_chunk_size_is_refused(registered):
     layout, card = registered
     model = load_model(layout, card)
     with pytest.raises(Preempted):
-        embed_shard(layout, "shard-00000", model, CONFIG, on_chunk_committed=lambda c: (_ for _ in ()).throw(Preempted()))
+        embed_shard(
+            layout, "shard-00000", model, CONFIG, on_chunk_committed=lambda c: (_ for _ in ()).throw(Preempted())
+        )
     with pytest.raises(ConfigError, match="chunk_size must stay fixed"):
         embed_shard(layout, "shard-00000", model, EmbedConfig(chunk_size=5, batch_size=4))
 
@@ -72,15 +74,26 @@ def _bad_shard(layout, tmp_path):
     (tmp_path / "text.jpg").write_text("hello, not an image")
     good = read_shard(layout, "shard-00000").uris[:8]
     uris = [*good, str(tmp_path / "empty.jpg"), str(tmp_path / "text.jpg"), str(tmp_path / "missing.jpg"), None]
-    write_shard(layout, "bad", pa.table({"image_id": pa.array(range(1000, 1000 + len(uris)), pa.int64()), "uri": pa.array(uris, pa.string())}))
+    write_shard(
+        layout,
+        "bad",
+        pa.table({"image_id": pa.array(range(1000, 1000 + len(uris)), pa.int64()), "uri": pa.array(uris, pa.string())}),
+    )
 
 
 def test_bad_images_become_rejects_with_reasons(registered, tmp_path):
     layout, card = registered
     _bad_shard(layout, tmp_path)
-    stats = embed_shard(layout, "bad", load_model(layout, card), EmbedConfig(batch_size=4, chunk_size=6, max_reject_rate=0.5))
+    stats = embed_shard(
+        layout, "bad", load_model(layout, card), EmbedConfig(batch_size=4, chunk_size=6, max_reject_rate=0.5)
+    )
     assert (stats.images, stats.rejects) == (12, 4)
-    assert stats.reasons == {"empty file (0 bytes)": 1, "not an image": 1, "missing object": 1, "manifest uri is null or empty": 1}
+    assert stats.reasons == {
+        "empty file (0 bytes)": 1,
+        "not an image": 1,
+        "missing object": 1,
+        "manifest uri is null or empty": 1,
+    }
     ids, _, valid = load_embeddings(layout, MODEL, "v1", "bad")
     assert valid.tolist() == [True] * 8 + [False] * 4
 
@@ -89,10 +102,14 @@ def test_reject_rate_over_threshold_fails_naming_shard_and_reasons(registered, t
     layout, card = registered
     _bad_shard(layout, tmp_path)
     with pytest.raises(RejectRateError, match=r"shard bad: 4/12 images rejected .* top reasons: .*chunks were removed"):
-        embed_shard(layout, "bad", load_model(layout, card), EmbedConfig(batch_size=4, chunk_size=6, max_reject_rate=0.2))
+        embed_shard(
+            layout, "bad", load_model(layout, card), EmbedConfig(batch_size=4, chunk_size=6, max_reject_rate=0.2)
+        )
     # nothing is left to resume from: once the cause is fixed, a rerun embeds the shard again
     assert layout.store.ls(layout.embeddings(MODEL, "v1", "bad")) == []
-    stats = embed_shard(layout, "bad", load_model(layout, card), EmbedConfig(batch_size=4, chunk_size=6, max_reject_rate=0.5))
+    stats = embed_shard(
+        layout, "bad", load_model(layout, card), EmbedConfig(batch_size=4, chunk_size=6, max_reject_rate=0.5)
+    )
     assert stats.chunks_resumed == 0 and stats.images_embedded_now == 8
 
 
@@ -124,7 +141,9 @@ def test_prefetch_depth_does_not_change_the_vectors(registered):
     embed_shard(layout, "shard-00000", model, CONFIG)
     ids, ref, _ = load_embeddings(layout, MODEL, "v1", "shard-00000")
     layout.store.rm(layout.embeddings(MODEL, "v1", "shard-00000"), recursive=True)
-    deep = EmbedConfig(batch_size=4, chunk_size=6, fetch_workers=4, decode_workers=2, torch_threads=1, prefetch_batches=8)
+    deep = EmbedConfig(
+        batch_size=4, chunk_size=6, fetch_workers=4, decode_workers=2, torch_threads=1, prefetch_batches=8
+    )
     embed_shard(layout, "shard-00000", model, deep)
     ids2, vecs, _ = load_embeddings(layout, MODEL, "v1", "shard-00000")
     assert np.array_equal(ids, ids2) and np.array_equal(vecs, ref)

@@ -63,7 +63,13 @@ def _load_truncated(img: Image.Image):
 
 def test_jpeg_header_reads_frame_without_decoding():
     baseline = jpeg_header(_bytes(_image(), quality=90))
-    assert (baseline.marker, baseline.width, baseline.height, baseline.components, baseline.adobe) == (0xC0, 80, 60, 3, False)
+    assert (baseline.marker, baseline.width, baseline.height, baseline.components, baseline.adobe) == (
+        0xC0,
+        80,
+        60,
+        3,
+        False,
+    )
     assert jpeg_header(_bytes(_image(), progressive=True)).marker == 0xC2
     assert jpeg_header(_bytes(_image().convert("L"))).components == 1
     cmyk = jpeg_header(_bytes(_image().convert("CMYK")))
@@ -134,7 +140,9 @@ def test_truncated_jpeg_is_rejected_by_pil_on_the_gpu_path_too():
         decode(truncated, SIZE, 10**8)
     with pytest.raises(BadImage) as gpu:
         prep.stage(truncated)
-    assert str(gpu.value) == str(cpu.value) and str(cpu.value).startswith("truncated or corrupt image: image file is truncated")
+    assert str(gpu.value) == str(cpu.value) and str(cpu.value).startswith(
+        "truncated or corrupt image: image file is truncated"
+    )
     # a complete JPEG, and one with bytes after its end (PIL accepts both), still decode
     assert isinstance(prep.stage(whole), Encoded)
     padded = prep.stage(whole + b"\0" * 7)

@@ -13,8 +13,17 @@ from backfill.writer import Committed, chunk_name, write_chunk
 
 # a marker as the engine wrote it before it had a type (asdict(EmbedStats) less the per-attempt fields)
 OLD_MARKER = {
-    "batch_size": 4, "chunk_size": 6, "chunks": 2, "device": "cpu", "embedded": 7, "ids_sha256": "ab" * 32,
-    "images": 8, "model": "refcnn", "reasons": {"missing object": 1}, "rejects": 1, "shard": "shard-00000",
+    "batch_size": 4,
+    "chunk_size": 6,
+    "chunks": 2,
+    "device": "cpu",
+    "embedded": 7,
+    "ids_sha256": "ab" * 32,
+    "images": 8,
+    "model": "refcnn",
+    "reasons": {"missing object": 1},
+    "rejects": 1,
+    "shard": "shard-00000",
     "version": "v1",
 }
 

@@ -29,7 +29,7 @@ def test_engine_imports_without_dagster():
 
 def test_the_probe_does_catch_a_dagster_import():
     # the check above must be able to fail: importing the Dagster layer is refused
-    probe = BLOCK_DAGSTER.replace("print(\"ok\")", "import assets.embeddings")
+    probe = BLOCK_DAGSTER.replace('print("ok")', "import assets.embeddings")
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True)
     assert result.returncode != 0
     assert "dagster is not allowed in the engine" in result.stderr
@@ -42,7 +42,11 @@ def test_nothing_unpickles_untrusted_files():
     for folder in ("backfill", "assets", "ops", "scripts"):
         for path in (REPO / folder).rglob("*.py"):
             text = path.read_text()
-            for pattern in (r"pickle\.loads?\(", r"torch\.load\((?![^)]*weights_only=True)", r"np\.load\([^)]*allow_pickle=True"):
+            for pattern in (
+                r"pickle\.loads?\(",
+                r"torch\.load\((?![^)]*weights_only=True)",
+                r"np\.load\([^)]*allow_pickle=True",
+            ):
                 if re.search(pattern, text):
                     offenders.append(f"{path.relative_to(REPO)}: {pattern}")
     assert offenders == []

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from backfill.errors import ModelError
+from backfill.models import torchscript_bytes
 from backfill.registry import ModelCard, read_card, register_version
 from backfill.runtime import load_model
 from tests.conftest import TINY
-from backfill.models import torchscript_bytes
 
 
 class Cancelling(nn.Module):
@@ -41,7 +41,15 @@ def _traced(module: nn.Module) -> bytes:
 
 def test_bf16_version_registers_and_runs_under_autocast(layout):
     arch = TINY["v1"]
-    card = register_version(layout, "refcnn", "v1", torchscript_bytes(arch, calibration=64), dim=arch.dim, input_size=arch.input_size, extra={"precision": "bf16"})
+    card = register_version(
+        layout,
+        "refcnn",
+        "v1",
+        torchscript_bytes(arch, calibration=64),
+        dim=arch.dim,
+        input_size=arch.input_size,
+        extra={"precision": "bf16"},
+    )
     assert read_card(layout, "refcnn", "v1").precision == "bf16"
     model = load_model(layout, card)
     assert model.autocast is torch.bfloat16
@@ -54,14 +62,26 @@ def test_bf16_version_registers_and_runs_under_autocast(layout):
 
 
 def test_precision_that_drifts_from_fp32_is_refused(layout):
-    with pytest.raises(ModelError, match=r"model cancel version v1: bf16 embeddings differ from fp32 .*mean cosine .* < 0.99"):
-        register_version(layout, "cancel", "v1", _traced(Cancelling()), dim=16, input_size=32, extra={"precision": "bf16"})
+    with pytest.raises(
+        ModelError, match=r"model cancel version v1: bf16 embeddings differ from fp32 .*mean cosine .* < 0.99"
+    ):
+        register_version(
+            layout, "cancel", "v1", _traced(Cancelling()), dim=16, input_size=32, extra={"precision": "bf16"}
+        )
     assert not layout.store.exists(layout.model_dir("cancel", "v1"))  # nothing written
     register_version(layout, "cancel", "v1", _traced(Cancelling()), dim=16, input_size=32)  # fp32 is fine
 
 
 def test_unknown_precision_in_model_json_is_a_clear_error():
-    data = {"name": "m", "version": "v1", "dim": 8, "input_size": 32, "sha256": "0" * 64, "created": "x", "precision": "int4"}
+    data = {
+        "name": "m",
+        "version": "v1",
+        "dim": 8,
+        "input_size": 32,
+        "sha256": "0" * 64,
+        "created": "x",
+        "precision": "int4",
+    }
     with pytest.raises(ModelError, match="field 'precision' must be one of fp32, bf16, fp16, got 'int4'"):
         ModelCard.from_json(data, where="m/v1")
     data["precision"] = "fp16"

@@ -17,7 +17,9 @@ def build_version(layout, card, **index_kwargs):
     model = load_model(layout, card)
     for shard in list_shards(layout):
         embed_shard(layout, shard, model, EmbedConfig(batch_size=8, chunk_size=8, torch_threads=1))
-    return build_index(layout, MODEL, card.version, list_shards(layout), IndexConfig(**index_kwargs), model_created=card.created)
+    return build_index(
+        layout, MODEL, card.version, list_shards(layout), IndexConfig(**index_kwargs), model_created=card.created
+    )
 
 
 def query_bytes(layout):
@@ -48,7 +50,13 @@ def test_failed_gate_publishes_nothing(registered):
     layout, card = registered
     good = build_version(layout, card)
     publish(layout, MODEL, good.build_id)
-    bad = build_index(layout, MODEL, "v1", list_shards(layout), IndexConfig(flat_below=10, pq_from=11, pq_m=2, target_recall=1.0, n_queries=20))
+    bad = build_index(
+        layout,
+        MODEL,
+        "v1",
+        list_shards(layout),
+        IndexConfig(flat_below=10, pq_from=11, pq_m=2, target_recall=1.0, n_queries=20),
+    )
     with pytest.raises(QualityGateError, match="below its target"):
         publish(layout, MODEL, bad.build_id)
     assert read_pointer(layout, MODEL)["build_id"] == good.build_id

@@ -68,7 +68,10 @@ def test_wrong_output_dimension_is_caught_at_load(layout):
     card = register_tiny(layout, "v1")
     # a card that promises a dimension the artifact does not produce
     lying = card.to_json() | {"version": "v5", "dim": arch.dim + 1}
-    layout.store.write_bytes(f"{layout.model_dir(MODEL, 'v5')}/model.pt", layout.store.read_bytes(f"{layout.model_dir(MODEL, 'v1')}/model.pt"))
+    layout.store.write_bytes(
+        f"{layout.model_dir(MODEL, 'v5')}/model.pt",
+        layout.store.read_bytes(f"{layout.model_dir(MODEL, 'v1')}/model.pt"),
+    )
     layout.store.write_bytes(f"{layout.model_dir(MODEL, 'v5')}/{CARD}", json.dumps(lying).encode())
     with pytest.raises(ModelError, match=r"version v5 returned shape \(2, 16\)"):
         load_model(layout, read_card(layout, MODEL, "v5"))

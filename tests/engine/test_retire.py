@@ -12,8 +12,8 @@ from backfill.index import build_index
 from backfill.manifest import list_shards
 from backfill.publish import publish, read_pointer
 from backfill.registry import list_versions
-from backfill.runtime import load_model
 from backfill.retire import plan_retirement, retire, retired_versions
+from backfill.runtime import load_model
 from backfill.search import Searcher
 from tests.conftest import MODEL, TINY, register_tiny
 
@@ -32,12 +32,18 @@ def three_versions(layout):
     """v1 and v2 built, v2 serving (after two builds), v3 newer and still being embedded."""
     for name, arch in (("v1", TINY["v1"]), ("v2", TINY["v2"])):
         card = version(layout, name, arch)
-        build = build_or_update(layout, MODEL, name, list_shards(layout), IndexConfig(), model_created=card.created).build
+        build = build_or_update(
+            layout, MODEL, name, list_shards(layout), IndexConfig(), model_created=card.created
+        ).build
         publish(layout, MODEL, build.build_id)
     first_v2 = build.build_id
-    again = build_index(layout, MODEL, "v2", list_shards(layout), IndexConfig(), model_created=card.created)  # e.g. a refresh
+    again = build_index(
+        layout, MODEL, "v2", list_shards(layout), IndexConfig(), model_created=card.created
+    )  # e.g. a refresh
     publish(layout, MODEL, again.build_id)
-    extra = build_index(layout, MODEL, "v2", list_shards(layout), IndexConfig(), model_created=card.created)  # built, not published
+    extra = build_index(
+        layout, MODEL, "v2", list_shards(layout), IndexConfig(), model_created=card.created
+    )  # built, not published
     version(layout, "v3", TINY["v1"], shards=list_shards(layout)[:1])
     return layout, {"v2_first": first_v2, "v2_serving": again.build_id, "v2_extra": extra.build_id}
 

@@ -40,13 +40,18 @@ def test_whole_loop_on_s3_commits_by_single_puts_and_serves_from_a_verified_cach
     model = load_model(layout, card)
     puts: list[str] = []
     real_pipe = layout.store.fs.pipe_file
-    monkeypatch.setattr(layout.store.fs, "pipe_file", lambda path, data, **kw: (puts.append(path), real_pipe(path, data, **kw))[1])
+    monkeypatch.setattr(
+        layout.store.fs, "pipe_file", lambda path, data, **kw: (puts.append(path), real_pipe(path, data, **kw))[1]
+    )
     for shard in list_shards(layout):
         embed_shard(layout, shard, model, EmbedConfig(batch_size=8, chunk_size=8, torch_threads=1, fetch_workers=8))
     out = layout.embeddings(MODEL, "v1", "shard-00000")
     # a chunk is one PUT of its final key, the marker last; nothing temporary is ever written
     shard0 = [p.rsplit("/", 1)[-1] for p in puts if p.startswith(out + "/")]
-    assert shard0 == [f"rows-{s:012d}-{s + 8:012d}.parquet" for s in range(0, 24, 8)] + ["rejects.parquet", "_SUCCESS.json"]
+    assert shard0 == [f"rows-{s:012d}-{s + 8:012d}.parquet" for s in range(0, 24, 8)] + [
+        "rejects.parquet",
+        "_SUCCESS.json",
+    ]
     assert not [k for k in _keys(layout.store, layout.store.root) if ".tmp" in k or ".part" in k]
 
     build = build_index(layout, MODEL, "v1", list_shards(layout), IndexConfig(), model_created=card.created)

@@ -146,5 +146,8 @@ def test_prune_cache_keeps_the_named_entries_and_partial_downloads(tmp_path):
         (folder / name).write_bytes(b"x")
     removed = prune_cache(str(tmp_path), {keep})
     assert removed == [str(tmp_path / "bb" / f"{drop}-index.faiss")]
-    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [f"{keep}-index.faiss", f"{drop}-index.faiss.1234abcd.part"]
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [
+        f"{keep}-index.faiss",
+        f"{drop}-index.faiss.1234abcd.part",
+    ]
     assert prune_cache(str(tmp_path / "missing"), {keep}) == []

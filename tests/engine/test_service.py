@@ -33,7 +33,22 @@ def start_server(root, tmp) -> tuple[subprocess.Popen, str]:
     log_path = tmp / f"serve-{port}.log"
     with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
-            [sys.executable, "-m", "backfill.cli", "--root", str(root), "--model", MODEL, "serve", "--port", str(port), "--poll-s", "0.1", "--max-upload-bytes", str(LIMIT)],
+            [
+                sys.executable,
+                "-m",
+                "backfill.cli",
+                "--root",
+                str(root),
+                "--model",
+                MODEL,
+                "serve",
+                "--port",
+                str(port),
+                "--poll-s",
+                "0.1",
+                "--max-upload-bytes",
+                str(LIMIT),
+            ],
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -93,7 +108,14 @@ def image(layout, shard: str, row: int) -> tuple[int, bytes]:
 def test_health_reports_the_serving_version_and_build(served):
     layout, url, build, _ = served
     health = requests.get(f"{url}/healthz", timeout=10).json()
-    assert health == {"status": "ok", "model": MODEL, "version": "v1", "build_id": build.build_id, "vectors": 40, "load_error": None}
+    assert health == {
+        "status": "ok",
+        "model": MODEL,
+        "version": "v1",
+        "build_id": build.build_id,
+        "vectors": 40,
+        "load_error": None,
+    }
 
 
 def test_search_by_raw_upload_and_by_multipart_upload(served):
@@ -106,7 +128,9 @@ def test_search_by_raw_upload_and_by_multipart_upload(served):
         body = response.json()
         assert (body["model"], body["version"], body["build_id"]) == (MODEL, "v1", build.build_id)
         assert len(body["hits"]) == 3 and body["hits"][0]["image_id"] == image_id
-        assert body["hits"][0]["uri"].endswith(f"{image_id:08d}.jpg") and body["hits"][0]["score"] == pytest.approx(1.0, abs=1e-2)
+        assert body["hits"][0]["uri"].endswith(f"{image_id:08d}.jpg") and body["hits"][0]["score"] == pytest.approx(
+            1.0, abs=1e-2
+        )
     assert raw.json()["hits"] == form.json()["hits"]
 
 
@@ -114,7 +138,11 @@ def test_search_by_image_id(served):
     layout, url, _, _ = served
     image_id, _ = image(layout, "shard-00000", 5)
     body = requests.get(f"{url}/search", params={"image_id": image_id, "k": 4}, timeout=10).json()
-    assert body["query"] == {"image_id": image_id, "k": 4} and body["hits"][0]["image_id"] == image_id and len(body["hits"]) == 4
+    assert (
+        body["query"] == {"image_id": image_id, "k": 4}
+        and body["hits"][0]["image_id"] == image_id
+        and len(body["hits"]) == 4
+    )
 
 
 @pytest.mark.parametrize(
@@ -124,13 +152,31 @@ def test_search_by_image_id(served):
         ("get", {"image_id": "abc"}, {}, 400, "image_id must be an integer, got 'abc'"),
         ("get", {}, {}, 400, "GET /search needs ?image_id=<int>"),
         ("get", {"image_id": 1, "k": 0}, {}, 400, "k must be in 1..100, got 0"),
-        ("post", {}, {"data": b"this is not a jpeg", "headers": {"Content-Type": "image/jpeg"}}, 400, "not a usable image"),
+        (
+            "post",
+            {},
+            {"data": b"this is not a jpeg", "headers": {"Content-Type": "image/jpeg"}},
+            400,
+            "not a usable image",
+        ),
         ("post", {}, {"data": b"", "headers": {"Content-Type": "image/jpeg"}}, 400, "empty upload"),
         ("post", {}, {"json": {"image": "x"}}, 415, "not 'application/json'"),
         ("post", {}, {"files": {"picture": ("q.jpg", b"x", "image/jpeg")}}, 400, "needs a file field named 'image'"),
-        ("post", {}, {"data": b"\xff" * (LIMIT + 1), "headers": {"Content-Type": "image/jpeg"}}, 413, f"over the limit of {LIMIT} bytes"),
+        (
+            "post",
+            {},
+            {"data": b"\xff" * (LIMIT + 1), "headers": {"Content-Type": "image/jpeg"}},
+            413,
+            f"over the limit of {LIMIT} bytes",
+        ),
         # no Content-Length (chunked): the limit holds while streaming
-        ("post", {}, {"data": iter([b"\xff" * 65536] * 5), "headers": {"Content-Type": "image/jpeg"}}, 413, f"over the limit of {LIMIT} bytes"),
+        (
+            "post",
+            {},
+            {"data": iter([b"\xff" * 65536] * 5), "headers": {"Content-Type": "image/jpeg"}},
+            413,
+            f"over the limit of {LIMIT} bytes",
+        ),
     ],
 )
 def test_bad_requests_get_a_clear_4xx(served, method, params, kwargs, status, message):
@@ -169,7 +215,9 @@ def test_a_new_build_is_picked_up_without_dropping_requests(served):
     assert failures == [] and set(answered) == {build.build_id, update.build.build_id}
     assert answered[-1] == update.build.build_id
     new_id, data = image(layout, new, 3)
-    hits = requests.post(f"{url}/search?k=1", data=data, headers={"Content-Type": "image/jpeg"}, timeout=30).json()["hits"]
+    hits = requests.post(f"{url}/search?k=1", data=data, headers={"Content-Type": "image/jpeg"}, timeout=30).json()[
+        "hits"
+    ]
     assert hits[0]["image_id"] == new_id
 
 

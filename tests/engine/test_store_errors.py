@@ -61,7 +61,9 @@ def test_a_refused_write_is_permanent_and_says_what_to_check(monkeypatch):
         raise PermissionError("AccessDenied: Access Denied")
 
     monkeypatch.setattr(store.fs, "pipe_file", access_denied)
-    with pytest.raises(ConfigError, match="no permission to write memory://.*/root/x.json: check the credentials/bucket policy"):
+    with pytest.raises(
+        ConfigError, match="no permission to write memory://.*/root/x.json: check the credentials/bucket policy"
+    ):
         store.write_json(store.url("x.json"), {})
 
 
