@@ -29,7 +29,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     with _bar(spec.images, "sample corpus") as bar:
         result = make_sample_corpus(_layout(args.root), spec, progress=bar.update)
     print(
-        f"wrote {result['images']} images in {result['groups']} near-duplicate groups, {result['shards']} manifest shards"
+        f"wrote {result['images']} images in {result['groups']} near-duplicate groups, "
+        f"{result['shards']} manifest shards"
     )
 
 
@@ -50,14 +51,16 @@ def cmd_register(args: argparse.Namespace) -> None:
     else:
         if args.version not in REFERENCE:
             raise BackfillError(
-                f"no reference model {args.version!r} (have {', '.join(REFERENCE)}); pass --artifact to register your own"
+                f"no reference model {args.version!r} (have {', '.join(REFERENCE)}); "
+                "pass --artifact to register your own"
             )
         arch = REFERENCE[args.version]
         blob, dim, size = torchscript_bytes(arch), arch.dim, arch.input_size
     extra = {"precision": args.precision} if args.precision != "fp32" else None
     card = register_version(_layout(args.root), args.model, args.version, blob, dim=dim, input_size=size, extra=extra)
     print(
-        f"registered {card.name} {card.version}: dim={card.dim} input={card.input_size} precision={card.precision} sha256={card.sha256[:12]}…"
+        f"registered {card.name} {card.version}: dim={card.dim} input={card.input_size} "
+        f"precision={card.precision} sha256={card.sha256[:12]}…"
     )
 
 
@@ -136,7 +139,8 @@ def cmd_status(args: argparse.Namespace) -> None:
         else:
             print(
                 f"{model}: serving {pointer['version']} build {pointer['build_id']} ({pointer['index_type']}, "
-                f"{pointer['vectors']} vectors, nprobe={pointer['nprobe']}, recall@{pointer['k']}={pointer['recall_at_k']}, "
+                f"{pointer['vectors']} vectors, nprobe={pointer['nprobe']}, "
+                f"recall@{pointer['k']}={pointer['recall_at_k']}, "
                 f"published {pointer['published_at']})"
             )
 
@@ -148,7 +152,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     layout = _layout(args.root)
     result = near_duplicate_recall(layout, args.model, args.version, list_shards(layout), k=args.k)
     print(
-        f"{args.model} {args.version}: near-duplicate recall@{args.k}={result[f'recall_at_{args.k}']:.4f} top1={result['top1']:.4f} over {int(result['queries'])} queries"
+        f"{args.model} {args.version}: near-duplicate recall@{args.k}={result[f'recall_at_{args.k}']:.4f} "
+        f"top1={result['top1']:.4f} over {int(result['queries'])} queries"
     )
 
 
@@ -178,8 +183,10 @@ def cmd_rejects(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="backfill",
-        description="Model backfill platform: re-embed an image corpus for each model version and publish a FAISS index. "
-        "The Dagster UI (`dagster dev` in the repository) runs the backfills; this command prepares data and queries results.",
+        description="Model backfill platform: re-embed an image corpus for each model version "
+        "and publish a FAISS index. "
+        "The Dagster UI (`dagster dev` in the repository) runs the backfills; "
+        "this command prepares data and queries results.",
         epilog="On S3: credentials come from the standard AWS chain (AWS_* variables, ~/.aws, IAM role); "
         "an S3-compatible store also needs BACKFILL_S3_ENDPOINT_URL=https://host:port.",
     )

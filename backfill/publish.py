@@ -49,7 +49,8 @@ def publish(layout: Layout, model: str, build_id: str, *, force: bool = False) -
     if current and not force and created_at(current.get("model_created")) > created_at(build.model_created):
         return PublishResult(
             False,
-            f"not published: {model}/{current['version']} (newer than {build.version}) is serving; use rollback to go back",
+            f"not published: {model}/{current['version']} (newer than {build.version}) is serving; "
+            "use rollback to go back",
             current,
         )
     pointer = {

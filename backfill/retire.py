@@ -26,7 +26,8 @@ class RetirePlan:
         if not self.retire and not self.builds:
             return f"{self.model}: nothing to retire ({self.reason or 'keeping ' + ', '.join(self.keep)})"
         return (
-            f"{self.model}: serving {self.serving} ({self.serving_build}); keeping {', '.join(self.keep) or 'nothing else'}; "
+            f"{self.model}: serving {self.serving} ({self.serving_build}); "
+            f"keeping {', '.join(self.keep) or 'nothing else'}; "
             f"retiring {', '.join(self.retire) or 'no version'}; deleting {len(self.builds)} index builds"
             + (f" ({', '.join(self.builds)})" if self.builds else "")
         )
@@ -86,7 +87,8 @@ def retire(layout: Layout, plan: RetirePlan) -> None:
     current = read_pointer(layout, plan.model)
     if current and current["build_id"] != plan.serving_build:
         raise ConfigError(
-            f"CURRENT moved to {current['build_id']} since the plan was made (it named {plan.serving_build}); plan again"
+            f"CURRENT moved to {current['build_id']} since the plan was made "
+            f"(it named {plan.serving_build}); plan again"
         )
     for version in plan.retire:
         layout.store.write_json(

@@ -149,7 +149,8 @@ class Searcher:
         table = pq.read_table(io.BytesIO(self.layout.store.read_bytes(f"{folder}/{IDS_FILE}")))
         if table.num_rows != index.ntotal:
             raise IncompleteError(
-                f"index build {self.model_name}/{build_id}: {IDS_FILE} has {table.num_rows} rows for {index.ntotal} vectors"
+                f"index build {self.model_name}/{build_id}: "
+                f"{IDS_FILE} has {table.num_rows} rows for {index.ntotal} vectors"
             )
         if previous is not None and previous.version == build.version:
             model = previous.model
@@ -179,7 +180,8 @@ class Searcher:
         at = int(np.searchsorted(served.ids, image_id, sorter=served.by_id))
         if at == len(served.ids) or served.ids[served.by_id[at]] != image_id:
             raise UnknownImageError(
-                f"image_id {image_id} is not in index build {served.build_id} of {self.model_name} (rejected, or not embedded yet)"
+                f"image_id {image_id} is not in index build {served.build_id} of {self.model_name} "
+                "(rejected, or not embedded yet)"
             )
         vector = served.index.reconstruct(int(served.by_id[at]))
         return self._answer(served, vector[None], k)

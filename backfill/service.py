@@ -96,7 +96,8 @@ def create_app(searcher: Searcher, config: ServiceConfig = ServiceConfig()) -> S
         elif kind and not kind.startswith(("image/", "application/octet-stream")):
             raise HTTPError(
                 415,
-                f"send the image as the body (image/* or application/octet-stream) or as multipart field 'image', not {kind!r}",
+                "send the image as the body (image/* or application/octet-stream) "
+                f"or as multipart field 'image', not {kind!r}",
             )
         if not body:
             raise HTTPError(400, "empty upload: send the query image's bytes")

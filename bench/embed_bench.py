@@ -102,7 +102,7 @@ def sync(device: str) -> None:
 
 def model_only(model, pixels: torch.Tensor, batch: int, images: int) -> float:
     """Forward passes over preloaded pixels on the device (normalisation and output copy included)."""
-    for i in range(2):  # warm-up: autotuning, TorchScript profiling runs
+    for _ in range(2):  # warm-up: autotuning, TorchScript profiling runs
         model.embed_pixels(pixels[:batch])
     sync(str(model.device))
     began, done = time.perf_counter(), 0
@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--sweep",
         default="",
-        help="extra row d runs after the rounds, ';'-separated settings of prefetch, fetch, decode, batch, e.g. 'prefetch=1;fetch=32,prefetch=6'",
+        help="extra row d runs after the rounds, ';'-separated settings of prefetch, fetch, decode, batch, "
+        "e.g. 'prefetch=1;fetch=32,prefetch=6'",
     )
     p.add_argument("--repeat", type=int, default=1, help="rounds of rows a-e, interleaved; each row keeps its best")
     p.add_argument("--skip", default="", help="comma list of rows to skip: naive,ray")
@@ -385,7 +386,10 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         if args.out:
             os.makedirs(args.out, exist_ok=True)
-            stem = f"embed_bench_{args.device.replace(':', '')}_{args.model}_{args.precision}{'_pil' if args.no_gpu_decode else ''}"
+            stem = (
+                f"embed_bench_{args.device.replace(':', '')}_{args.model}_{args.precision}"
+                f"{'_pil' if args.no_gpu_decode else ''}"
+            )
             with open(f"{args.out}/{stem}.txt", "w") as f:
                 f.write(text + "\n")
             with open(f"{args.out}/{stem}.json", "w") as f:
@@ -424,7 +428,7 @@ def table(rows: dict[str, tuple[float, str]], limit: float, env: dict) -> str:
             lines.append(f"{name:44} {rate:>9.4f} {'':>8} {'':>8} {'':>7}  {note}")
             continue
 
-        def ratio(ref: float) -> str:
+        def ratio(ref: float, rate: float = rate) -> str:  # this row's rate, bound now
             return f"{rate / ref:.2f}" if np.isfinite(rate) and np.isfinite(ref) and ref > 0 else "-"
 
         shown = f"{rate:9.1f}" if np.isfinite(rate) else f"{'-':>9}"

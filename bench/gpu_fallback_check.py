@@ -1,5 +1,6 @@
 """On a CUDA machine with torchvision: a mixed batch (baseline JPEGs, PNG, progressive, CMYK, truncated) through
-the nvjpeg path, compared with PIL (same accept/reject outcome and reason, close pixels). Prints one table; exits 1 if the fallback or the pixels are wrong."""
+the nvjpeg path, compared with PIL (same accept/reject outcome and reason, close pixels). Prints one table; exits 1
+if the fallback or the pixels are wrong."""
 
 from __future__ import annotations
 

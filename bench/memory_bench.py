@@ -111,11 +111,13 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     print(f"model={args.model} batch={args.batch} chunk={args.chunk} side={args.side} load={os.getloadavg()[0]:.2f}")
     print(
-        f"{'images':>8} {'RSS after load MiB':>19} {'peak RSS MiB':>13} {'RSS at end MiB':>15} {'wall s':>8} {'img/s':>7}"
+        f"{'images':>8} {'RSS after load MiB':>19} {'peak RSS MiB':>13} {'RSS at end MiB':>15} "
+        f"{'wall s':>8} {'img/s':>7}"
     )
     for r in rows:
         print(
-            f"{r['images']:>8} {r['rss_after_load_mib']:>19.0f} {r['peak_rss_mib']:>13.0f} {r['end_rss_mib']:>15.0f} {r['wall_s']:>8.1f} {r['images_per_s']:>7.0f}"
+            f"{r['images']:>8} {r['rss_after_load_mib']:>19.0f} {r['peak_rss_mib']:>13.0f} "
+            f"{r['end_rss_mib']:>15.0f} {r['wall_s']:>8.1f} {r['images_per_s']:>7.0f}"
         )
     return 0
 

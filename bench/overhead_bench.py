@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     rate = sum(args.images_per_shard for _ in walls) / compute
     c = statistics.median(per_run)
     print(
-        f"shards={len(walls)} images/shard={args.images_per_shard} model={MODEL}/{args.version} run slots={slots} cores={os.cpu_count()} load={os.getloadavg()[0]:.2f}"
+        f"shards={len(walls)} images/shard={args.images_per_shard} model={MODEL}/{args.version} "
+        f"run slots={slots} cores={os.cpu_count()} load={os.getloadavg()[0]:.2f}"
     )
     rows = [
         ("registration -> first run created (sensor + automation polling)", first_created - registered),
@@ -139,11 +140,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:66} {shown}")
     print(f"partition compute rate: {rate:.0f} img/s per run on {slots} concurrent runs")
     print(
-        "projected overhead (per-run cost / partition compute) by shard size, at this rate and at 70 img/s (resnet18 bf16 here):"
+        "projected overhead (per-run cost / partition compute) by shard size, "
+        "at this rate and at 70 img/s (resnet18 bf16 here):"
     )
     for size in (1_000, 10_000, 50_000, 100_000):
         print(
-            f"  {size:>7} images/shard: {c / (size / rate):7.1%} at {rate:.0f} img/s, {c / (size / 70):7.1%} at 70 img/s"
+            f"  {size:>7} images/shard: {c / (size / rate):7.1%} at {rate:.0f} img/s, "
+            f"{c / (size / 70):7.1%} at 70 img/s"
         )
     shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -65,7 +65,8 @@ def main() -> None:
             fs.pipe({f"bench/img/{i:07d}.jpg": payload for i in range(args.objects)}, batch_size=64)
             uris = [f"s3://bench/img/{i:07d}.jpg" for i in range(args.objects)]
             print(
-                f"{args.objects} objects of 50 KB on SeaweedFS at {server.endpoint_url}; engine: fetch_many, {args.workers} in flight; {os.cpu_count()} CPUs"
+                f"{args.objects} objects of 50 KB on SeaweedFS at {server.endpoint_url}; "
+                f"engine: fetch_many, {args.workers} in flight; {os.cpu_count()} CPUs"
             )
             print(f"{'latency':>8} {'sequential/s':>13} {'engine/s':>9} {'ratio':>6} {'MB/s':>6}")
             for latency in args.latency_ms:
@@ -83,7 +84,7 @@ def main() -> None:
                         ]
                     )
                     endpoint = f"http://127.0.0.1:{port}"
-                    wait_for(lambda: _listening(port), timeout=10, interval=0.1, what="latency proxy")
+                    wait_for(lambda port=port: _listening(port), timeout=10, interval=0.1, what="latency proxy")
                 os.environ["BACKFILL_S3_ENDPOINT_URL"] = endpoint
                 try:
                     seq = sequential(uris[: args.sequential_objects])

@@ -134,10 +134,11 @@ def run_chaos(config: ChaosConfig, workdir: Path, say: Callable[[str], None] = p
             )
             done = threading.Event()
             kills: list[tuple[int, int]] = []
-            all_embedded = lambda: all(  # noqa: E731 - once true, only index build and publish are left
+            # this round's version, bound now (the killer thread is joined before the next round)
+            all_embedded = lambda version=version: all(  # noqa: E731 - once true, only index build and publish are left
                 layout.store.exists(f"{layout.embeddings(MODEL, version, s)}/{MARKER}") for s in list_shards(layout)
             )
-            embedding = lambda: _embedding_pids(work_log, version)  # noqa: E731
+            embedding = lambda version=version: _embedding_pids(work_log, version)  # noqa: E731
             killer = threading.Thread(
                 target=_kill_randomly, args=(daemon.pid, rng, config, done, kills, all_embedded, embedding), daemon=True
             )
@@ -238,14 +239,18 @@ def _kill_randomly(
         hunt_index = hunt_index and not index_phase
 
 
-HEADER = f"{'round':>5} {'SIGTERM':>7} {'SIGKILL':>7} {'idx':>3} {'step_rt':>7} {'run_rt':>6} {'wasted':>6} {'waste%':>6} {'lost':>4} {'dup':>4} {'idx_diff':>8} {'ptr':>3} {'wall_s':>6}"
+HEADER = (
+    f"{'round':>5} {'SIGTERM':>7} {'SIGKILL':>7} {'idx':>3} {'step_rt':>7} {'run_rt':>6} {'wasted':>6} {'waste%':>6} "
+    f"{'lost':>4} {'dup':>4} {'idx_diff':>8} {'ptr':>3} {'wall_s':>6}"
+)
 
 
 def _row(r: RoundResult) -> str:
     pct = 100.0 * r.wasted / r.rows if r.rows else 0.0
     row = (
         f"{r.version:>5} {r.sigterm:>7} {r.sigkill:>7} {r.index_kills:>3} {r.step_retries:>7} {r.run_retries:>6} "
-        f"{r.wasted:>6} {pct:>5.1f}% {r.lost:>4} {r.duplicated:>4} {r.index_mismatch:>8} {'ok' if r.pointer_ok else 'NO':>3} {r.wall_s:>6.0f}"
+        f"{r.wasted:>6} {pct:>5.1f}% {r.lost:>4} {r.duplicated:>4} {r.index_mismatch:>8} "
+        f"{'ok' if r.pointer_ok else 'NO':>3} {r.wall_s:>6.0f}"
     )
     return row + ("  " + "; ".join(r.problems) if r.problems else "")
 
@@ -255,9 +260,12 @@ def summary(results: list[RoundResult], chunk_size: int) -> str:
     wasted = sum(r.wasted for r in results)
     rows = sum(r.rows for r in results)
     return (
-        f"rounds={len(results)} kills={kills} (SIGTERM {sum(r.sigterm for r in results)}, SIGKILL {sum(r.sigkill for r in results)}, "
-        f"index/publish steps {sum(r.index_kills for r in results)}) step_retries={sum(r.step_retries for r in results)} "
-        f"run_retries={sum(r.run_retries for r in results)} wasted={wasted}/{rows} ({100.0 * wasted / max(1, rows):.2f}%, "
+        f"rounds={len(results)} kills={kills} (SIGTERM {sum(r.sigterm for r in results)}, "
+        f"SIGKILL {sum(r.sigkill for r in results)}, "
+        f"index/publish steps {sum(r.index_kills for r in results)}) "
+        f"step_retries={sum(r.step_retries for r in results)} "
+        f"run_retries={sum(r.run_retries for r in results)} wasted={wasted}/{rows} "
+        f"({100.0 * wasted / max(1, rows):.2f}%, "
         f"{wasted / max(1, kills):.1f} images per kill, chunk={chunk_size}) lost={sum(r.lost for r in results)} "
         f"duplicated={sum(r.duplicated for r in results)} index_mismatch={sum(r.index_mismatch for r in results)} "
         f"rounds_ok={sum(r.ok for r in results)}/{len(results)} wall={sum(r.wall_s for r in results):.0f}s"

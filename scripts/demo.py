@@ -109,7 +109,8 @@ def show_backfills() -> None:
         rates, walls = [r for r, _ in rows], [w for _, w in rows]
         print(
             f"{version}: {len(rows)} partitions, images/s per partition median {statistics.median(rates):.0f} "
-            f"(min {min(rates):.0f}, max {max(rates):.0f}), embedding wall per partition median {statistics.median(walls):.2f}s"
+            f"(min {min(rates):.0f}, max {max(rates):.0f}), "
+            f"embedding wall per partition median {statistics.median(walls):.2f}s"
         )
 
 
@@ -135,7 +136,8 @@ def main() -> None:
     with tqdm(total=spec.images, desc="images", unit="img", file=sys.stdout, mininterval=5) as bar:
         made = make_sample_corpus(layout, spec, progress=bar.update)
     print(
-        f"{made['images']} JPEGs in {made['groups']} near-duplicate groups, {made['shards']} manifest shards under {root}"
+        f"{made['images']} JPEGs in {made['groups']} near-duplicate groups, "
+        f"{made['shards']} manifest shards under {root}"
     )
 
     log = home / "daemon.log"
@@ -147,7 +149,8 @@ def main() -> None:
         for version in ("v1", "v2"):
             before = read_pointer(layout, MODEL)
             say(
-                f"registering {MODEL} {version}: the registry sensor adds the partition, automation launches the backfill"
+                f"registering {MODEL} {version}: the registry sensor adds the partition, "
+                "automation launches the backfill"
             )
             arch = REFERENCE[version]
             register_version(layout, MODEL, version, torchscript_bytes(arch), dim=arch.dim, input_size=arch.input_size)
@@ -155,7 +158,8 @@ def main() -> None:
             pointer = read_pointer(layout, MODEL)
             swapped = f"{before['build_id']} -> " if before else ""
             print(
-                f"published in {timings[version]:.0f}s: CURRENT {swapped}{pointer['build_id']} ({pointer['index_type']}, "
+                f"published in {timings[version]:.0f}s: CURRENT {swapped}{pointer['build_id']} "
+                f"({pointer['index_type']}, "
                 f"nprobe={pointer['nprobe']}, index recall@10 vs exact={pointer['recall_at_k']})"
             )
             say(f"search with {version}")

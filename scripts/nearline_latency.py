@@ -43,7 +43,10 @@ def machine() -> str:
         (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
         platform.processor(),
     )
-    return f"{os.cpu_count()} CPUs ({cpu}), load average {os.getloadavg()[0]:.1f} at the end, Python {platform.python_version()}"
+    return (
+        f"{os.cpu_count()} CPUs ({cpu}), load average {os.getloadavg()[0]:.1f} at the end, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def main() -> None:
@@ -79,7 +82,8 @@ def main() -> None:
         held[name] = pq.read_table(layout.manifest(name))
         layout.store.rm(layout.manifest(name))
     print(
-        f"corpus: {made['images']} images in {args.shards} shards; {len(held)} held back to land one at a time; work folder {work}"
+        f"corpus: {made['images']} images in {args.shards} shards; "
+        f"{len(held)} held back to land one at a time; work folder {work}"
     )
 
     daemon = start_daemon(env, work / "daemon.log")
@@ -95,7 +99,8 @@ def main() -> None:
             lambda: read_pointer(layout, MODEL), timeout=900, interval=1, what=f"v1 published (see {work}/daemon.log)"
         )
         print(
-            f"v1 published over {pointer['vectors']} vectors ({pointer['index_type']}) in {time.monotonic() - started:.0f}s"
+            f"v1 published over {pointer['vectors']} vectors ({pointer['index_type']}) "
+            f"in {time.monotonic() - started:.0f}s"
         )
 
         for name, table in held.items():

@@ -89,7 +89,8 @@ def test_importing_the_definitions_reads_no_environment():
     from backfill.settings import REPO
 
     code = (
-        "import ops.definitions, ops.sensors, ops.schedules, ops.deployment, ops.pools, assets.embeddings; print('imported');"
+        "import ops.definitions, ops.sensors, ops.schedules, ops.deployment, ops.pools, assets.embeddings; "
+        "print('imported');"
         "ops.definitions.defs()"
     )
     env = {**os.environ, "BACKFILL_SENSOR_INTERVAL": "soon"}  # ops/sensors.py read it at import before

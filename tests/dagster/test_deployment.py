@@ -75,7 +75,8 @@ def test_the_real_definitions_in_the_k8s_deployment():
         "import json; from ops.definitions import defs; repo = defs().get_repository_def();"
         "job = repo.get_job('embed_job');"
         "auto = repo.get_sensor_def('backfill_automation'); index = repo.get_sensor_def('index_automation');"
-        "print(json.dumps({'executor': job.executor_def.name, 'tags': dict(auto.run_tags), 'index_tags': dict(index.run_tags)}))"
+        "print(json.dumps({'executor': job.executor_def.name, 'tags': dict(auto.run_tags), "
+        "'index_tags': dict(index.run_tags)}))"
     )
     env = {**os.environ, DEPLOYMENT_ENV: "k8s", "BACKFILL_ROOT": "s3://bucket/backfill", POOL_ENV: "gpu-spot"}
     proc = subprocess.run(

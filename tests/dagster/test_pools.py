@@ -1,4 +1,5 @@
-"""Pools reach step pods: run a real embed run through the pooled k8s executor against a fake Kubernetes API and read the Job it submits."""
+"""Pools reach step pods: run a real embed run through the pooled k8s executor against a fake Kubernetes API and read
+the Job it submits."""
 
 from pathlib import Path
 
@@ -27,7 +28,8 @@ def helm_launcher():
 def helm_run_k8s_config():
     """runK8sConfig of deploy/helm/values.yaml as the chart hands it to K8sRunLauncher (run_k8s_config)."""
     raw = helm_launcher()["runK8sConfig"]
-    snake = {"containerConfig": "container_config", "podSpecConfig": "pod_spec_config", "podTemplateSpecMetadata": "pod_template_spec_metadata",
+    snake = {"containerConfig": "container_config", "podSpecConfig": "pod_spec_config",
+             "podTemplateSpecMetadata": "pod_template_spec_metadata",
              "jobSpecConfig": "job_spec_config", "jobMetadata": "job_metadata"}  # fmt: skip
     return {snake[k]: v for k, v in raw.items()}
 

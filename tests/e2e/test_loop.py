@@ -18,7 +18,8 @@ BACKFILLS = """
 { partitionBackfillsOrError { __typename ... on PartitionBackfills { results {
     id status numPartitions isAssetBackfill
     assetBackfillData { assetBackfillStatuses { __typename
-      ... on AssetPartitionsStatusCounts { assetKey { path } numPartitionsTargeted numPartitionsMaterialized numPartitionsFailed } } }
+      ... on AssetPartitionsStatusCounts { assetKey { path } numPartitionsTargeted \
+numPartitionsMaterialized numPartitionsFailed } } }
 } } } }
 """
 

@@ -65,6 +65,7 @@ def test_fetch_workers_never_exceed_the_s3_connection_pool():
     assert EmbedConfig(fetch_workers=512).fetch_workers == 512  # the range it always allowed
     with pytest.raises(
         ConfigError,
-        match=rf"fetch_workers must be in 1..{S3_CONNECTIONS} \(the S3 connection pool per process\), got {S3_CONNECTIONS + 1}",
+        match=rf"fetch_workers must be in 1..{S3_CONNECTIONS} \(the S3 connection pool per process\), "
+        rf"got {S3_CONNECTIONS + 1}",
     ):
         EmbedConfig(fetch_workers=S3_CONNECTIONS + 1)

@@ -66,7 +66,8 @@ def test_new_shards_colliding_with_each_other_keep_the_first_by_name(layout):
     found = discover(layout, MODEL, known_versions=set(), known_shards=known)
     assert found.new_shards == ["a-new"]
     assert found.skipped == {
-        "shard b-new": "image_id 501 appears in manifest shards 'a-new' and 'b-new': every image_id must be in exactly one shard"
+        "shard b-new": "image_id 501 appears in manifest shards 'a-new' and 'b-new': "
+        "every image_id must be in exactly one shard"
     }
 
 
