@@ -8,10 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from backfill.config import EmbedConfig, IndexConfig
-from backfill.embed import embed_shard
+from backfill.embed import embed_shard, load_embeddings
 from backfill.errors import IncompleteError
 from backfill.incremental import build_or_update
-from backfill.index import IDS_FILE, INDEX_FILE, build_index, collect, recall_at_k
+from backfill.index import IDS_FILE, INDEX_FILE, build_index
+from backfill.index_quality import recall_at_k
 from backfill.manifest import list_shards, read_shard
 from backfill.publish import publish
 from backfill.registry import load_model
@@ -80,7 +81,9 @@ def test_ivf_update_keeps_the_trained_quantizer_and_meets_recall_against_exact(t
     assert np.array_equal(centroids(base_ivf.quantizer), centroids(ivf.quantizer))  # not retrained
 
     # independent reference: exact search over every vector of the version, at the build's nprobe
-    vectors, ids, _, _ = collect(layout, MODEL, "v1", shards)
+    loaded = [load_embeddings(layout, MODEL, "v1", s) for s in shards]
+    vectors = np.concatenate([v[ok] for _, v, ok in loaded])
+    ids = np.concatenate([i[ok] for i, _, ok in loaded])
     assert np.array_equal(ids, ids_of(layout, out.build))
     exact = faiss.IndexFlatIP(vectors.shape[1])
     exact.add(vectors)
