@@ -73,6 +73,11 @@ def faiss_index(context: AssetExecutionContext, backfill: BackfillResource) -> M
             "recall_by_nprobe": MetadataValue.json(build.recall_by_nprobe),
             "bytes": build.index_bytes,
             "build_s": MetadataValue.float(build.build_s),
+            # how it was built: the plan rule's reason, the budget, seconds per step (empty for older builds)
+            "plan": build.plan,
+            "memory_budget_mb": build.memory_budget_mb,
+            "step_s": MetadataValue.json({k: v for k, v in build.steps.items() if k.endswith("_s")}),
+            "parts": MetadataValue.json({k: v for k, v in build.steps.items() if not k.endswith("_s")}),
             "path": MetadataValue.path(layout.store.display(build.path)),
         },
         check_results=[

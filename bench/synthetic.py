@@ -10,11 +10,23 @@ from backfill.manifest import write_shard
 from backfill.storage import Layout
 
 
-def clustered(n: int, dim: int, clusters: int, seed: int = 0, spread: float = 0.5) -> np.ndarray:
-    """Unit vectors around `clusters` random centres (a gaussian mixture: recall is meaningful on it)."""
+def clustered(
+    n: int, dim: int, clusters: int, seed: int = 0, spread: float = 0.5, intrinsic: int = 0, centre_seed: int | None = None
+) -> np.ndarray:
+    """Unit vectors around `clusters` random centres (a gaussian mixture, so recall is meaningful).
+
+    intrinsic > 0: the spread lies in a random subspace of that dimension (real embeddings sit near a
+    low-dimensional manifold; isotropic noise makes near neighbours all but equidistant). Points with the
+    same centre_seed share their centres, so a corpus can be drawn shard by shard with different seeds."""
+    centres_rng = np.random.default_rng(seed if centre_seed is None else centre_seed)
+    centres = centres_rng.standard_normal((clusters, dim)).astype(np.float32)
+    basis = centres_rng.standard_normal((intrinsic, dim)).astype(np.float32) if intrinsic else None
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
-    x = centres[rng.integers(0, clusters, n)] + spread * rng.standard_normal((n, dim)).astype(np.float32)
+    if basis is None:
+        noise = rng.standard_normal((n, dim), dtype=np.float32)
+    else:
+        noise = rng.standard_normal((n, intrinsic), dtype=np.float32) @ basis
+    x = centres[rng.integers(0, clusters, n)] + spread * noise
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
