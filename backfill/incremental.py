@@ -7,9 +7,8 @@ import io
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
-from typing import Callable
 
 import faiss
 import numpy as np
@@ -135,7 +134,9 @@ def update_index(
     repeated = np.intersect1d(table.column("image_id").to_numpy(), added.column("image_id").to_numpy())
     new_shards = [s.name for s in spans]
     if len(repeated):
-        raise IncompleteError(f"{len(repeated)} image ids of shards {new_shards} are already in {base.build_id} (e.g. {int(repeated[0])})")
+        raise IncompleteError(
+            f"{len(repeated)} image ids of shards {new_shards} are already in {base.build_id} (e.g. {int(repeated[0])})"
+        )
     rng = np.random.default_rng(config.seed)
     n_new = sum(s.vectors for s in spans)
     own = base.vectors + np.sort(rng.permutation(n_new)[: min(config.n_queries, n_new)])
@@ -143,7 +144,9 @@ def update_index(
     reader = BlockReader(layout, base.model, base.version, block_rows(index.d, config.memory_budget_mb * 2**20))
     for first, block in reader.blocks(tuple(spans)):
         if block.shape[1] != index.d:
-            raise IncompleteError(f"shards {new_shards} of {base.model}/{base.version} have dim {block.shape[1]}, the index has {index.d}")
+            raise IncompleteError(
+                f"shards {new_shards} of {base.model}/{base.version} have dim {block.shape[1]}, the index has {index.d}"
+            )
         if faiss.try_extract_index_ivf(index):
             index.add_with_ids(block, np.arange(first, first + len(block), dtype=np.int64))
         else:
@@ -152,10 +155,24 @@ def update_index(
         queries[lo:hi] = block[own[lo:hi] - first]
     nprobe, recall, by_nprobe, k = _check(index, base, queries, own, config)
     shard_names = sorted(set(base.shard_names) | set(new_shards))
-    fields = {key: value for key, value in asdict(base).items() if key not in ("model", "version", "build_id", "path", "index_bytes", "index_sha256", "build_s", "created")}
-    fields.update(vectors=int(index.ntotal), rejects=base.rejects + rejects, nprobe=nprobe, recall_at_k=round(recall, 4), k=k,
-                  target_recall=config.target_recall, passed=recall >= config.target_recall, recall_by_nprobe=by_nprobe,
-                  shards=len(shard_names), shard_names=shard_names, steps={"largest_block": reader.largest_block})
+    fields = {
+        key: value
+        for key, value in asdict(base).items()
+        if key not in ("model", "version", "build_id", "path", "index_bytes", "index_sha256", "build_s", "created")
+    }
+    fields.update(
+        vectors=int(index.ntotal),
+        rejects=base.rejects + rejects,
+        nprobe=nprobe,
+        recall_at_k=round(recall, 4),
+        k=k,
+        target_recall=config.target_recall,
+        passed=recall >= config.target_recall,
+        recall_by_nprobe=by_nprobe,
+        shards=len(shard_names),
+        shard_names=shard_names,
+        steps={"largest_block": reader.largest_block},
+    )
     build = new_build(base.version, base.model, layout, **fields)
     with tempfile.TemporaryDirectory(prefix="index-update-") as tmp:
         ids = os.path.join(tmp, IDS_FILE)
@@ -164,7 +181,9 @@ def update_index(
         return write_build(layout, build, index, ids)
 
 
-def _check(index: faiss.Index, base: IndexBuild, queries: np.ndarray, own: np.ndarray, config: IndexConfig) -> tuple[int, float, dict[str, float], int]:
+def _check(
+    index: faiss.Index, base: IndexBuild, queries: np.ndarray, own: np.ndarray, config: IndexConfig
+) -> tuple[int, float, dict[str, float], int]:
     n = index.ntotal
     k = min(config.k, n - 1) if n > 1 else 1
     if base.nlist == 0:

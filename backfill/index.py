@@ -8,9 +8,9 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Iterator
 
 import faiss
 from fsspec.implementations.local import LocalFileSystem
@@ -63,8 +63,17 @@ def new_build(version: str, model: str, layout: Layout, **fields) -> IndexBuild:
     """A build record with a fresh id and path; the writer fills in the index file's size and checksum."""
     build_id = f"{version}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     created = datetime.now(timezone.utc).isoformat()
-    return IndexBuild(model=model, version=version, build_id=build_id, path=layout.index_build(model, build_id),
-                      index_bytes=0, index_sha256="", build_s=0.0, created=created, **fields)
+    return IndexBuild(
+        model=model,
+        version=version,
+        build_id=build_id,
+        path=layout.index_build(model, build_id),
+        index_bytes=0,
+        index_sha256="",
+        build_s=0.0,
+        created=created,
+        **fields,
+    )
 
 
 @contextlib.contextmanager
@@ -96,7 +105,10 @@ def build_index(
         with timed(steps, "scan"):
             work = prepare(layout, model, version, sorted(shards), config, f"{tmp}/{IDS_FILE}")
         plan = work.plan
-        log(f"{work.vectors} vectors of dim {work.dim} from {len(shards)} shards ({work.rejects} rejects): {plan.factory}, {plan.reason}")
+        log(
+            f"{work.vectors} vectors of dim {work.dim} from {len(shards)} shards ({work.rejects} rejects): "
+            f"{plan.factory}, {plan.reason}"
+        )
         reader = BlockReader(layout, model, version, plan.block_rows)
         with timed(steps, "train"):
             train(layout, work, reader)
@@ -105,26 +117,51 @@ def build_index(
         steps.update(parts_built=built, parts_reused=len(work.spans) - built)
         k = min(config.k, work.vectors - 1) if work.vectors > 1 else 1
         build = new_build(
-            version, model, layout, index_type=plan.factory, vectors=work.vectors, rejects=work.rejects, dim=work.dim,
-            nlist=plan.nlist, nprobe=0, recall_at_k=0.0, k=k, target_recall=config.target_recall, passed=False,
-            recall_by_nprobe={}, shards=len(shards), model_created=model_created, shard_names=sorted(shards),
-            plan=plan.reason, memory_budget_mb=config.memory_budget_mb, steps=steps,
+            version,
+            model,
+            layout,
+            index_type=plan.factory,
+            vectors=work.vectors,
+            rejects=work.rejects,
+            dim=work.dim,
+            nlist=plan.nlist,
+            nprobe=0,
+            recall_at_k=0.0,
+            k=k,
+            target_recall=config.target_recall,
+            passed=False,
+            recall_by_nprobe={},
+            shards=len(shards),
+            model_created=model_created,
+            shard_names=sorted(shards),
+            plan=plan.reason,
+            memory_budget_mb=config.memory_budget_mb,
+            steps=steps,
         )
         with timed(steps, "merge"):
             lists = _lists_path(layout, build) if plan.ondisk else None
-            index = merge_parts(trained_index(layout, work), [work.part(s.name) for s in work.spans], layout.store, lists)
+            index = merge_parts(
+                trained_index(layout, work), [work.part(s.name) for s in work.spans], layout.store, lists
+            )
         with timed(steps, "ground_truth"):
             own, queries = load_queries(layout, work)
             truth = drop_self(exact_neighbours(reader.blocks(work.spans), queries, k + 1), own, k)
         with timed(steps, "tune"):
             tuning = tune_nprobe(index, queries, truth, config.target_recall, own)
         steps["largest_block"] = reader.largest_block
-        build.nprobe, build.recall_at_k, build.recall_by_nprobe = tuning.nprobe, round(tuning.recall, 4), tuning.recall_by_nprobe
+        build.nprobe, build.recall_at_k, build.recall_by_nprobe = (
+            tuning.nprobe,
+            round(tuning.recall, 4),
+            tuning.recall_by_nprobe,
+        )
         build.passed = tuning.recall >= config.target_recall
         build.build_s = round(time.perf_counter() - started, 3)
         write_build(layout, build, index, f"{tmp}/{IDS_FILE}")
     layout.store.rm(work.folder, recursive=True)  # the parts are in the build now; a retry before this reuses them
-    log(f"{plan.factory}: recall@{k}={tuning.recall:.4f} at nprobe={tuning.nprobe} (target {config.target_recall}) in {build.build_s:.1f}s")
+    log(
+        f"{plan.factory}: recall@{k}={tuning.recall:.4f} at nprobe={tuning.nprobe} "
+        f"(target {config.target_recall}) in {build.build_s:.1f}s"
+    )
     return build
 
 
@@ -181,14 +218,18 @@ def read_build(layout: Layout, model: str, build_id: str) -> IndexBuild:
     try:
         return IndexBuild(**layout.store.read_json(path))
     except FileNotFoundError:
-        raise IncompleteError(f"index build {model}/{build_id} is not complete: no {BUILD_FILE} at {layout.store.display(path)}") from None
+        raise IncompleteError(
+            f"index build {model}/{build_id} is not complete: no {BUILD_FILE} at {layout.store.display(path)}"
+        ) from None
 
 
 def latest_build(layout: Layout, model: str, version: str) -> IndexBuild | None:
     """The newest complete build of a model version (builds without build.json are ignored)."""
     builds = []
     for build_id in layout.store.ls(layout.index_builds(model)):
-        if build_id.startswith(f"{version}-") and layout.store.exists(f"{layout.index_build(model, build_id)}/{BUILD_FILE}"):
+        if build_id.startswith(f"{version}-") and layout.store.exists(
+            f"{layout.index_build(model, build_id)}/{BUILD_FILE}"
+        ):
             build = read_build(layout, model, build_id)
             if build.version == version:
                 builds.append(build)

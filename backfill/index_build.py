@@ -7,13 +7,14 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from backfill.config import IndexConfig
 from backfill.embed import MARKER, is_chunk, read_chunks
@@ -21,7 +22,6 @@ from backfill.errors import ConfigError, IncompleteError
 from backfill.index_plan import IndexPlan, plan_index
 from backfill.manifest import find_cross_shard_duplicates, read_shard
 from backfill.storage import Layout, Store
-from fsspec.implementations.local import LocalFileSystem
 
 TRAINED, QUERIES, WORK = "trained.faiss", "queries.npy", "work.json"
 
@@ -54,7 +54,7 @@ class BuildWork:
         return f"{self.folder}/parts/{shard}.faiss"
 
     @classmethod
-    def load(cls, layout: Layout, folder: str) -> "BuildWork":
+    def load(cls, layout: Layout, folder: str) -> BuildWork:
         record = layout.store.read_json(f"{folder}/{WORK}")
         spans = tuple(ShardSpan(**s) for s in record["spans"])
         plan, config = IndexPlan(**record["plan"]), IndexConfig(**record["config"])
@@ -144,7 +144,9 @@ def scan_shards(
             valid = table.column("error").is_null().to_numpy(zero_copy_only=False)
             dims.add(_dim(layout, out))
             uris = [u for u, ok in zip(manifest.uris, valid) if ok]
-            writer.write_table(pa.table({"image_id": pa.array(ids[valid], pa.int64()), "uri": pa.array(uris, pa.string())}))
+            writer.write_table(
+                pa.table({"image_id": pa.array(ids[valid], pa.int64()), "uri": pa.array(uris, pa.string())})
+            )
             spans.append(ShardSpan(shard, position, int(valid.sum())))
             position += int(valid.sum())
             rejects += int((~valid).sum())

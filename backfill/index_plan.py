@@ -70,7 +70,7 @@ def plan_index(n: int, dim: int, config: IndexConfig) -> IndexPlan:
     train = min(trainable, max_sample, config.train_points_per_centroid * nlist)
     tried = []
     for codes, code_bytes in _encodings(n, dim, config):
-        if codes.startswith("PQ") and codes.endswith("x8"):
+        if codes.startswith("PQ") and "x8" in codes:
             train = min(trainable, max_sample, max(train, 39 * 256))  # 8-bit codebooks: 256 centroids each
         memory = n * (code_bytes + ID_BYTES) + nlist * dim * 4
         tried.append(f"{codes} {memory / MiB:.0f} MiB")
@@ -90,7 +90,8 @@ def _encodings(n: int, dim: int, config: IndexConfig) -> list[tuple[str, int]]:
             raise ConfigError(f"pq_m={config.pq_m} does not divide the embedding dimension {dim}: pick a divisor")
     else:
         pq = [dim // div for div in (4, 8, 16) if dim // div >= 1 and dim % (dim // div) == 0]
-    compressed = [(f"PQ{m}x{bits}", math.ceil(m * bits / 8)) for m in dict.fromkeys(pq)]
+    # "np": no polysemous training (a slow codebook reordering only Hamming-filtered search uses)
+    compressed = [(f"PQ{m}x{bits}np", math.ceil(m * bits / 8)) for m in dict.fromkeys(pq)]
     if not config.pq_m:
         compressed.insert(0, ("SQ8", dim))
     return ([("Flat", dim * 4)] if n < config.pq_from else []) + compressed

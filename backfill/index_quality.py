@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import faiss
 import numpy as np
@@ -34,7 +34,9 @@ def exact_neighbours(
 
 def drop_self(found: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
     """Each row without its query's own position, cut to k (search for k + 1 first)."""
-    return np.array([[p for p in row if p != q][:k] for row, q in zip(found, own)], dtype=np.int64).reshape(len(found), k)
+    return np.array([[p for p in row if p != q][:k] for row, q in zip(found, own)], dtype=np.int64).reshape(
+        len(found), k
+    )
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:

@@ -24,13 +24,21 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from backfill.config import IndexConfig  # noqa: E402
-from backfill.index import IDS_FILE, build_index  # noqa: E402
-from backfill.index_build import BlockReader, BuildWork, add_part, load_queries, merge_parts  # noqa: E402
-from backfill.index_build import prepare, train, trained_index  # noqa: E402
-from backfill.index_quality import drop_self, exact_neighbours, tune_nprobe  # noqa: E402
-from backfill.storage import Layout, Store  # noqa: E402
-from bench.synthetic import clustered, write_embedded_shard  # noqa: E402
+from backfill.config import IndexConfig
+from backfill.index import IDS_FILE, build_index
+from backfill.index_build import (
+    BlockReader,
+    BuildWork,
+    add_part,
+    load_queries,
+    merge_parts,
+    prepare,
+    train,
+    trained_index,
+)
+from backfill.index_quality import drop_self, exact_neighbours, tune_nprobe
+from backfill.storage import Layout, Store
+from bench.synthetic import clustered, write_embedded_shard
 
 MODEL, VERSION = "synthetic", "v1"
 STEPS = ("scan", "train", "add", "merge", "ground_truth", "tune")
@@ -68,11 +76,22 @@ def run_step(step: str, args: argparse.Namespace) -> dict:
         out = {"plan": work.plan.factory, "reason": work.plan.reason, "train_size": work.plan.train_size}
     elif step in ("new", "old"):
         shutil.rmtree(layout.store.url("indexes", MODEL, "work"), ignore_errors=True)  # no parts from the steps above
-        build = (build_index if step == "new" else old_build_index(args.old))(layout, MODEL, VERSION, shard_names(args.shards), config)
-        out = {"index": build.index_type, "recall": build.recall_at_k, "nprobe": build.nprobe, "bytes": build.index_bytes}
+        build = (build_index if step == "new" else old_build_index(args.old))(
+            layout, MODEL, VERSION, shard_names(args.shards), config
+        )
+        out = {
+            "index": build.index_type,
+            "recall": build.recall_at_k,
+            "nprobe": build.nprobe,
+            "bytes": build.index_bytes,
+        }
     else:
         out = _budgeted_step(step, layout, state, args)
-    out.update(step=step, s=round(time.perf_counter() - began, 2), rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    out.update(
+        step=step,
+        s=round(time.perf_counter() - began, 2),
+        rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
     return out
 
 
@@ -94,27 +113,37 @@ def _budgeted_step(step: str, layout: Layout, state: str, args: argparse.Namespa
         return {"bytes": os.path.getsize(merged) + (os.path.getsize(lists) if lists else 0), "ntotal": index.ntotal}
     elif step == "ground_truth":
         own, queries = load_queries(layout, work)
-        np.save(os.path.join(state, "truth.npy"), drop_self(exact_neighbours(reader.blocks(work.spans), queries, k + 1), own, k))
+        np.save(
+            os.path.join(state, "truth.npy"),
+            drop_self(exact_neighbours(reader.blocks(work.spans), queries, k + 1), own, k),
+        )
         return {"queries": len(own), "largest_block": reader.largest_block}
     elif step == "tune":
         own, queries = load_queries(layout, work)
-        tuning = tune_nprobe(faiss.read_index(merged), queries, np.load(os.path.join(state, "truth.npy")), work.config.target_recall, own)
+        tuning = tune_nprobe(
+            faiss.read_index(merged), queries, np.load(os.path.join(state, "truth.npy")), work.config.target_recall, own
+        )
         return {"nprobe": tuning.nprobe, "recall": tuning.recall, "by_nprobe": tuning.recall_by_nprobe}
     return {}
 
 
 def old_build_index(ref: str):
     """build_index as it is at git `ref` (today's in-memory build), loaded from git without checking it out."""
-    source = subprocess.run(["git", "-C", REPO, "show", f"{ref}:backfill/index.py"], capture_output=True, text=True, check=True).stdout
+    source = subprocess.run(
+        ["git", "-C", REPO, "show", f"{ref}:backfill/index.py"], capture_output=True, text=True, check=True
+    ).stdout
     spec = importlib.util.spec_from_loader("old_index", loader=None)
     module = importlib.util.module_from_spec(spec)
     sys.modules["old_index"] = module  # dataclasses look their module up
-    exec(compile(source, f"{ref}:backfill/index.py", "exec"), module.__dict__)
+    # our own repository's code at another commit, run to compare against it
+    exec(compile(source, f"{ref}:backfill/index.py", "exec"), module.__dict__)  # noqa: S102
     return module.build_index
 
 
 def in_subprocess(step: str, argv: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--step", step], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *argv, "--step", step], capture_output=True, text=True, check=False
+    )
     if proc.returncode:
         raise SystemExit(f"step {step} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -126,8 +155,11 @@ def table(args: argparse.Namespace, rows: list[dict], compare: list[dict]) -> st
     by = {r["step"]: r for r in rows}
     tune, merge, scan = by.get("tune", {}), by.get("merge", {}), by.get("scan", {})
     lines = [
-        f"vectors={args.n} dim={args.dim} shards={args.shards} chunk_rows={args.chunk_rows} budget={args.budget_mb}MiB "
-        f"max_nlist={args.max_nlist} faiss_threads={args.threads} cores={os.cpu_count()} load={os.getloadavg()[0]:.2f}",
+        (
+            f"vectors={args.n} dim={args.dim} shards={args.shards} chunk_rows={args.chunk_rows} "
+            f"budget={args.budget_mb}MiB max_nlist={args.max_nlist} faiss_threads={args.threads} "
+            f"cores={os.cpu_count()} load={os.getloadavg()[0]:.2f}"
+        ),
         f"plan: {scan.get('plan')} ({scan.get('reason')}; train sample {scan.get('train_size')})",
         f"{'step':14} {'seconds':>8} {'peak RSS MiB':>12} {'within budget':>13}  detail",
         "-" * 90,
@@ -137,11 +169,21 @@ def table(args: argparse.Namespace, rows: list[dict], compare: list[dict]) -> st
         within = "yes" if r["rss_mib"] <= args.budget_mb else "NO"
         lines.append(f"{r['step']:14} {r['s']:8.1f} {r['rss_mib']:12.0f} {within:>13}  {json.dumps(detail)}")
     if tune:
-        lines.append(f"recall@10={tune['recall']:.4f} at nprobe={tune['nprobe']}; index bytes={merge.get('bytes')}; by nprobe {tune['by_nprobe']}")
+        lines.append(
+            f"recall@10={tune['recall']:.4f} at nprobe={tune['nprobe']}; index bytes={merge.get('bytes')}; "
+            f"by nprobe {tune['by_nprobe']}"
+        )
     if compare:
-        lines += ["", f"{'end to end':14} {'seconds':>8} {'peak RSS MiB':>12}  {'index':16} {'recall@10':>9} {'nprobe':>6}", "-" * 70]
+        lines += [
+            "",
+            f"{'end to end':14} {'seconds':>8} {'peak RSS MiB':>12}  {'index':16} {'recall@10':>9} {'nprobe':>6}",
+            "-" * 70,
+        ]
         for r in compare:
-            lines.append(f"{r['step']:14} {r['s']:8.1f} {r['rss_mib']:12.0f}  {r['index']:16} {r['recall']:9.4f} {r['nprobe']:6d}")
+            lines.append(
+                f"{r['step']:14} {r['s']:8.1f} {r['rss_mib']:12.0f}  "
+                f"{r['index']:16} {r['recall']:9.4f} {r['nprobe']:6d}"
+            )
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Synthetic embeddings in the engine's on-storage format (manifest shard, chunks, marker), for index tests and benches."""
+"""Synthetic embeddings in the engine's on-storage format (manifest shard, chunks, marker), for tests and benches."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ from backfill.storage import Layout
 
 
 def clustered(
-    n: int, dim: int, clusters: int, seed: int = 0, spread: float = 0.5, intrinsic: int = 0, centre_seed: int | None = None
+    n: int,
+    dim: int,
+    clusters: int,
+    seed: int = 0,
+    spread: float = 0.5,
+    intrinsic: int = 0,
+    centre_seed: int | None = None,
 ) -> np.ndarray:
     """Unit vectors around `clusters` random centres (a gaussian mixture, so recall is meaningful).
 
@@ -50,5 +56,10 @@ def write_embedded_shard(
         bad = rejected[start:end]
         errors = ["synthetic reject" if b else None for b in bad]
         _write_chunk(layout, out, start, end, ids[start:end], vectors[start:end], ~bad, errors)
-    marker = {"images": len(ids), "rejects": int(rejected.sum()), "embedded": int((~rejected).sum()), "chunk_size": chunk_rows}
+    marker = {
+        "images": len(ids),
+        "rejects": int(rejected.sum()),
+        "embedded": int((~rejected).sum()),
+        "chunk_size": chunk_rows,
+    }
     layout.store.write_json(f"{out}/{MARKER}", marker)

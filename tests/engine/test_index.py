@@ -24,7 +24,14 @@ def embed_all(layout, card):
 
 @pytest.mark.parametrize(
     "n, factory",
-    [(999, "Flat"), (1_000, "IVF16,Flat"), (2_400, "IVF32,Flat"), (100_000, "IVF1024,Flat"), (1_000_000, "IVF4096,Flat"), (10_000_000, "IVF16384,SQ8")],
+    [
+        (999, "Flat"),
+        (1_000, "IVF16,Flat"),
+        (2_400, "IVF32,Flat"),
+        (100_000, "IVF1024,Flat"),
+        (1_000_000, "IVF4096,Flat"),
+        (10_000_000, "IVF16384,SQ8"),
+    ],
 )
 def test_index_type_rule(n, factory):
     assert plan_index(n, 256, IndexConfig()).factory == factory
@@ -100,7 +107,9 @@ def test_training_never_uses_the_held_out_queries():
 def test_build_index_ivf_from_storage(registered):
     layout, card = registered
     embed_all(layout, card)
-    build = build_index(layout, MODEL, "v1", list_shards(layout), IndexConfig(flat_below=10, target_recall=0.9, n_queries=20))
+    build = build_index(
+        layout, MODEL, "v1", list_shards(layout), IndexConfig(flat_below=10, target_recall=0.9, n_queries=20)
+    )
     assert build.index_type.startswith("IVF") and build.passed
     assert faiss.read_index(f"{build.path}/index.faiss").ntotal == 60
 

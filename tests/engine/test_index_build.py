@@ -31,13 +31,13 @@ def test_plan_rule_at_its_boundaries():
     assert plan(1_000_000, memory_budget_mb=1318) == "IVF4096,Flat"  # 988 MiB <= 3/4 of 1318
     assert plan(1_000_000, memory_budget_mb=1317) == "IVF4096,SQ8"
     # the training sample takes at most 1/4 of the budget: fewer lists for small budgets
-    assert plan(1_000_000, memory_budget_mb=200) == "IVF1024,PQ64x8"
-    assert plan(1_000_000, memory_budget_mb=40) == "IVF256,PQ16x8"
+    assert plan(1_000_000, memory_budget_mb=200) == "IVF1024,PQ64x8np"
+    assert plan(1_000_000, memory_budget_mb=40) == "IVF256,PQ16x8np"
     tight = plan_index(1_000_000, 256, IndexConfig(memory_budget_mb=10))
-    assert tight.ondisk and tight.factory == "IVF64,PQ16x8" and "lists on disk" in tight.reason
+    assert tight.ondisk and tight.factory == "IVF64,PQ16x8np" and "lists on disk" in tight.reason
     assert not plan_index(1_000_000, 256, IndexConfig(memory_budget_mb=40)).ondisk
     assert plan(10_000_000) == "IVF16384,SQ8" and plan(10_000_000, max_nlist=4096) == "IVF4096,SQ8"
-    assert plan(60, 16, flat_below=10, pq_from=11, pq_m=2) == "IVF1,PQ2x4"  # pq_m forces PQ; 4-bit for few vectors
+    assert plan(60, 16, flat_below=10, pq_from=11, pq_m=2) == "IVF1,PQ2x4np"  # pq_m forces PQ; 4-bit for few vectors
     with pytest.raises(ConfigError, match="pq_m=5 does not divide the embedding dimension 256"):
         plan(10_000_000, pq_m=5)
 
@@ -92,7 +92,16 @@ def synthetic_layout(tmp_path, n: int = 8_000, dim: int = 32, shards: int = 4, c
     rejected[::97] = True
     step = n // shards
     for i, s in enumerate(range(0, n, step)):
-        write_embedded_shard(layout, MODEL, "v1", f"shard-{i:05d}", ids[s : s + step], x[s : s + step], chunk_rows, rejected[s : s + step])
+        write_embedded_shard(
+            layout,
+            MODEL,
+            "v1",
+            f"shard-{i:05d}",
+            ids[s : s + step],
+            x[s : s + step],
+            chunk_rows,
+            rejected[s : s + step],
+        )
     return layout
 
 
@@ -146,3 +155,21 @@ def test_a_killed_part_is_rebuilt_and_valid_parts_are_not(tmp_path, monkeypatch)
     assert (retry.steps["parts_built"], retry.steps["parts_reused"]) == (3, 1)
     assert retry.recall_at_k == reference.recall_at_k and retry.vectors == reference.vectors
     assert not layout.store.ls(layout.store.url("indexes", MODEL, "work"))  # the work folder goes once the build exists
+
+
+def test_an_index_larger_than_the_budget_is_merged_on_disk_and_searchable(tmp_path):
+    layout = Layout(Store.open(str(tmp_path / "root")))
+    x = clustered(80_000, 64, 40, seed=9)
+    for i in range(2):
+        rows = slice(i * 40_000, (i + 1) * 40_000)
+        write_embedded_shard(layout, MODEL, "v1", SHARDS[i], np.arange(80_000)[rows], x[rows], 10_000)
+    config = IndexConfig(memory_budget_mb=1, target_recall=0.5)  # 80,000 x 12 bytes of PQ4 codes > 3/4 MiB
+    build = build_index(layout, MODEL, "v1", SHARDS[:2], config)
+    assert (
+        build.lists_file == "lists.ivfdata" and "lists on disk" in build.plan and build.index_type.endswith("PQ4x8np")
+    )
+    index = faiss.read_index(f"{build.path}/index.faiss")  # the lists are memory-mapped from beside it
+    assert index.ntotal == 80_000 and build.index_bytes > 80_000 * 12
+    faiss.extract_index_ivf(index).nprobe = build.nprobe
+    _, found = index.search(x[:5], 2)
+    assert set(found[:, 0]) <= set(range(80_000)) and build.recall_at_k > 0
