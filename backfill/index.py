@@ -17,8 +17,17 @@ from fsspec.implementations.local import LocalFileSystem
 
 from backfill.config import IndexConfig
 from backfill.errors import ConfigError, IncompleteError, RetryableError
-from backfill.index_build import BlockReader, add_part, load_queries, merge_parts, prepare, train, trained_index
-from backfill.index_quality import drop_self, exact_neighbours, tune_nprobe
+from backfill.index_build import (
+    BlockReader,
+    add_part,
+    load_queries,
+    merge_parts,
+    part_truth,
+    prepare,
+    train,
+    trained_index,
+)
+from backfill.index_quality import drop_self, merge_results, tune_nprobe
 from backfill.storage import Layout, Store, file_sha256
 
 INDEX_FILE = "index.faiss"
@@ -115,7 +124,7 @@ def build_index(
         with timed(steps, "add"):
             built = sum(add_part(layout, work, span.name, reader) for span in work.spans)
         steps.update(parts_built=built, parts_reused=len(work.spans) - built)
-        k = min(config.k, work.vectors - 1) if work.vectors > 1 else 1
+        k = work.k
         build = new_build(
             version,
             model,
@@ -145,7 +154,9 @@ def build_index(
             )
         with timed(steps, "ground_truth"):
             own, queries = load_queries(layout, work)
-            truth = drop_self(exact_neighbours(reader.blocks(work.spans), queries, k + 1), own, k)
+            # each part holds its shard's exact top-(k+1): merged here, no second pass over the vectors
+            found = merge_results((part_truth(layout, work, s.name) for s in work.spans), len(own), k + 1)
+            truth = drop_self(found, own, k)
         with timed(steps, "tune"):
             tuning = tune_nprobe(index, queries, truth, config.target_recall, own)
         steps["largest_block"] = reader.largest_block

@@ -20,6 +20,7 @@ from backfill.config import IndexConfig
 from backfill.embed import MARKER, is_chunk, read_chunks
 from backfill.errors import ConfigError, IncompleteError
 from backfill.index_plan import IndexPlan, plan_index
+from backfill.index_quality import exact_search
 from backfill.manifest import find_cross_shard_duplicates, read_shard
 from backfill.storage import Layout, Store
 
@@ -49,6 +50,11 @@ class BuildWork:
     @property
     def vectors(self) -> int:
         return sum(s.vectors for s in self.spans)
+
+    @property
+    def k(self) -> int:
+        """The k of recall@k: config.k, or fewer when the version holds fewer other vectors."""
+        return min(self.config.k, self.vectors - 1) if self.vectors > 1 else 1
 
     def part(self, shard: str) -> str:
         return f"{self.folder}/parts/{shard}.faiss"
@@ -236,34 +242,56 @@ def trained_index(layout: Layout, work: BuildWork) -> faiss.Index:
 
 
 def add_part(layout: Layout, work: BuildWork, shard: str, reader: BlockReader) -> bool:
-    """One shard's vectors added to a copy of the trained index, committed as its part file; returns
-    False without work when a valid part is already there (a retried build resumes). Independent of
-    the other parts: each may run as its own step."""
+    """One shard's vectors added to a copy of the trained index, committed as its part file, with the shard's
+    exact top-(k+1) for the held-out queries (the ground truth is merged from these: no pass of its own);
+    returns False without work when a valid part is already there (a retried build resumes). Independent
+    of the other parts: each may run as its own step."""
     if part_is_valid(layout, work, shard):
         return False
     span = next(s for s in work.spans if s.name == shard)
     index = trained_index(layout, work)
-    for first, block in reader.shard_blocks(span):
-        if work.plan.is_ivf:
-            index.add_with_ids(block, np.arange(first, first + len(block), dtype=np.int64))
-        else:
-            index.add(block)  # Flat parts are concatenated in shard order: positions by construction
+    _, queries = load_queries(layout, work)
+
+    def added(blocks: Iterator[tuple[int, np.ndarray]]) -> Iterator[tuple[int, np.ndarray]]:
+        for first, block in blocks:
+            if work.plan.is_ivf:
+                index.add_with_ids(block, np.arange(first, first + len(block), dtype=np.int64))
+            else:
+                index.add(block)  # Flat parts are concatenated in shard order: positions by construction
+            yield first, block
+
+    scores, found = exact_search(added(reader.shard_blocks(span)), queries, work.k + 1)
+    buf = io.BytesIO()
+    np.savez(buf, scores=scores, positions=found)
+    layout.store.write_bytes(work.part(shard) + ".truth.npz", buf.getvalue())
     blob = _blob(index)
     layout.store.write_bytes(work.part(shard), blob)
     marker = {"vectors": span.vectors, "sha256": hashlib.sha256(blob).hexdigest()}
+    marker["truth_sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
     layout.store.write_json(work.part(shard) + ".json", marker)  # last: the part counts once this exists
     return True
 
 
 def part_is_valid(layout: Layout, work: BuildWork, shard: str) -> bool:
-    """A part counts when its marker is there and the part file matches it (a torn or stale file does not)."""
+    """A part counts when its marker is there and its files match it (a torn or stale file does not)."""
     span = next(s for s in work.spans if s.name == shard)
     try:
         marker = layout.store.read_json(work.part(shard) + ".json")
         blob = layout.store.read_bytes(work.part(shard))
+        truth = layout.store.read_bytes(work.part(shard) + ".truth.npz")
     except FileNotFoundError:
         return False
-    return marker.get("vectors") == span.vectors and marker.get("sha256") == hashlib.sha256(blob).hexdigest()
+    return (
+        marker.get("vectors") == span.vectors
+        and marker.get("sha256") == hashlib.sha256(blob).hexdigest()
+        and marker.get("truth_sha256") == hashlib.sha256(truth).hexdigest()
+    )
+
+
+def part_truth(layout: Layout, work: BuildWork, shard: str) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, positions): the exact top-(k+1) of the held-out queries within one shard, from add_part."""
+    saved = np.load(io.BytesIO(layout.store.read_bytes(work.part(shard) + ".truth.npz")))
+    return saved["scores"], saved["positions"]
 
 
 def merge_parts(trained: faiss.Index, parts: list[str], store: Store, ondisk: str | None = None) -> faiss.Index:

@@ -16,11 +16,12 @@ def _cpu_knn(queries: np.ndarray, block: np.ndarray, k: int) -> tuple[np.ndarray
     return faiss.knn(queries, block, k, metric=faiss.METRIC_INNER_PRODUCT)
 
 
-def exact_neighbours(
+def exact_search(
     blocks: Iterable[tuple[int, np.ndarray]], queries: np.ndarray, k: int, knn: Knn = _cpu_knn
-) -> np.ndarray:
-    """Positions of the exact top-k inner-product neighbours of each query over (first position, vectors)
-    blocks, merged into one result heap: only one block is held at a time, never a copy of all vectors."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, positions) of the exact top-k inner-product neighbours of each query over (first position,
+    vectors) blocks, merged into one result heap: one block is held at a time, never a copy of all vectors.
+    Rows with fewer than k vectors seen are padded with position -1."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     heap = faiss.ResultHeap(len(queries), k, keep_max=True)
     for first, block in blocks:
@@ -28,6 +29,22 @@ def exact_neighbours(
             continue
         scores, found = knn(queries, np.ascontiguousarray(block, dtype=np.float32), min(k, len(block)))
         heap.add_result(scores, np.where(found >= 0, found + first, -1))
+    heap.finalize()
+    return heap.D, heap.I
+
+
+def exact_neighbours(
+    blocks: Iterable[tuple[int, np.ndarray]], queries: np.ndarray, k: int, knn: Knn = _cpu_knn
+) -> np.ndarray:
+    """Positions of the exact top-k neighbours of each query, streamed over the blocks (see exact_search)."""
+    return exact_search(blocks, queries, k, knn)[1]
+
+
+def merge_results(results: Iterable[tuple[np.ndarray, np.ndarray]], n_queries: int, k: int) -> np.ndarray:
+    """Positions of the top-k over partial (scores, positions) results, such as one exact_search per shard."""
+    heap = faiss.ResultHeap(n_queries, k, keep_max=True)
+    for scores, found in results:
+        heap.add_result(scores, found)
     heap.finalize()
     return heap.I
 
