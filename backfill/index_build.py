@@ -297,14 +297,16 @@ def part_truth(layout: Layout, work: BuildWork, shard: str) -> tuple[np.ndarray,
 def merge_parts(trained: faiss.Index, parts: list[str], store: Store, ondisk: str | None = None) -> faiss.Index:
     """The parts (Store paths, in shard order) merged into the trained empty index, which is returned filled.
 
-    In memory: IVF lists moved part by part (one part held at a time besides the result), Flat parts
-    appended. With `ondisk` (a local file path for the inverted lists): faiss.contrib.ondisk.merge_ondisk,
-    the parts memory-mapped, for an index larger than the budget."""
-    if ondisk is None:
+    In memory: every IVF list allocated once at its final size, then filled part by part (one part held
+    at a time besides the result; ids kept as given: positions); Flat parts appended (Flat is for small N).
+    With `ondisk` (a local file path for the inverted lists): faiss.contrib.ondisk.merge_ondisk, the parts
+    memory-mapped, for an index larger than the budget."""
+    if ondisk is None and not faiss.try_extract_index_ivf(trained):
         for path in parts:
-            part = _index(store.read_bytes(path))
-            trained.merge_from(part, 0)  # IVF: ids kept as given (positions); Flat: appended in order
+            trained.merge_from(_open_part(path, store), 0)
         return trained
+    if ondisk is None:
+        return _merge_exact_size(trained, parts, store)
     if not faiss.try_extract_index_ivf(trained):
         raise ConfigError("an on-disk merge needs an IVF index; raise memory_budget_mb for a Flat index this large")
     from faiss.contrib.ondisk import merge_ondisk
@@ -319,6 +321,42 @@ def merge_parts(trained: faiss.Index, parts: list[str], store: Store, ondisk: st
                 store.get_file(path, local[-1])
         merge_ondisk(trained, local, ondisk)
     return trained
+
+
+def _merge_exact_size(trained: faiss.Index, parts: list[str], store: Store) -> faiss.Index:
+    # IVF merge_from grows each list's vector by doubling: up to 2x the index in memory. Sizes first.
+    ivf = faiss.extract_index_ivf(trained)
+    sizes = np.zeros(ivf.nlist, dtype=np.int64)
+    for path in parts:
+        index = _open_part(path, store)  # held: its lists die with it
+        part = faiss.extract_index_ivf(index).invlists
+        sizes += np.array([part.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
+    lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    for i in np.flatnonzero(sizes):
+        lists.resize(int(i), int(sizes[i]))
+    filled = np.zeros(ivf.nlist, dtype=np.int64)
+    for path in parts:
+        index = _open_part(path, store)
+        part = faiss.extract_index_ivf(index).invlists
+        for i in range(ivf.nlist):
+            n = part.list_size(i)
+            if n:
+                ids, codes = part.get_ids(i), part.get_codes(i)
+                lists.update_entries(i, int(filled[i]), n, ids, codes)
+                part.release_ids(i, ids)
+                part.release_codes(i, codes)
+                filled[i] += n
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()  # owned by the index now
+    ivf.ntotal = trained.ntotal = int(sizes.sum())
+    return trained
+
+
+def _open_part(path: str, store: Store) -> faiss.Index:
+    """A part file as an index; on a local store memory-mapped (read-only), so only what is copied is paged in."""
+    if isinstance(store.fs, LocalFileSystem):
+        return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    return _index(store.read_bytes(path))
 
 
 def _blob(index: faiss.Index) -> bytes:

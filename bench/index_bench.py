@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--old", default="main", help="git ref of today's build to compare end to end ('' to skip)")
     p.add_argument("--root", default="/tmp/index-bench")
     p.add_argument("--keep", action="store_true", help="keep the synthetic corpus afterwards")
+    p.add_argument("--compare-only", action="store_true", help="only the end-to-end builds, new first, then --old")
     p.add_argument("--step", default="", help=argparse.SUPPRESS)
     p.add_argument("--out", default=os.environ.get("OUT", ""))
     args = p.parse_args(argv)
@@ -208,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     passed = [a for a in (argv if argv is not None else sys.argv[1:])]
     shutil.rmtree(args.root, ignore_errors=True)
     write = in_subprocess("write", passed)
-    rows = [in_subprocess(step, passed) for step in STEPS]
-    compare = [in_subprocess(step, passed) for step in (["old", "new"] if args.old else [])]
+    rows = [] if args.compare_only else [in_subprocess(step, passed) for step in STEPS]
+    order = ["new", "old"] if args.compare_only else ["old", "new"]  # either goes first with a cold page cache
+    compare = [in_subprocess(step, passed) for step in (order if args.old else [])]
     text = f"corpus written in {write['s']:.0f}s (peak RSS {write['rss_mib']:.0f} MiB)\n" + table(args, rows, compare)
     print(text)
     if args.out:
