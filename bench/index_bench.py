@@ -85,6 +85,7 @@ def run_step(step: str, args: argparse.Namespace) -> dict:
             "recall": build.recall_at_k,
             "nprobe": build.nprobe,
             "bytes": build.index_bytes,
+            "steps": getattr(build, "steps", {}),  # the budgeted build records seconds per step; today's does not
         }
     else:
         out = _budgeted_step(step, layout, state, args)
@@ -182,7 +183,7 @@ def table(args: argparse.Namespace, rows: list[dict], compare: list[dict]) -> st
         for r in compare:
             lines.append(
                 f"{r['step']:14} {r['s']:8.1f} {r['rss_mib']:12.0f}  "
-                f"{r['index']:16} {r['recall']:9.4f} {r['nprobe']:6d}"
+                f"{r['index']:16} {r['recall']:9.4f} {r['nprobe']:6d}  {json.dumps(r['steps']) if r['steps'] else ''}"
             )
     return "\n".join(lines)
 
