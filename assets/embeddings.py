@@ -1,30 +1,33 @@
 """image_embeddings: one (model version, shard) partition per run, retried on its own."""
 
-import os
+from dataclasses import replace
 
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
     AssetCheckSpec,
+    AssetDep,
     AssetExecutionContext,
     AutomationCondition,
     Backoff,
     Jitter,
     MaterializeResult,
     MetadataValue,
+    MultiToSingleDimensionPartitionMapping,
     RetryPolicy,
     RetryRequested,
     asset,
 )
 
 from assets.k8s import STEP_K8S_TAGS
+from assets.models import model_version
 from assets.partitions import embedding_partitions
-from assets.pools import device_for_run
+from ops.pools import device_for_run
 from assets.resources import BackfillResource, run_engine
-from backfill.embed import embed_shard
+from backfill.embed import EmbedStats, embed_shard
 from backfill.errors import Preempted
 from backfill.preemption import sigterm_notice
-from backfill.verify import verify_shard
+from backfill.verify import Verdict, verify_shard
 
 EMBED_RETRY_POLICY = RetryPolicy(max_retries=4, delay=5, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
 # spot capacity can preempt the same shard many times; a preemption is not the shard's fault
@@ -47,6 +50,8 @@ EMBED_WHEN_MISSING = (
 
 @asset(
     partitions_def=embedding_partitions,
+    # each shard of a version waits for that version's verification (a failed one stays missing)
+    deps=[AssetDep(model_version, partition_mapping=MultiToSingleDimensionPartitionMapping(partition_dimension_name="model_version"))],
     retry_policy=EMBED_RETRY_POLICY,
     # new partitions (a new model version or a new shard) are embedded as one backfill per tick
     automation_condition=EMBED_WHEN_MISSING,
@@ -67,6 +72,24 @@ def image_embeddings(context: AssetExecutionContext, backfill: BackfillResource)
     # the device follows the run's pool (tag backfill/pool): cuda on GPU pools, never a silent CPU fallback
     device = run_engine(context, device_for_run, context.run.tags, backfill.device)
     model = run_engine(context, backfill.load_model, version, device)
+    config = replace(backfill.embed_config(device), work_log=backfill.work_log or None)
+    progress = _progress(context, shard)
+    try:
+        with sigterm_notice() as stop:
+            stats = run_engine(context, embed_shard, layout, shard, model, config, progress=progress, stop=stop)
+    except Preempted as exc:
+        context.log.warning(f"preempted: {exc}; committed chunks are kept and the retry resumes after them")
+        raise RetryRequested(max_retries=PREEMPTION_RETRIES, seconds_to_wait=1) from exc
+    verdict = run_engine(context, verify_shard, layout, backfill.model, version, shard)
+    context.log.info(
+        f"{shard} x {version}: {stats.images} images, {stats.rejects} rejects, "
+        f"{stats.chunks_resumed}/{stats.chunks} chunks resumed, {stats.images_per_s:.0f} img/s"
+    )
+    return _result(stats, verdict, layout.store.display(layout.embeddings(backfill.model, version, shard)), backfill)
+
+
+def _progress(context: AssetExecutionContext, shard: str):
+    """A progress callback that logs every tenth committed chunk."""
     committed = {"rows": 0, "chunks": 0}
 
     def progress(rows: int) -> None:
@@ -75,21 +98,12 @@ def image_embeddings(context: AssetExecutionContext, backfill: BackfillResource)
         if committed["chunks"] % 10 == 0:
             context.log.info(f"{shard}: {committed['rows']} rows committed")
 
-    try:
-        with sigterm_notice() as stop:
-            stats = run_engine(
-                context,
-                embed_shard, layout, shard, model, backfill.embed_config(device), progress=progress, stop=stop, on_batch=work_logger(backfill, version, shard)
-            )
-    except Preempted as exc:
-        context.log.warning(f"preempted: {exc}; committed chunks are kept and the retry resumes after them")
-        raise RetryRequested(max_retries=PREEMPTION_RETRIES, seconds_to_wait=1) from exc
-    verdict = run_engine(context, verify_shard, layout, backfill.model, version, shard)
+    return progress
+
+
+def _result(stats: EmbedStats, verdict: Verdict, path: str, backfill: BackfillResource) -> MaterializeResult:
+    """The engine's stats and the re-verification as materialization metadata and check results."""
     reject_rate = stats.rejects / stats.images if stats.images else 0.0
-    context.log.info(
-        f"{shard} x {version}: {stats.images} images, {stats.rejects} rejects, {stats.chunks_resumed}/{stats.chunks} chunks resumed, "
-        f"{stats.images_per_s:.0f} img/s"
-    )
     return MaterializeResult(
         metadata={
             "images": stats.images,
@@ -102,32 +116,21 @@ def image_embeddings(context: AssetExecutionContext, backfill: BackfillResource)
             "wall_s": MetadataValue.float(round(stats.wall_s, 2)),
             "chunks": stats.chunks,
             "chunks_resumed": stats.chunks_resumed,
-            "path": MetadataValue.path(layout.store.display(layout.embeddings(backfill.model, version, shard))),
+            "path": MetadataValue.path(path),
         },
         check_results=[
-            AssetCheckResult(check_name="complete", passed=verdict.ok, metadata={"detail": verdict.detail, "rows": verdict.rows}),
+            AssetCheckResult(
+                check_name="complete", passed=verdict.ok, metadata={"detail": verdict.detail, "rows": verdict.rows}
+            ),
             AssetCheckResult(
                 check_name="reject_rate",
                 passed=reject_rate <= backfill.warn_reject_rate,
                 severity=AssetCheckSeverity.WARN,
-                metadata={"reject_rate": round(reject_rate, 5), "warn_above": backfill.warn_reject_rate, "fail_above": backfill.max_reject_rate},
+                metadata={
+                    "reject_rate": round(reject_rate, 5),
+                    "warn_above": backfill.warn_reject_rate,
+                    "fail_above": backfill.max_reject_rate,
+                },
             ),
         ],
     )
-
-
-def work_logger(backfill: BackfillResource, version: str, shard: str):
-    """Append embedded-batch sizes to backfill.work_log: what a killed attempt did is still counted."""
-    if not backfill.work_log:
-        return None
-    path = backfill.work_log
-
-    def log(n: int) -> None:
-        # one short O_APPEND write per batch: lines from concurrent processes never interleave
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, f"{os.getpid()} {version} {shard} {n}\n".encode())
-        finally:
-            os.close(fd)
-
-    return log

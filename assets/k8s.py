@@ -1,4 +1,4 @@
-"""Kubernetes settings every step pod needs whatever its pool (pools come with deploy/)."""
+"""Kubernetes settings every step pod needs whatever its pool (pools: ops/pools.py and deploy/pools.yaml)."""
 
 # backoffLimit 0: Kubernetes must never restart a step pod itself. A pod-level retry of a
 # step makes Dagster believe the step already started and the run hangs (dagster issue

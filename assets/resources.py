@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from dagster import ConfigurableResource, Failure
@@ -9,24 +10,58 @@ from dagster import ConfigurableResource, Failure
 from backfill.config import EmbedConfig, IndexConfig
 from backfill.errors import PermanentError
 from backfill.pipeline import ThreadBudget
-from backfill.registry import LoadedModel, load_model, read_card
+from backfill.registry import read_card
+from backfill.runtime import LoadedModel, load_model
+from backfill.settings import Settings
 from backfill.storage import Layout, Store
+
+_SETTINGS, _EMBED, _INDEX = Settings(), EmbedConfig(), IndexConfig()
 
 
 class BackfillResource(ConfigurableResource):
-    """Where the data lives and how partitions are embedded and indexed."""
+    """Where the data lives and how partitions are embedded and indexed.
+
+    One field per EmbedConfig and IndexConfig field, of the same name and default (a test holds
+    them equal), so each can be set in the launchpad; from_settings fills them from the environment.
+    """
 
     root: str
-    model: str = "refcnn"
-    device: str = "cpu"
-    batch_size: int = 64
-    chunk_size: int = 256
-    max_reject_rate: float = 0.05
-    warn_reject_rate: float = 0.01
-    target_recall: float = 0.95
-    grace_s: float = 20.0
-    work_log: str = ""  # if set, a file that every attempt appends "<pid> <version> <shard> <n>" to per embedded batch
+    model: str = _SETTINGS.model
+    warn_reject_rate: float = _SETTINGS.warn_reject_rate
+    # EmbedConfig
+    device: str = _EMBED.device
+    batch_size: int = _EMBED.batch_size
+    chunk_size: int = _EMBED.chunk_size
+    fetch_workers: int = _EMBED.fetch_workers
+    decode_workers: int = _EMBED.decode_workers
+    torch_threads: int = _EMBED.torch_threads
+    max_reject_rate: float = _EMBED.max_reject_rate
+    max_image_pixels: int = _EMBED.max_image_pixels
+    grace_s: float = _EMBED.grace_s
+    gpu_decode: bool = _EMBED.gpu_decode
+    prefetch_batches: int = _EMBED.prefetch_batches
+    work_log: str | None = _EMBED.work_log  # a file every attempt appends "<pid> <version> <shard> <n>" to
+    # IndexConfig
+    target_recall: float = _INDEX.target_recall
+    k: int = _INDEX.k  # of recall@k
+    n_queries: int = _INDEX.n_queries
+    seed: int = _INDEX.seed
+    flat_below: int = _INDEX.flat_below
+    pq_from: int = _INDEX.pq_from
+    pq_m: int = _INDEX.pq_m
+    train_points_per_centroid: int = _INDEX.train_points_per_centroid
+    memory_budget_mb: int = _INDEX.memory_budget_mb
+    max_nlist: int = _INDEX.max_nlist
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BackfillResource:
+        return cls(
+            root=settings.root,
+            model=settings.model,
+            warn_reject_rate=settings.warn_reject_rate,
+            **dataclasses.asdict(settings.embed),
+            **dataclasses.asdict(settings.index),
+        )
 
     def setup_for_execution(self, context) -> None:
         # once per step process (a pod in the cluster): torch and FAISS threads follow its CPU limit
@@ -36,19 +71,17 @@ class BackfillResource(ConfigurableResource):
         return Layout(Store.open(self.root))
 
     def embed_config(self, device: str | None = None) -> EmbedConfig:
-        return EmbedConfig(
-            batch_size=self.batch_size,
-            chunk_size=self.chunk_size,
-            device=device or self.device,
-            max_reject_rate=self.max_reject_rate,
-            grace_s=self.grace_s,
-        )
+        return EmbedConfig(**{**_values(self, EmbedConfig), "device": device or self.device})
 
     def index_config(self) -> IndexConfig:
-        return IndexConfig(target_recall=self.target_recall)
+        return IndexConfig(**_values(self, IndexConfig))
 
     def load_model(self, version: str, device: str | None = None) -> LoadedModel:
         return _cached_model(self.root, self.model, version, device or self.device)
+
+
+def _values(resource: BackfillResource, config: type) -> dict:
+    return {f.name: getattr(resource, f.name) for f in dataclasses.fields(config)}
 
 
 @functools.lru_cache(maxsize=2)
@@ -65,5 +98,5 @@ def run_engine(context, fn, *args, **kwargs):
     except PermanentError as exc:
         # no step retry, and no run retry either: the instance retries failed runs (for
         # interrupted steps and lost workers), which would only repeat this failure
-        context.instance.add_run_tags(context.run_id, {"dagster/retry_on_asset_or_op_failure": "false"})
+        context.instance.add_run_tags(context.run.run_id, {"dagster/retry_on_asset_or_op_failure": "false"})
         raise Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False) from exc

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from backfill.errors import BackfillError
-
-DEFAULT_ROOT = "data"
-DEFAULT_MODEL = "refcnn"
+from backfill.settings import setting
 
 
 def _layout(root: str):
@@ -31,7 +28,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
     spec = SampleSpec(images=args.images, shards=args.shards, seed=args.seed)
     with _bar(spec.images, "sample corpus") as bar:
         result = make_sample_corpus(_layout(args.root), spec, progress=bar.update)
-    print(f"wrote {result['images']} images in {result['groups']} near-duplicate groups, {result['shards']} manifest shards")
+    print(
+        f"wrote {result['images']} images in {result['groups']} near-duplicate groups, {result['shards']} manifest shards"
+    )
 
 
 def cmd_register(args: argparse.Namespace) -> None:
@@ -50,12 +49,16 @@ def cmd_register(args: argparse.Namespace) -> None:
         blob, dim, size = resnet_bytes(args.reference), 256, 224
     else:
         if args.version not in REFERENCE:
-            raise BackfillError(f"no reference model {args.version!r} (have {', '.join(REFERENCE)}); pass --artifact to register your own")
+            raise BackfillError(
+                f"no reference model {args.version!r} (have {', '.join(REFERENCE)}); pass --artifact to register your own"
+            )
         arch = REFERENCE[args.version]
         blob, dim, size = torchscript_bytes(arch), arch.dim, arch.input_size
     extra = {"precision": args.precision} if args.precision != "fp32" else None
     card = register_version(_layout(args.root), args.model, args.version, blob, dim=dim, input_size=size, extra=extra)
-    print(f"registered {card.name} {card.version}: dim={card.dim} input={card.input_size} precision={card.precision} sha256={card.sha256[:12]}…")
+    print(
+        f"registered {card.name} {card.version}: dim={card.dim} input={card.input_size} precision={card.precision} sha256={card.sha256[:12]}…"
+    )
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -71,7 +74,17 @@ def cmd_search(args: argparse.Namespace) -> None:
     except BadImage as exc:
         raise BackfillError(f"query {args.image}: {exc}") from None
     if args.json:
-        print(json.dumps({"model": result.model, "version": result.version, "build_id": result.build_id, "hits": [h.__dict__ for h in result.hits]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": result.model,
+                    "version": result.version,
+                    "build_id": result.build_id,
+                    "hits": [h.__dict__ for h in result.hits],
+                },
+                indent=2,
+            )
+        )
         return
     print(f"{result.model} {result.version} (index {result.build_id}):")
     for rank, hit in enumerate(result.hits, 1):
@@ -101,8 +114,10 @@ def cmd_retire(args: argparse.Namespace) -> None:
         print("dry run: nothing was removed; run again with --yes to carry it out")
         return
     retire(layout, plan)
-    print(f"retired {', '.join(plan.retire) or 'no version'} and deleted {len(plan.builds)} index builds; "
-          "the registry sensor deletes their model_version partitions on its next tick")
+    print(
+        f"retired {', '.join(plan.retire) or 'no version'} and deleted {len(plan.builds)} index builds; "
+        "the registry sensor deletes their model_version partitions on its next tick"
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -132,7 +147,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     layout = _layout(args.root)
     result = near_duplicate_recall(layout, args.model, args.version, list_shards(layout), k=args.k)
-    print(f"{args.model} {args.version}: near-duplicate recall@{args.k}={result[f'recall_at_{args.k}']:.4f} top1={result['top1']:.4f} over {int(result['queries'])} queries")
+    print(
+        f"{args.model} {args.version}: near-duplicate recall@{args.k}={result[f'recall_at_{args.k}']:.4f} top1={result['top1']:.4f} over {int(result['queries'])} queries"
+    )
 
 
 def cmd_rejects(args: argparse.Namespace) -> None:
@@ -166,11 +183,22 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="On S3: credentials come from the standard AWS chain (AWS_* variables, ~/.aws, IAM role); "
         "an S3-compatible store also needs BACKFILL_S3_ENDPOINT_URL=https://host:port.",
     )
-    parser.add_argument("--root", default=os.environ.get("BACKFILL_ROOT", DEFAULT_ROOT), help="data root: a folder or s3://bucket/prefix (env BACKFILL_ROOT; default %(default)s)")
-    parser.add_argument("--model", default=os.environ.get("BACKFILL_MODEL", DEFAULT_MODEL), help="model name in the registry (env BACKFILL_MODEL; default %(default)s)")
+    # only the two settings the command uses: a bad BACKFILL_BATCH_SIZE must not stop `backfill status`
+    parser.add_argument(
+        "--root",
+        default=setting("BACKFILL_ROOT"),
+        help="data root: a folder or s3://bucket/prefix (env BACKFILL_ROOT; default %(default)s)",
+    )
+    parser.add_argument(
+        "--model",
+        default=setting("BACKFILL_MODEL"),
+        help="model name in the registry (env BACKFILL_MODEL; default %(default)s)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("sample", help="generate a synthetic JPEG corpus with near-duplicate groups and its manifest shards")
+    p = sub.add_parser(
+        "sample", help="generate a synthetic JPEG corpus with near-duplicate groups and its manifest shards"
+    )
     p.add_argument("--images", type=int, default=2400)
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--seed", type=int, default=7)
@@ -181,9 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifact", help="a TorchScript file to register instead of a reference model")
     p.add_argument("--dim", type=int, help="embedding size the artifact outputs (with --artifact)")
     p.add_argument("--input-size", type=int, help="square input size in pixels (with --artifact)")
-    p.add_argument("--reference", choices=("resnet18", "resnet50"), help="a hand-written ResNet (random weights, 256-d at 224 px)")
     p.add_argument(
-        "--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision (bf16/fp16 must match fp32: cosine >= 0.99)"
+        "--reference", choices=("resnet18", "resnet50"), help="a hand-written ResNet (random weights, 256-d at 224 px)"
+    )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="autocast precision (bf16/fp16 must match fp32: cosine >= 0.99)",
     )
     p.set_defaults(fn=cmd_register)
 
@@ -193,18 +226,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(fn=cmd_search)
 
-    p = sub.add_parser("serve", help="HTTP search service over the published index: POST /search, GET /search?image_id=, GET /healthz")
+    p = sub.add_parser(
+        "serve", help="HTTP search service over the published index: POST /search, GET /search?image_id=, GET /healthz"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     from backfill.service import ServiceConfig
 
     served = ServiceConfig()  # the flags' defaults are the service's own
-    p.add_argument("--max-upload-bytes", type=int, default=served.max_upload_bytes, help="larger uploads get 413 (default %(default)s)")
-    p.add_argument("--max-k", type=int, default=served.max_k, help="largest k a query may ask for (default %(default)s)")
-    p.add_argument("--poll-s", type=float, default=served.poll_s, help="seconds between checks of CURRENT for a new build (default %(default)s)")
+    p.add_argument(
+        "--max-upload-bytes",
+        type=int,
+        default=served.max_upload_bytes,
+        help="larger uploads get 413 (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-k", type=int, default=served.max_k, help="largest k a query may ask for (default %(default)s)"
+    )
+    p.add_argument(
+        "--poll-s",
+        type=float,
+        default=served.poll_s,
+        help="seconds between checks of CURRENT for a new build (default %(default)s)",
+    )
     p.set_defaults(fn=cmd_serve)
 
-    p = sub.add_parser("retire", help="remove versions older than the serving one (embeddings, index builds; their partitions follow)")
+    p = sub.add_parser(
+        "retire", help="remove versions older than the serving one (embeddings, index builds; their partitions follow)"
+    )
     p.add_argument("--keep", type=int, default=1, help="older versions to keep for rollback (default %(default)s)")
     p.add_argument("--yes", action="store_true", help="carry it out; without it, only print what would be removed")
     p.set_defaults(fn=cmd_retire)
@@ -212,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="registered versions and what is published per model, with its recall")
     p.set_defaults(fn=cmd_status)
 
-    p = sub.add_parser("rejects", help="images a version could not embed, with the reason (from each shard's rejects table)")
+    p = sub.add_parser(
+        "rejects", help="images a version could not embed, with the reason (from each shard's rejects table)"
+    )
     p.add_argument("version")
     p.add_argument("--shard", help="only this shard")
     p.add_argument("--list", action="store_true", help="one line per rejected image: shard, image_id, uri, reason")

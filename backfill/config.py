@@ -33,6 +33,7 @@ class EmbedConfig:
     grace_s: float = 20.0  # after a preemption notice: time to finish and commit the chunk in hand
     gpu_decode: bool = True  # on CUDA with torchvision installed: JPEGs decoded by nvjpeg (PIL for the rest)
     prefetch_batches: int = 3  # prepared batches waiting for the model (each ~N x 150 KB of device memory)
+    work_log: str | None = None  # a file each attempt appends a line to per embedded batch (hooks.WorkLog)
 
     def __post_init__(self) -> None:
         _require(0 <= self.batch_size <= 8192, f"batch_size must be in 1..8192 (or 0: per device), got {self.batch_size}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -138,7 +138,8 @@ class Preprocessor:
             header = jpeg_header(data)
             if header is not None and header.marker in _GPU_SOF and header.components == 3 and not header.adobe:
                 if header.width * header.height > self.max_pixels:
-                    raise BadImage(f"decompression bomb: declared {header.width}x{header.height} exceeds {self.max_pixels} pixels")
+                    declared = f"{header.width}x{header.height}"
+                    raise BadImage(f"decompression bomb: declared {declared} exceeds {self.max_pixels} pixels")
                 if header.width >= 1 and header.height >= 1:
                     return Encoded(data, header)
         return decode(data, self.size, self.max_pixels)
@@ -175,7 +176,9 @@ class Preprocessor:
             for (h, w), positions in _by_shape(gpu).items():
                 group = torch.stack([gpu[i] for i in positions])
                 if (h, w) != (self.size, self.size):
-                    group = F.interpolate(group.float(), size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+                    group = F.interpolate(
+                        group.float(), size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
+                    )
                     group = group.round_().clamp_(0, 255).to(torch.uint8)
                 out[[where[i] for i in positions]] = group.permute(0, 2, 3, 1)
         # NHWC memory viewed as NCHW: exactly the channels-last layout, no copy
@@ -211,26 +214,3 @@ def _by_shape(tensors: dict[int, torch.Tensor]) -> dict[tuple[int, int], list[in
     for i, t in tensors.items():
         groups.setdefault((int(t.shape[1]), int(t.shape[2])), []).append(i)
     return groups
-
-
-def grouped(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    """Consecutive lists of `size` items (the last may be shorter)."""
-    group: list[Any] = []
-    for item in items:
-        group.append(item)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
-
-
-def flattened(groups: Iterator[list[Any]]) -> Iterator[Any]:
-    """The items of consecutive lists; closing it closes the source (its worker pools)."""
-    try:
-        for group in groups:
-            yield from group
-    finally:
-        close = getattr(groups, "close", None)
-        if close:
-            close()

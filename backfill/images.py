@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
 import fsspec
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from backfill.errors import RetryableError
-from backfill.pipeline import bounded_map
 from backfill.storage import filesystem_options, protocol_of, transient_errors
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -68,29 +67,6 @@ def make_fetcher() -> Callable[[str | None], bytes]:
             raise RetryableError(f"storage error fetching {uri}: {exc}") from exc
 
     return fetch
-
-
-def fetch_many(uris, groups: Iterable[list[int]], workers: int, then: Callable[[list], list] | None = None, ahead: int = 2) -> Iterator[list]:
-    """Lists of (row, bytes) in row order, `workers` requests in flight; a bad image gives (row, reason).
-
-    Object-store GETs are latency-bound (tens of ms to first byte), so throughput is requests
-    in flight / latency. Each task fetches one group of rows (fewer thread handoffs per image);
-    at most workers + `ahead` groups wait for the consumer, which bounds memory. `then`, if
-    given, runs on each fetched group inside the same task (a cheap next stage). Outages raise
-    RetryableError: an unreachable store is never taken for a missing image.
-    """
-    fetch = make_fetcher()
-
-    def fetch_rows(rows: list[int]) -> list[tuple[int, bytes | str]]:
-        out: list[tuple[int, bytes | str]] = []
-        for row in rows:
-            try:
-                out.append((row, fetch(uris[row])))
-            except BadImage as exc:
-                out.append((row, str(exc)))
-        return then(out) if then else out
-
-    return bounded_map(fetch_rows, groups, workers, window=workers + ahead)
 
 
 def decode(data: bytes, size: int, max_pixels: int) -> np.ndarray:

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from backfill.config import IndexConfig
-from backfill.embed import MARKER, is_chunk, read_chunks
+from backfill.finalise import MARKER
+from backfill.writer import is_chunk, read_chunks
 from backfill.errors import ConfigError, IncompleteError
 from backfill.index_plan import IndexPlan, plan_index
 from backfill.index_quality import exact_search

@@ -97,9 +97,3 @@ def find_cross_shard_duplicates(ids_by_shard: dict[str, np.ndarray]) -> str | No
     i = dup[0]
     return f"image_id {int(ids[i])} appears in manifest shards {names[owner[i]]!r} and {names[owner[i + 1]]!r}"
 
-
-def check_unique_across(layout: Layout, shards: list[str]) -> None:
-    """Fail before any work if an image_id appears in two shards."""
-    problem = find_cross_shard_duplicates({n: read_shard(layout, n).image_ids for n in shards})
-    if problem:
-        raise ManifestError(problem + ": every image_id must appear in exactly one shard")

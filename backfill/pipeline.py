@@ -7,8 +7,10 @@ import math
 import os
 import queue
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -43,7 +45,9 @@ _V1_CPU_DIRS = ("cpu", "cpu,cpuacct", "cpuacct,cpu", "")  # where distributions 
 log = logging.getLogger(__name__)
 
 
-def cgroup_cpu_limit(root: str | os.PathLike | None = None, proc_cgroup: str | os.PathLike | None = None) -> float | None:
+def cgroup_cpu_limit(
+    root: str | os.PathLike | None = None, proc_cgroup: str | os.PathLike | None = None
+) -> float | None:
     """The CPU limit of this process in CPUs (quota / period), or None when unlimited or unknown.
 
     cgroup v2: `cpu.max` holds "<quota|max> <period>". cgroup v1: `cpu.cfs_quota_us` (-1:
@@ -164,7 +168,9 @@ def _ratio(path: Path, quota: str | None, period: str | None) -> float | None:
     try:
         q, p = int(str(quota).strip()), int(str(period).strip())
     except ValueError:
-        log.warning("cgroup file %s holds quota %r period %r, not integers; ignoring the CPU limit", path, quota, period)
+        log.warning(
+            "cgroup file %s holds quota %r period %r, not integers; ignoring the CPU limit", path, quota, period
+        )
         return None
     if q <= 0 or p <= 0:
         log.warning("cgroup file %s holds quota %d period %d, not positive; ignoring the CPU limit", path, q, p)
@@ -235,3 +241,18 @@ class Prefetched(Iterator[T]):
             except queue.Empty:
                 pass
         self._done = True
+
+
+class StageClock:
+    """Seconds spent per stage, summed into `totals` (EmbedStats.stage_s); one key per thread's stage."""
+
+    def __init__(self, totals: dict[str, float]) -> None:
+        self.totals = totals
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[stage] = self.totals.get(stage, 0.0) + time.perf_counter() - began

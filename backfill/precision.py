@@ -22,7 +22,9 @@ def probe_batch(input_size: int, n: int = PROBE_IMAGES, seed: int = 99) -> np.nd
     return np.stack([np.asarray(synthetic_image(rng).resize((input_size, input_size))) for _ in range(n)])
 
 
-def precision_cosine(module: torch.nn.Module, pixels: np.ndarray, mean, std, dtype: torch.dtype, device: str = "cpu") -> float:
+def precision_cosine(
+    module: torch.nn.Module, pixels: np.ndarray, mean, std, dtype: torch.dtype, device: str = "cpu"
+) -> float:
     """Mean cosine between the module's fp32 outputs and its outputs under autocast(dtype)."""
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(device).float().div(255.0)
     x = (x - torch.tensor(mean, device=device).view(1, 3, 1, 1)) / torch.tensor(std, device=device).view(1, 3, 1, 1)
@@ -39,7 +41,9 @@ def check_precision(artifact: bytes, name: str, version: str, input_size: int, m
     """Raise ModelError unless the artifact's embeddings in `precision` match fp32 (mean cosine >= 0.99)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if dtype is None:
-        raise ModelError(f"model {name} version {version}: precision {precision!r} is not one of bf16, fp16 (fp32 needs no check)")
+        raise ModelError(
+            f"model {name} version {version}: precision {precision!r} is not one of bf16, fp16 (fp32 needs no check)"
+        )
     device = "cuda" if (dtype is torch.float16 and torch.cuda.is_available()) else "cpu"
     try:
         module = torch.jit.load(io.BytesIO(artifact), map_location=device).eval()

@@ -15,7 +15,9 @@ from backfill.errors import BackfillError, IncompleteError, RetryableError, Unkn
 from backfill.images import decode
 from backfill.index import IDS_FILE, INDEX_FILE, read_build
 from backfill.publish import read_pointer
-from backfill.registry import LoadedModel, load_model, read_card
+from backfill.registry import read_card
+from backfill.runtime import LoadedModel, load_model
+from backfill.settings import setting
 from backfill.storage import Layout, local_copy, prune_cache
 
 
@@ -49,7 +51,7 @@ class _Served:
 
 
 def default_cache_dir() -> str:
-    return os.environ.get("BACKFILL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "backfill")
+    return setting("BACKFILL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "backfill")
 
 
 class Searcher:

@@ -36,10 +36,10 @@ def filesystem_options(protocol: str) -> dict[str, Any]:
     # and a connection pool as wide as the requests the fetch stage keeps in flight: botocore's
     # default of 10 connections capped a partition at 10 GETs in flight whatever fetch_workers said
     options: dict[str, Any] = {"use_listings_cache": False, "max_concurrency": 1, "config_kwargs": {"max_pool_connections": S3_CONNECTIONS}}
-    endpoint = os.environ.get(S3_ENDPOINT_ENV, "").strip()
+    from backfill.settings import setting  # not at the top: settings imports config, which imports this module
+
+    endpoint = setting(S3_ENDPOINT_ENV)  # validated there: a URL
     if endpoint:
-        if not endpoint.startswith(("http://", "https://")):
-            raise ConfigError(f"{S3_ENDPOINT_ENV}={endpoint!r} is not a URL; expected e.g. https://minio.example.com:9000")
         options["endpoint_url"] = endpoint
     return options
 

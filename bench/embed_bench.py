@@ -35,7 +35,8 @@ from backfill.feed import Preprocessor  # noqa: E402
 from backfill.images import decode  # noqa: E402
 from backfill.manifest import write_shard  # noqa: E402
 from backfill.pipeline import cpu_budget  # noqa: E402
-from backfill.registry import load_model, register_version  # noqa: E402
+from backfill.registry import register_version  # noqa: E402
+from backfill.runtime import load_model  # noqa: E402
 from backfill.storage import Layout, Store  # noqa: E402
 
 MODELS = {  # name -> (dim, input size)

@@ -33,7 +33,8 @@ def child(root: str, model: str, batch: int, chunk: int) -> None:
     """One partition, as a step process runs it: load the model, embed the shard, report memory."""
     from backfill.config import EmbedConfig
     from backfill.embed import embed_shard
-    from backfill.registry import load_model, read_card
+    from backfill.registry import read_card
+    from backfill.runtime import load_model
     from backfill.storage import Layout, Store
 
     layout = Layout(Store.open(root))

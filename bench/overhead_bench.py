@@ -26,18 +26,20 @@ from backfill.models import REFERENCE, torchscript_bytes  # noqa: E402
 from backfill.registry import register_version  # noqa: E402
 from backfill.sample import SampleSpec, make_sample_corpus  # noqa: E402
 from backfill.storage import Layout, Store  # noqa: E402
-from ops.local_instance import init_instance, start_daemon, stop, wait_for  # noqa: E402
+from backfill.settings import DEFAULT_MODEL  # noqa: E402
+from harness.local_instance import init_instance, start_daemon, stop, wait_for  # noqa: E402
 
-MODEL = "refcnn"
+MODEL = DEFAULT_MODEL
 
 
 def start_cost(root: str, version: str) -> dict[str, float]:
     """A fresh interpreter: import the code location (what a run and a step process import), then load the model."""
     code = (
         "import time; t0 = time.perf_counter()\n"
-        "import ops.definitions\n"
+        "import ops.definitions; ops.definitions.defs()\n"
         "t1 = time.perf_counter()\n"
-        "from backfill.registry import load_model, read_card\n"
+        "from backfill.registry import read_card\n"
+        "from backfill.runtime import load_model\n"
         "from backfill.storage import Layout, Store\n"
         f"layout = Layout(Store.open({root!r})); load_model(layout, read_card(layout, {MODEL!r}, {version!r}))\n"
         "print(t1 - t0, time.perf_counter() - t1)\n"

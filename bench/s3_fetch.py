@@ -21,11 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backfill.config import EmbedConfig  # noqa: E402
-from backfill.embed import STAGE_GROUP  # noqa: E402
-from backfill.feed import grouped  # noqa: E402
-from backfill.images import fetch_many, make_fetcher  # noqa: E402
-from ops.local_instance import free_port, wait_for  # noqa: E402
-from ops.local_s3 import LocalS3  # noqa: E402
+from backfill.images import make_fetcher  # noqa: E402
+from backfill.reader import STAGE_GROUP, fetch_many, grouped  # noqa: E402
+from harness.local_instance import free_port, wait_for  # noqa: E402
+from harness.local_s3 import LocalS3  # noqa: E402
 
 
 def _rate(n: int, seconds: float) -> float:

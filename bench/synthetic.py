@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from backfill.embed import MARKER, _write_chunk, chunk_plan
+from backfill.finalise import MARKER
+from backfill.writer import chunk_plan, write_chunk
 from backfill.manifest import write_shard
 from backfill.storage import Layout
 
@@ -55,7 +56,7 @@ def write_embedded_shard(
     for start, end in chunk_plan(len(ids), chunk_rows):
         bad = rejected[start:end]
         errors = ["synthetic reject" if b else None for b in bad]
-        _write_chunk(layout, out, start, end, ids[start:end], vectors[start:end], ~bad, errors)
+        write_chunk(layout, out, start, end, ids[start:end], vectors[start:end], ~bad, errors)
     marker = {
         "images": len(ids),
         "rejects": int(rejected.sum()),

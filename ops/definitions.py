@@ -1,60 +1,48 @@
-"""The Definitions: assets, checks, sensors, schedule and the one resource, configured from the environment."""
+"""The Definitions: assets, checks, sensors, schedule and the resource, built from Settings when Dagster loads them."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-from dagster import Definitions, define_asset_job
+from dagster import Definitions, define_asset_job, definitions
 
 from assets.embeddings import image_embeddings
 from assets.index import faiss_index, search_index
+from assets.models import model_version
 from assets.resources import BackfillResource
-from ops.deployment import executor_from_env
+from backfill.settings import Settings
+from ops.deployment import executor_for
+from ops.pools import pool_tags
 from ops.retire import retire_job
-from ops.schedules import embed_job, refresh_schedule
-from ops.sensors import backfill_automation, index_automation, model_registry_sensor
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _env(name: str, default: str, parse=str):
-    raw = os.environ.get(name, default)
-    try:
-        return parse(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} is not a valid {parse.__name__}") from None
-
-
-def backfill_resource_from_env() -> BackfillResource:
-    """Settings from BACKFILL_* variables; the default root is ./data in the repository."""
-    env = os.environ
-    root = env.get("BACKFILL_ROOT", str(REPO / "data"))
-    if "://" not in root:
-        root = str((REPO / root).resolve()) if not os.path.isabs(root) else root
-    return BackfillResource(
-        root=root,
-        model=env.get("BACKFILL_MODEL", "refcnn"),
-        device=env.get("BACKFILL_DEVICE", "cpu"),
-        batch_size=_env("BACKFILL_BATCH_SIZE", "64", int),
-        chunk_size=_env("BACKFILL_CHUNK_SIZE", "256", int),
-        max_reject_rate=_env("BACKFILL_MAX_REJECT_RATE", "0.05", float),
-        target_recall=_env("BACKFILL_TARGET_RECALL", "0.95", float),
-        grace_s=_env("BACKFILL_GRACE_S", "20", float),
-        work_log=env.get("BACKFILL_WORK_LOG", ""),
-    )
-
+from ops.schedules import embed_job, refresh_schedule_for
+from ops.sensors import backfill_automation, index_automation, registry_sensor
 
 index_job = define_asset_job("index_job", selection=[faiss_index, search_index])
 
-_resource = backfill_resource_from_env()
 
-defs = Definitions(
-    assets=[image_embeddings, faiss_index, search_index],
-    jobs=[embed_job, index_job, retire_job],
-    sensors=[model_registry_sensor, backfill_automation, index_automation],
-    schedules=[refresh_schedule],
-    resources={"backfill": _resource},
-    # BACKFILL_DEPLOYMENT: local = each step its own process; k8s = each step its own pod on its run's pool
-    executor=executor_from_env(_resource.root, _resource.grace_s),
-)
+def build_definitions(settings: Settings) -> Definitions:
+    """Everything Dagster runs, configured by `settings`; a bad pool or pools file fails here, at load."""
+    tags = pool_tags(
+        settings.pool, settings.pools_file
+    )  # BACKFILL_POOL: the pool of what sensors and the schedule launch
+    return Definitions(
+        assets=[model_version, image_embeddings, faiss_index, search_index],
+        jobs=[embed_job, index_job, retire_job],
+        sensors=[
+            registry_sensor(settings.sensor_interval_s),
+            backfill_automation(settings.automation_interval_s, tags),
+            index_automation(settings.automation_interval_s),
+        ],
+        schedules=[refresh_schedule_for(settings.refresh_cron, tags)],
+        resources={"backfill": BackfillResource.from_settings(settings)},
+        # BACKFILL_DEPLOYMENT: local = each step its own process; k8s = each step its own pod on its run's pool
+        executor=executor_for(settings),
+    )
+
+
+@definitions
+def defs() -> Definitions:
+    """The Definitions of this process's environment (workspace.yaml and `-m ops.definitions` load this).
+
+    Dagster's lazy definitions: importing this module reads no environment; Dagster calls this when it
+    loads the code location, and a bad setting fails that load naming its variable.
+    """
+    return build_definitions(Settings.from_env())

@@ -2,43 +2,45 @@
 
 from __future__ import annotations
 
-import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from dagster import Executor, ExecutorDefinition, InitExecutorContext, multiple_process_executor_requirements, multiprocess_executor
+from dagster import (
+    Executor,
+    ExecutorDefinition,
+    InitExecutorContext,
+    multiple_process_executor_requirements,
+    multiprocess_executor,
+)
 from dagster_k8s import k8s_job_executor
 
 from backfill.errors import ConfigError
+from backfill.settings import Settings
 from backfill.storage import OBJECT_STORES, protocol_of
-from assets.pools import POOL_TAG, Pools, load_pools
+from ops.pools import POOL_TAG, Pools, load_pools
 
 DEPLOYMENT_ENV = "BACKFILL_DEPLOYMENT"
-DEPLOYMENTS = ("local", "k8s")
 EMBED_OPS = ("image_embeddings",)  # the steps that run on the backfill's pool
 INDEX_OPS = ("faiss_index", "search_index")  # on indexPool if the pools file names one
 
 
-def deployment() -> str:
-    value = os.environ.get(DEPLOYMENT_ENV, "local")
-    if value not in DEPLOYMENTS:
-        raise ConfigError(f"environment variable {DEPLOYMENT_ENV}={value!r} must be one of {', '.join(DEPLOYMENTS)}")
-    return value
-
-
-def executor_from_env(root: str, grace_s: float) -> ExecutorDefinition:
+def executor_for(settings: Settings) -> ExecutorDefinition:
     """local: the multiprocess executor. k8s: step Jobs on pools, which needs shared (S3) storage."""
-    if deployment() == "local":
+    if settings.deployment == "local":
         return multiprocess_executor
-    if protocol_of(root) not in OBJECT_STORES:  # the protocols the engine's Store treats as S3
+    if protocol_of(settings.root) not in OBJECT_STORES:  # the protocols the engine's Store treats as S3
         raise ConfigError(
-            f"{DEPLOYMENT_ENV}=k8s needs BACKFILL_ROOT=s3://bucket/prefix, got {root!r}: step pods share no disk "
-            "(set BACKFILL_S3_ENDPOINT_URL for an S3-compatible store)"
+            f"{DEPLOYMENT_ENV}=k8s needs BACKFILL_ROOT=s3://bucket/prefix, got {settings.root!r}: "
+            "step pods share no disk (set BACKFILL_S3_ENDPOINT_URL for an S3-compatible store)"
         )
-    pools = load_pools(min_grace_s=grace_s)  # a broken pools file fails at load, not at the first run
+    # a broken pools file fails at load, not at the first run
+    pools = load_pools(settings.pools_file, min_grace_s=settings.embed.grace_s)
     return pooled_k8s_executor(pools)
 
 
-def pool_executor_config(executor_config: Mapping[str, Any], pools: Pools, run_tags: Mapping[str, str]) -> dict[str, Any]:
+def pool_executor_config(
+    executor_config: Mapping[str, Any], pools: Pools, run_tags: Mapping[str, str]
+) -> dict[str, Any]:
     """The k8s_job_executor config of one run: its pool's step config for the embedding (and index) steps.
 
     This is run-level on purpose. dagster-k8s 0.29 builds a step pod from the run launcher's
@@ -86,7 +88,12 @@ class PooledK8sExecutor(Executor):
             plan_context.instance.add_run_tags(run.run_id, {POOL_TAG: self._pools.default})
         config = pool_executor_config(self._init.executor_config, self._pools, run.tags)
         inner = k8s_job_executor.executor_creation_fn(
-            InitExecutorContext(job=self._init.job, executor_def=self._init.executor_def, executor_config=config, instance=self._init.instance)
+            InitExecutorContext(
+                job=self._init.job,
+                executor_def=self._init.executor_def,
+                executor_config=config,
+                instance=self._init.instance,
+            )
         )
         yield from inner.execute(plan_context, execution_plan)
 

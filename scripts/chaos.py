@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ops.chaos import HEADER, ChaosConfig, run_chaos, summary  # noqa: E402
+from harness.chaos import HEADER, ChaosConfig, run_chaos, summary  # noqa: E402
 
 
 def main() -> int:

@@ -25,9 +25,10 @@ from backfill.registry import register_version  # noqa: E402
 from backfill.sample import SampleSpec, make_sample_corpus  # noqa: E402
 from backfill.search import Searcher  # noqa: E402
 from backfill.storage import Layout, Store  # noqa: E402
-from ops.local_instance import init_instance, reset_dagster_home, start_daemon, stop  # noqa: E402
+from backfill.settings import DEFAULT_MODEL  # noqa: E402
+from harness.local_instance import init_instance, reset_dagster_home, start_daemon, stop  # noqa: E402
 
-MODEL = "refcnn"
+MODEL = DEFAULT_MODEL
 TIMEOUT_S = 420
 
 

@@ -32,9 +32,10 @@ from backfill.publish import read_pointer  # noqa: E402
 from backfill.registry import register_version  # noqa: E402
 from backfill.sample import SampleSpec, make_sample_corpus  # noqa: E402
 from backfill.storage import Layout, Store  # noqa: E402
-from ops.local_instance import free_port, init_instance, start_daemon, start_search_service, stop, wait_for  # noqa: E402
+from backfill.settings import DEFAULT_MODEL  # noqa: E402
+from harness.local_instance import free_port, new_instance, start_daemon, start_search_service, stop, wait_for  # noqa: E402
 
-MODEL = "refcnn"
+MODEL = DEFAULT_MODEL
 
 
 def machine() -> str:
@@ -56,16 +57,13 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="nearline-"))
     root, home = work / "root", work / "dagster_home"
     shutil.rmtree(work, ignore_errors=True)
-    home.mkdir(parents=True)
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "BACKFILL_ROOT": str(root),
-        "BACKFILL_MODEL": MODEL,
-        "BACKFILL_SENSOR_INTERVAL": str(args.sensor_interval),
-        "BACKFILL_AUTOMATION_INTERVAL": str(args.automation_interval),
-    }
+    env = new_instance(
+        home,
+        root,
+        args.sensor_interval,
+        BACKFILL_MODEL=MODEL,
+        BACKFILL_AUTOMATION_INTERVAL=str(args.automation_interval),
+    )
     layout = Layout(Store.open(str(root)))
     made = make_sample_corpus(layout, SampleSpec(images=args.images, shards=args.shards))
     held = {}
@@ -75,7 +73,6 @@ def main() -> None:
         layout.store.rm(layout.manifest(name))
     print(f"corpus: {made['images']} images in {args.shards} shards; {len(held)} held back to land one at a time; work folder {work}")
 
-    init_instance(home)
     daemon = start_daemon(env, work / "daemon.log")
     port = free_port()
     service = start_search_service(env, work / "serve.log", port, poll_s=0.2)

@@ -11,8 +11,9 @@ from backfill.models import Architecture, torchscript_bytes
 from backfill.registry import register_version
 from backfill.sample import SampleSpec, make_sample_corpus
 from backfill.storage import Layout, Store
+from backfill.settings import DEFAULT_MODEL
 
-MODEL = "refcnn"
+MODEL = DEFAULT_MODEL
 TINY = {
     "v1": Architecture(widths=(4, 8, 8, 16), dim=16, input_size=32, seed=1),
     "v2": Architecture(widths=(4, 8, 16, 16), dim=24, input_size=32, seed=2),
@@ -50,7 +51,7 @@ def registered(layout: Layout):
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """One real S3-compatible server (SeaweedFS) on loopback for the whole session."""
-    from ops.local_s3 import LocalS3
+    from harness.local_s3 import LocalS3
 
     server = LocalS3(tmp_path_factory.mktemp("seaweedfs")).start()
     yield server

@@ -8,69 +8,77 @@ import sys
 import pytest
 from dagster import multiprocess_executor
 
-from assets.pools import POOL_ENV, POOL_TAG, pool_tags_from_env
+from backfill.config import EmbedConfig
 from backfill.errors import ConfigError
-from ops.deployment import DEPLOYMENT_ENV, executor_from_env
-from ops.local_instance import REPO
+from backfill.settings import REPO, Settings
+from ops.deployment import DEPLOYMENT_ENV, executor_for
+from ops.pools import POOL_ENV, POOL_TAG, pool_tags
 
 
-def test_local_is_the_default_and_uses_processes(monkeypatch):
-    monkeypatch.delenv(DEPLOYMENT_ENV, raising=False)
-    assert executor_from_env("/data", 20) is multiprocess_executor
+def k8s(root: str, grace_s: float = 20) -> Settings:
+    return Settings(deployment="k8s", root=root, embed=EmbedConfig(grace_s=grace_s))
 
 
-def test_k8s_needs_s3_paths(monkeypatch):
-    monkeypatch.setenv(DEPLOYMENT_ENV, "k8s")
-    with pytest.raises(ConfigError, match=r"BACKFILL_DEPLOYMENT=k8s needs BACKFILL_ROOT=s3://bucket/prefix, got '/data': step pods share no disk"):
-        executor_from_env("/data", 20)
+def test_local_is_the_default_and_uses_processes():
+    assert Settings.from_env({}).deployment == "local"
+    assert executor_for(Settings(root="/data")) is multiprocess_executor
+
+
+def test_k8s_needs_s3_paths():
+    with pytest.raises(
+        ConfigError,
+        match=r"BACKFILL_DEPLOYMENT=k8s needs BACKFILL_ROOT=s3://bucket/prefix, got '/data': step pods share no disk",
+    ):
+        executor_for(k8s("/data"))
 
 
 @pytest.mark.parametrize("root", ["s3://bucket/backfill", "s3a://bucket/backfill"])
-def test_k8s_accepts_every_root_the_store_treats_as_s3(monkeypatch, root):
-    monkeypatch.setenv(DEPLOYMENT_ENV, "k8s")
-    assert executor_from_env(root, 20).name == "k8s"
+def test_k8s_accepts_every_root_the_store_treats_as_s3(root):
+    assert executor_for(k8s(root)).name == "k8s"
 
 
-def test_k8s_uses_the_pooled_k8s_job_executor(monkeypatch):
-    monkeypatch.setenv(DEPLOYMENT_ENV, "k8s")
-    executor = executor_from_env("s3://bucket/backfill", 20)
+def test_k8s_uses_the_pooled_k8s_job_executor():
+    executor = executor_for(k8s("s3://bucket/backfill"))
     assert executor.name == "k8s" and "default cpu-tidal" in executor.description
     # the run config of k8s_job_executor still applies (job_image, step_k8s_config, ...)
-    assert executor.config_schema.config_type.fields.keys() >= {"job_image", "step_k8s_config", "per_step_k8s_config", "retries"}
+    assert executor.config_schema.config_type.fields.keys() >= {
+        "job_image",
+        "step_k8s_config",
+        "per_step_k8s_config",
+        "retries",
+    }
 
 
-def test_k8s_refuses_a_grace_period_that_cannot_commit_a_chunk(monkeypatch):
-    monkeypatch.setenv(DEPLOYMENT_ENV, "k8s")
+def test_k8s_refuses_a_grace_period_that_cannot_commit_a_chunk():
     with pytest.raises(ConfigError, match="terminationGracePeriodSeconds must be an integer of at least 110"):
-        executor_from_env("s3://bucket/backfill", 100)
+        executor_for(k8s("s3://bucket/backfill", grace_s=100))
 
 
-def test_an_unknown_deployment_is_named(monkeypatch):
-    monkeypatch.setenv(DEPLOYMENT_ENV, "cloud")
-    with pytest.raises(ConfigError, match=r"environment variable BACKFILL_DEPLOYMENT='cloud' must be one of local, k8s"):
-        executor_from_env("/data", 20)
+def test_an_unknown_deployment_is_named():
+    with pytest.raises(
+        ConfigError, match=r"environment variable BACKFILL_DEPLOYMENT='cloud' must be one of local, k8s"
+    ):
+        Settings.from_env({DEPLOYMENT_ENV: "cloud"})
 
 
-def test_pool_for_sensor_runs(monkeypatch):
-    monkeypatch.delenv(POOL_ENV, raising=False)
-    assert pool_tags_from_env() == {}
-    monkeypatch.setenv(POOL_ENV, "gpu-spot")
-    assert pool_tags_from_env() == {POOL_TAG: "gpu-spot"}
-    monkeypatch.setenv(POOL_ENV, "gpu")
+def test_pool_for_sensor_runs():
+    pools_file = Settings().pools_file
+    assert pool_tags(Settings.from_env({}).pool, pools_file) == {}
+    assert pool_tags(Settings.from_env({POOL_ENV: "gpu-spot"}).pool, pools_file) == {POOL_TAG: "gpu-spot"}
     with pytest.raises(ConfigError, match=r"environment variable BACKFILL_POOL='gpu' is not a pool defined in"):
-        pool_tags_from_env()
+        pool_tags("gpu", pools_file)
 
 
 def test_the_real_definitions_in_the_k8s_deployment():
-    """Load ops.definitions as the cluster does (fresh process: the env is read at import)."""
+    """Load ops.definitions as the cluster does (fresh process: the env is read when Dagster loads defs)."""
     code = (
-        "import json; from ops.definitions import defs; repo = defs.get_repository_def();"
+        "import json; from ops.definitions import defs; repo = defs().get_repository_def();"
         "job = repo.get_job('embed_job');"
         "auto = repo.get_sensor_def('backfill_automation'); index = repo.get_sensor_def('index_automation');"
         "print(json.dumps({'executor': job.executor_def.name, 'tags': dict(auto.run_tags), 'index_tags': dict(index.run_tags)}))"
     )
     env = {**os.environ, DEPLOYMENT_ENV: "k8s", "BACKFILL_ROOT": "s3://bucket/backfill", POOL_ENV: "gpu-spot"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out == {

@@ -10,10 +10,12 @@ from assets.index import faiss_index, search_index
 from backfill.index import IDS_FILE
 from backfill.manifest import read_shard, write_shard
 from backfill.publish import read_pointer
-from ops.definitions import defs
+from ops.definitions import defs as load_defs
 from tests.conftest import MODEL, register_tiny
 from tests.dagster.test_assets import embed_one, latest_metadata, resources
-from tests.dagster.test_automation import requested
+from tests.dagster.test_automation import requested, verified
+
+defs = load_defs()  # lazy Definitions: built from the environment when called
 
 FIRST, NEW = ["shard-00000", "shard-00001"], "shard-00002"
 
@@ -60,6 +62,7 @@ def test_a_shard_landing_during_a_newer_backfill_is_in_that_versions_index(regis
     with instance_for_test() as instance:
         instance.add_dynamic_partitions("shard", FIRST)
         instance.add_dynamic_partitions("model_version", ["v1", "v2"])
+        verified(instance, "v1", "v2")  # what model_version's runs record
         for shard in FIRST:
             assert embed_one(instance, layout, shard).success
         assert index_and_publish(instance, layout, "v1").success

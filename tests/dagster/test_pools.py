@@ -10,7 +10,7 @@ from dagster_k8s.client import DagsterKubernetesClient
 from assets.embeddings import image_embeddings
 from assets.index import faiss_index, search_index
 from assets.partitions import model_versions, shards
-from assets.pools import POOL_TAG, load_pools
+from ops.pools import POOL_TAG, load_pools
 from assets.resources import BackfillResource
 from ops.deployment import pooled_k8s_executor
 from ops.schedules import embed_job
@@ -276,7 +276,7 @@ def _pools_yaml(**changes):
 
     import yaml
 
-    from assets.pools import DEFAULT_POOLS_FILE
+    from ops.pools import DEFAULT_POOLS_FILE
 
     data = yaml.safe_load(DEFAULT_POOLS_FILE.read_text())
     pool = copy.deepcopy(data["pools"]["gpu-spot"])
@@ -296,7 +296,7 @@ def _pools_yaml(**changes):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"device": "tpu"}, "pool 'gpu-spot': device must be 'cpu' or 'cuda', got 'tpu'"),
+        ({"device": "tpu"}, "pool 'gpu-spot': device must be one of ('cpu', 'cuda'), got 'tpu'"),
         ({"resources__limits": {"cpu": "8", "memory": "24Gi"}}, "device 'cuda' needs resources.limits.nvidia.com/gpu of at least 1"),
         ({"resources__limits__memory": None}, "resources.limits.memory is required"),
         ({"resources__limits__cpu": "eight"}, "resources.limits.cpu must be a Kubernetes quantity such as '4', '500m' or '16Gi', got 'eight'"),
@@ -309,10 +309,18 @@ def _pools_yaml(**changes):
         ({"priorityClassName": None}, "pool 'gpu-spot': is missing 'priorityClassName'"),
         ({"maxConcurrentRuns": 0}, "maxConcurrentRuns must be a positive integer, got 0"),
         ({"nodeSelectr": {}}, "unknown keys ['nodeSelectr']"),
+        ({"tolerations": [{"key": "k", "operater": "Equal"}]}, "tolerations[0]: unknown keys ['operater']"),
+        ({"tolerations": [{"key": "k", "value": "v", "tolerationSeconds": 5}]}, "tolerations[0]: tolerationSeconds only applies to effect NoExecute"),
+        ({"tolerations": [{"value": "v"}]}, "tolerations[0]: operator Equal needs a key"),
+        ({"tolerations": {"key": "k"}}, "tolerations must be a list, got {'key': 'k'}"),
+        ({"affinity": {"nodeAfinity": {}}}, "affinity must be a Kubernetes Affinity mapping"),
+        ({"resources__limits__nvidia.com/gpu": "2"}, "resources.requests.nvidia.com/gpu must equal resources.limits.nvidia.com/gpu"),
+        ({"resources__request": {}}, "resources: unknown keys ['request']"),
+        ({"priorityClassName": ""}, "priorityClassName must be a non-empty string, got ''"),
     ],
 )
 def test_a_bad_pool_is_refused_naming_file_pool_and_field(changes, message):
-    from assets.pools import parse_pools
+    from ops.pools import parse_pools
     from backfill.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
@@ -321,7 +329,7 @@ def test_a_bad_pool_is_refused_naming_file_pool_and_field(changes, message):
 
 
 def test_cpu_pool_must_not_take_a_gpu_and_default_must_exist():
-    from assets.pools import parse_pools
+    from ops.pools import parse_pools
     from backfill.errors import ConfigError
 
     data = _pools_yaml(device="cpu")
@@ -333,8 +341,18 @@ def test_cpu_pool_must_not_take_a_gpu_and_default_must_exist():
         parse_pools(data, "pools.yaml")
 
 
+def test_a_pool_name_must_be_a_dns_label():
+    from backfill.errors import ConfigError
+    from ops.pools import parse_pools
+
+    data = _pools_yaml()
+    data["pools"]["GPU_spot"] = data["pools"].pop("gpu-spot")
+    with pytest.raises(ConfigError, match=r"pools file pools.yaml: pool name 'GPU_spot' must be a lowercase DNS label"):
+        parse_pools(data, "pools.yaml")
+
+
 def test_pools_file_from_the_environment(monkeypatch, tmp_path):
-    from assets.pools import POOLS_FILE_ENV, load_pools
+    from ops.pools import POOLS_FILE_ENV, load_pools
     from backfill.errors import ConfigError
 
     monkeypatch.setenv(POOLS_FILE_ENV, str(tmp_path / "missing.yaml"))

@@ -11,7 +11,7 @@ from dagster import DagsterInstance, build_reconstructable_job, execute_job, ins
 
 from backfill.embed import MARKER, load_embeddings
 from backfill.manifest import list_shards, read_shard
-from ops.local_instance import REPO
+from harness.local_instance import REPO
 from tests.conftest import MODEL, make_layout, register_tiny
 
 PARTITION = "v1|shard-00000"
@@ -21,7 +21,7 @@ SHARD = "shard-00000"
 def embed_job():
     from ops.definitions import defs
 
-    return defs.get_job_def("embed_job")
+    return defs().get_job_def("embed_job")
 
 
 ROWS = 120

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from assets.pools import DEFAULT_POOLS_FILE, POOL_TAG, POOLS_FILE_ENV, load_pools
+from ops.pools import DEFAULT_POOLS_FILE, POOL_TAG, POOLS_FILE_ENV, load_pools
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 MANIFESTS = sorted((DEPLOY / "k8s").glob("*.yaml"))

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
 import requests
 
-from ops.local_instance import REPO, free_port, init_instance, start_daemon, start_webserver, stop, wait_for
+from harness.local_instance import free_port, new_instance, start_daemon, start_webserver, stop, wait_for
+
+SMALL_BATCHES = {"BACKFILL_BATCH_SIZE": "16", "BACKFILL_CHUNK_SIZE": "16"}
 
 
 @contextlib.contextmanager
@@ -19,21 +19,8 @@ def running_dagster(tmp_path: Path, root: Path | str, **env_overrides: str) -> I
 
     Logs go to tmp_path (webserver.log, daemon.log); the instance lives in tmp_path/dagster_home.
     """
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "BACKFILL_ROOT": str(root),
-        "BACKFILL_SENSOR_INTERVAL": "2",
-        "BACKFILL_AUTOMATION_INTERVAL": "2",
-        "BACKFILL_BATCH_SIZE": "16",
-        "BACKFILL_CHUNK_SIZE": "16",
-        **env_overrides,
-    }
+    env = new_instance(tmp_path / "dagster_home", root, **{**SMALL_BATCHES, **env_overrides})
     port = free_port()
-    init_instance(home)
     web = start_webserver(env, tmp_path / "webserver.log", port)
     daemon = start_daemon(env, tmp_path / "daemon.log")
     url = f"http://127.0.0.1:{port}/graphql"

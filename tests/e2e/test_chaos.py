@@ -2,7 +2,7 @@
 
 import pytest
 
-from ops.chaos import ChaosConfig, run_chaos
+from harness.chaos import ChaosConfig, run_chaos
 
 pytestmark = pytest.mark.e2e
 

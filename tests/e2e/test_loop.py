@@ -8,7 +8,7 @@ from backfill.images import make_fetcher
 from backfill.manifest import read_shard
 from backfill.publish import read_pointer
 from backfill.search import Searcher
-from ops.local_instance import wait_for
+from harness.local_instance import wait_for
 from tests.conftest import MODEL, make_layout, register_tiny
 from tests.e2e.conftest import running_dagster
 

@@ -1,8 +1,6 @@
 """Near-line under the real dagster-daemon, with the search service on loopback: new shards land
 while the system runs and their images are found through the HTTP API."""
 
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -16,8 +14,9 @@ from assets.index import faiss_index, search_index
 from assets.resources import BackfillResource
 from backfill.manifest import list_shards, read_shard, write_shard
 from backfill.publish import read_pointer
-from ops.local_instance import REPO, free_port, init_instance, start_daemon, start_search_service, stop, wait_for
+from harness.local_instance import free_port, new_instance, start_daemon, start_search_service, stop, wait_for
 from tests.conftest import MODEL, make_layout, register_tiny
+from tests.e2e.conftest import SMALL_BATCHES
 
 pytestmark = pytest.mark.e2e
 
@@ -42,24 +41,11 @@ def publish_v1_in_process(home: Path, layout) -> None:
 def system(tmp_path: Path):
     """A corpus of 3 shards of which the last is held back, v1 published over the other 2; the daemon
     and the search service running."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
-    root = tmp_path / "root"
+    home, root = tmp_path / "dagster_home", tmp_path / "root"
     layout = make_layout(root, images=90, shards=3)
     held = pq.read_table(layout.manifest(NEW))
     layout.store.rm(layout.manifest(NEW))
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "BACKFILL_ROOT": str(root),
-        "BACKFILL_MODEL": MODEL,
-        "BACKFILL_SENSOR_INTERVAL": "2",
-        "BACKFILL_AUTOMATION_INTERVAL": "2",
-        "BACKFILL_BATCH_SIZE": "16",
-        "BACKFILL_CHUNK_SIZE": "16",
-    }
-    init_instance(home)
+    env = new_instance(home, root, BACKFILL_MODEL=MODEL, **SMALL_BATCHES)
     publish_v1_in_process(home, layout)
     daemon = start_daemon(env, tmp_path / "daemon.log")
     port = free_port()

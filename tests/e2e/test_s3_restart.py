@@ -8,9 +8,10 @@ import pytest
 from dagster import DagsterInstance
 
 from backfill.publish import read_pointer
-from ops.chaos import retries, verify_version
-from ops.local_instance import wait_for
-from ops.local_s3 import LocalS3
+from backfill.verify import verify_version
+from harness.chaos import retries
+from harness.local_instance import wait_for
+from harness.local_s3 import LocalS3
 from tests.conftest import MODEL, make_layout, register_tiny
 from tests.e2e.conftest import running_dagster
 
@@ -48,10 +49,10 @@ def test_backfill_survives_an_s3_restart(tmp_path: Path, monkeypatch):
             wait_for(published, timeout=400, interval=2, what=f"v1 published after the restart (logs in {tmp_path})")
             step_retries, run_retries = retries(DagsterInstance.from_config(str(tmp_path / "dagster_home")), "v1")
 
-        result = verify_version(layout, "v1")
-        assert (result["lost"], result["duplicated"], result["rejects"], result["index_mismatch"]) == (0, 0, 0, 0), result
-        assert result["pointer_ok"] and not result["problems"], result
-        assert result["rows"] == 96
+        result = verify_version(layout, MODEL, "v1")
+        assert (result.lost, result.duplicated, result.rejects, result.index_mismatch) == (0, 0, 0, 0), result
+        assert result.pointer_ok and not result.problems, result
+        assert result.rows == 96
         print(f"S3 restart: {step_retries} steps put up for retry, {run_retries} runs retried; {result}")
         assert step_retries + run_retries >= 1, "the outage hit no partition: the test proved nothing"
     finally:

@@ -13,7 +13,7 @@ from PIL import Image
 from backfill.config import EmbedConfig
 from backfill.embed import embed_shard, load_embeddings, read_rejects
 from backfill.manifest import write_shard
-from backfill.registry import load_model
+from backfill.runtime import load_model
 from tests.conftest import MODEL
 
 rng = np.random.default_rng(5)

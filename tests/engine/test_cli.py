@@ -41,7 +41,7 @@ def test_searching_with_a_non_image_names_the_file(registered, tmp_path, capsys)
     from backfill.index import build_index
     from backfill.manifest import list_shards
     from backfill.publish import publish
-    from backfill.registry import load_model
+    from backfill.runtime import load_model
 
     layout, card = registered
     model = load_model(layout, card)

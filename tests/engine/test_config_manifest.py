@@ -4,7 +4,8 @@ import pytest
 
 from backfill.config import EmbedConfig, IndexConfig
 from backfill.errors import ConfigError, ManifestError
-from backfill.manifest import check_unique_across, list_shards, read_shard, write_shard
+from backfill.id_check import check_unique
+from backfill.manifest import list_shards, read_shard, write_shard
 
 
 @pytest.mark.parametrize(
@@ -33,7 +34,7 @@ def test_sample_corpus_manifests(layout):
     shards = [read_shard(layout, n) for n in names]
     ids = np.concatenate([s.image_ids for s in shards])
     assert sorted(ids.tolist()) == list(range(60))
-    check_unique_across(layout, names)  # no error
+    check_unique(layout, names)  # no error
 
 
 def test_duplicate_id_within_a_shard_is_refused(layout):
@@ -46,7 +47,7 @@ def test_duplicate_id_across_shards_names_both(layout):
     first = read_shard(layout, "shard-00000")
     write_shard(layout, "zz-extra", pa.table({"image_id": pa.array([int(first.image_ids[0])], pa.int64()), "uri": ["x"]}))
     with pytest.raises(ManifestError, match=r"in manifest shards 'shard-00000' and 'zz-extra'"):
-        check_unique_across(layout, list_shards(layout))
+        check_unique(layout, list_shards(layout))
 
 
 def test_manifest_without_uri_column_says_what_is_needed(layout):

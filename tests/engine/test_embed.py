@@ -6,7 +6,7 @@ from backfill.config import EmbedConfig
 from backfill.embed import MARKER, REJECTS, embed_shard, is_chunk, load_embeddings
 from backfill.errors import ConfigError, RejectRateError
 from backfill.manifest import read_shard, write_shard
-from backfill.registry import load_model
+from backfill.runtime import load_model
 from tests.conftest import MODEL
 
 CONFIG = EmbedConfig(batch_size=4, chunk_size=6, fetch_workers=4, decode_workers=2, torch_threads=1)

@@ -150,7 +150,7 @@ def test_gpu_path_bounds_pixels_from_the_header():
 def test_embed_shard_same_vectors_through_the_decoder_path(registered, monkeypatch):
     from backfill.config import EmbedConfig
     from backfill.embed import embed_shard, load_embeddings
-    from backfill.registry import load_model
+    from backfill.runtime import load_model
 
     layout, card = registered
     model = load_model(layout, card)
@@ -185,7 +185,7 @@ def test_batch_size_zero_is_chosen_per_device():
 def test_embed_shard_with_per_device_batch(registered):
     from backfill.config import EmbedConfig
     from backfill.embed import embed_shard
-    from backfill.registry import load_model
+    from backfill.runtime import load_model
 
     layout, card = registered
     stats = embed_shard(layout, "shard-00001", load_model(layout, card), EmbedConfig(batch_size=0, chunk_size=8))

@@ -15,7 +15,7 @@ from backfill.index import IDS_FILE, INDEX_FILE, build_index
 from backfill.index_quality import recall_at_k
 from backfill.manifest import list_shards, read_shard
 from backfill.publish import publish
-from backfill.registry import load_model
+from backfill.runtime import load_model
 from backfill.search import Searcher
 from tests.conftest import MODEL, make_layout, register_tiny
 

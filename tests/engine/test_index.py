@@ -10,7 +10,7 @@ from backfill.index_build import sample_positions
 from backfill.index_plan import plan_index
 from backfill.index_quality import exact_neighbours, recall_at_k, tune_nprobe
 from backfill.manifest import list_shards
-from backfill.registry import load_model
+from backfill.runtime import load_model
 from tests.conftest import MODEL
 
 CONFIG = EmbedConfig(batch_size=8, chunk_size=8, torch_threads=1)

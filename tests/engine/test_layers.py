@@ -1,4 +1,4 @@
-"""The engine imports without Dagster: a meta-path hook refuses any dagster import."""
+"""Layers: the engine imports without Dagster (a meta-path hook refuses it); the harness stays out of the product."""
 
 import subprocess
 import sys
@@ -46,3 +46,52 @@ def test_nothing_unpickles_untrusted_files():
                 if re.search(pattern, text):
                     offenders.append(f"{path.relative_to(REPO)}: {pattern}")
     assert offenders == []
+
+
+PRODUCT = ("backfill", "assets", "ops")
+HARNESS = REPO / "harness"
+
+
+def _packages_find() -> dict:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+
+
+def test_the_installed_packages_are_the_product_and_not_the_harness():
+    from setuptools import find_packages
+
+    find = _packages_find()
+    shipped = set(find_packages(str(REPO), include=find.get("include", ["*"]), exclude=find.get("exclude", ())))
+    assert set(PRODUCT) <= shipped
+    assert not [p for p in shipped if p.split(".")[0] not in PRODUCT], shipped
+
+
+def test_harness_modules_live_only_in_harness():
+    # moving one back under the product would ship it again
+    names = {p.stem for p in HARNESS.glob("*.py") if p.stem != "__init__"}
+    assert {"chaos", "local_s3", "local_instance"} <= names
+    product = {p.stem for folder in PRODUCT for p in (REPO / folder).rglob("*.py")}
+    assert names & product == set()
+
+
+def test_no_product_module_imports_the_harness():
+    import ast
+
+    offenders = []
+    for folder in PRODUCT:
+        for path in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                outside = [n for n in names if n.split(".")[0] in ("harness", "tests")]
+                offenders += [f"{path.relative_to(REPO)}: {n}" for n in outside]
+    assert offenders == []
+
+
+def test_the_harness_is_not_importable_from_the_installed_package(tmp_path):
+    # -I: no cwd, no PYTHONPATH on sys.path, so only what is installed is found
+    probe = "import importlib.util as u; print(u.find_spec('backfill') is not None, u.find_spec('harness') is None)"
+    result = subprocess.run([sys.executable, "-I", "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True"], "expected the product installed (scripts/setup.sh) and no harness"

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from backfill.errors import ModelError
-from backfill.registry import ModelCard, load_model, read_card, register_version
+from backfill.registry import ModelCard, read_card, register_version
+from backfill.runtime import load_model
 from tests.conftest import TINY
 from backfill.models import torchscript_bytes
 

@@ -8,7 +8,7 @@ from backfill.errors import BackfillError, QualityGateError
 from backfill.index import build_index, latest_build
 from backfill.manifest import list_shards, read_shard
 from backfill.publish import publish, read_pointer
-from backfill.registry import load_model
+from backfill.runtime import load_model
 from backfill.search import Searcher
 from tests.conftest import MODEL, register_tiny
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from backfill.errors import ConfigError, ModelError
-from backfill.registry import CARD, list_versions, load_model, read_card
+from backfill.registry import CARD, list_versions, read_card
+from backfill.runtime import load_model
 from tests.conftest import MODEL, TINY, register_tiny
 
 

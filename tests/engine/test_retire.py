@@ -11,7 +11,8 @@ from backfill.incremental import build_or_update
 from backfill.index import build_index
 from backfill.manifest import list_shards
 from backfill.publish import publish, read_pointer
-from backfill.registry import list_versions, load_model
+from backfill.registry import list_versions
+from backfill.runtime import load_model
 from backfill.retire import plan_retirement, retire, retired_versions
 from backfill.search import Searcher
 from tests.conftest import MODEL, TINY, register_tiny

@@ -9,10 +9,10 @@ from backfill.images import make_fetcher
 from backfill.index import INDEX_FILE, build_index
 from backfill.manifest import list_shards, read_shard
 from backfill.publish import publish
-from backfill.registry import load_model
+from backfill.runtime import load_model
 from backfill.search import Searcher
 from backfill.storage import Layout, Store, local_copy
-from ops.chaos import verify_version
+from backfill.verify import verify_version
 from tests.conftest import MODEL, make_layout, register_tiny
 
 
@@ -51,8 +51,8 @@ def test_whole_loop_on_s3_commits_by_single_puts_and_serves_from_a_verified_cach
 
     build = build_index(layout, MODEL, "v1", list_shards(layout), IndexConfig(), model_created=card.created)
     assert publish(layout, MODEL, build.build_id).published
-    result = verify_version(layout, "v1")
-    assert (result["lost"], result["duplicated"], result["index_mismatch"], result["pointer_ok"]) == (0, 0, 0, True), result
+    result = verify_version(layout, MODEL, "v1")
+    assert (result.lost, result.duplicated, result.index_mismatch, result.pointer_ok) == (0, 0, 0, True), result
 
     cache = tmp_path / "cache"
     uri = read_shard(layout, "shard-00001").uris[5]
@@ -85,7 +85,7 @@ def test_endpoint_setting_is_validated(monkeypatch):
 def outage(tmp_path_factory):
     """A server of its own with an object on it, then stopped: (its settings, the root). Module scope:
     set up before the no-sleep guard of engine tests, since starting a server waits."""
-    from ops.local_s3 import LocalS3
+    from harness.local_s3 import LocalS3
 
     server = LocalS3(tmp_path_factory.mktemp("outage")).start()
     try:

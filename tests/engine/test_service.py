@@ -16,8 +16,8 @@ from backfill.embed import embed_shard
 from backfill.incremental import build_or_update
 from backfill.manifest import list_shards, read_shard, write_shard
 from backfill.publish import publish
-from backfill.registry import load_model
-from ops.local_instance import REPO, free_port
+from backfill.runtime import load_model
+from harness.local_instance import REPO, free_port
 from tests.conftest import MODEL, make_layout, register_tiny
 
 LIMIT = 256 * 1024

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import random
@@ -15,21 +13,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import faiss
-import numpy as np
-import pyarrow.parquet as pq
-
-from backfill.embed import MARKER, ids_sha256, read_chunks
-from backfill.index import IDS_FILE, INDEX_FILE, read_build
-from backfill.manifest import list_shards, read_shard
+from backfill.embed import MARKER
+from backfill.manifest import list_shards
 from backfill.models import Architecture, torchscript_bytes
 from backfill.publish import read_pointer
 from backfill.registry import register_version
 from backfill.sample import SampleSpec, make_sample_corpus
 from backfill.storage import Layout, Store
-from ops.local_instance import REPO, init_instance, start_daemon, step_worker_pids, stop
+from backfill.verify import verify_version
+from backfill.settings import DEFAULT_MODEL
+from harness.local_instance import new_instance, start_daemon, step_worker_pids, stop
 
-MODEL = "refcnn"
+MODEL = DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
@@ -75,60 +70,6 @@ class RoundResult:
         return self.lost == 0 and self.duplicated == 0 and self.index_mismatch == 0 and self.pointer_ok and not self.problems
 
 
-def verify_version(layout: Layout, version: str, expected_rejects: int = 0) -> dict:
-    """Exactly-once from storage alone: chunks vs manifests, the published index vs the chunks, the pointer.
-
-    The sample corpus has no bad images, so any reject (a good image turned into a null
-    row) is a problem too, not a legitimate outcome.
-    """
-    lost = duplicated = 0
-    problems: list[str] = []
-    valid_ids = []
-    rows = rejects = 0
-    for shard in list_shards(layout):
-        manifest = read_shard(layout, shard)
-        out = layout.embeddings(MODEL, version, shard)
-        table = read_chunks(layout, out, columns=["image_id", "embedding"])
-        ids = table.column("image_id").to_numpy() if table is not None else np.zeros(0, np.int64)
-        lost += len(np.setdiff1d(manifest.image_ids, ids))
-        duplicated += len(ids) - len(np.unique(ids))
-        extra = len(np.setdiff1d(ids, manifest.image_ids))
-        if extra:
-            problems.append(f"{shard}: {extra} ids not in the manifest")
-        if not layout.store.exists(f"{out}/{MARKER}"):
-            problems.append(f"{shard}: no completion marker")
-        else:
-            marker = layout.store.read_json(f"{out}/{MARKER}")
-            if marker["ids_sha256"] != ids_sha256(manifest.image_ids) or marker["images"] != len(manifest):
-                problems.append(f"{shard}: completion marker does not match the manifest")
-        if table is not None:
-            valid = table.column("embedding").is_valid().to_numpy(zero_copy_only=False)
-            valid_ids.append(ids[valid])
-            rejects += int((~valid).sum())
-        rows += len(manifest)
-    if rejects != expected_rejects:
-        problems.append(f"{rejects} rejects where {expected_rejects} were expected")
-    pointer = read_pointer(layout, MODEL)
-    index_mismatch, pointer_ok = 0, False
-    if pointer is None or pointer.get("version") != version:
-        problems.append(f"CURRENT names {pointer and pointer.get('build_id')}, not a build of {version}")
-    else:
-        build = read_build(layout, MODEL, pointer["build_id"])
-        folder = layout.index_build(MODEL, build.build_id)
-        indexed = pq.read_table(io.BytesIO(layout.store.read_bytes(f"{folder}/{IDS_FILE}"))).column("image_id").to_numpy()
-        expected = np.concatenate(valid_ids) if valid_ids else np.zeros(0, np.int64)
-        index_mismatch = len(np.setxor1d(indexed, expected)) + (len(indexed) - len(np.unique(indexed)))
-        blob = layout.store.read_bytes(f"{folder}/{INDEX_FILE}")
-        ntotal = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8)).ntotal
-        pointer_ok = (
-            build.passed
-            and build.version == version
-            and hashlib.sha256(blob).hexdigest() == build.index_sha256
-            and ntotal == len(indexed)
-        )
-    return {"rows": rows, "rejects": rejects, "lost": lost, "duplicated": duplicated, "index_mismatch": index_mismatch, "pointer_ok": pointer_ok, "problems": problems}
-
-
 def _work_done(log: Path, version: str) -> int:
     """Images embedded for a version by every attempt, from the work log (killed attempts included)."""
     if not log.exists():
@@ -156,24 +97,18 @@ def run_chaos(config: ChaosConfig, workdir: Path, say: Callable[[str], None] = p
 
     shutil.rmtree(workdir, ignore_errors=True)
     home, root, work_log = workdir / "dagster_home", workdir / "root", workdir / "work.log"
-    home.mkdir(parents=True)
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
     layout = Layout(Store.open(str(root)))
     made = make_sample_corpus(layout, SampleSpec(images=config.images, shards=config.shards, seed=config.seed))
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "BACKFILL_ROOT": str(root),
-        "BACKFILL_SENSOR_INTERVAL": "2",
-        "BACKFILL_AUTOMATION_INTERVAL": "2",
-        "BACKFILL_CHUNK_SIZE": str(config.chunk_size),
-        "BACKFILL_BATCH_SIZE": str(config.batch_size),
-        "BACKFILL_GRACE_S": str(config.grace_s),
-        "BACKFILL_WORK_LOG": str(work_log),
-    }
+    env = new_instance(
+        home,
+        root,
+        BACKFILL_CHUNK_SIZE=str(config.chunk_size),
+        BACKFILL_BATCH_SIZE=str(config.batch_size),
+        BACKFILL_GRACE_S=str(config.grace_s),
+        BACKFILL_WORK_LOG=str(work_log),  # every attempt appends "{pid} {version} {shard} {n}" per embedded batch
+    )
     say(f"corpus: {made['images']} images in {made['shards']} shards, chunks of {config.chunk_size}; logs in {workdir}")
     rng = random.Random(config.seed)
-    init_instance(home)
     daemon = start_daemon(env, workdir / "daemon.log")
     results: list[RoundResult] = []
     try:
@@ -213,11 +148,11 @@ def run_chaos(config: ChaosConfig, workdir: Path, say: Callable[[str], None] = p
                 result.sigterm += signo == signal.SIGTERM
                 result.sigkill += signo == signal.SIGKILL
                 result.index_kills += late
-            verdict = verify_version(layout, version)
-            result.rows, result.rejects = verdict["rows"], verdict["rejects"]
-            result.lost, result.duplicated = verdict["lost"], verdict["duplicated"]
-            result.index_mismatch, result.pointer_ok = verdict["index_mismatch"], verdict["pointer_ok"]
-            result.problems += verdict["problems"]
+            verdict = verify_version(layout, MODEL, version)
+            result.rows, result.rejects = verdict.rows, verdict.rejects
+            result.lost, result.duplicated = verdict.lost, verdict.duplicated
+            result.index_mismatch, result.pointer_ok = verdict.index_mismatch, verdict.pointer_ok
+            result.problems += verdict.problems
             result.embedded_total = _work_done(work_log, version)
             result.step_retries, result.run_retries = retries(instance, version)
             results.append(result)

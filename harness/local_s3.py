@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ops.local_instance import free_port, wait_for
+from harness.local_instance import free_port, wait_for
 
 ACCESS_KEY = "backfill-test"
 SECRET_KEY = "backfill-test-secret"  # a throwaway key for a loopback server, never a real credential

@@ -45,6 +45,25 @@ def init_instance(home: Path) -> None:
         instance.get_latest_materialization_event(AssetKey("_init"))  # event log index
 
 
+def new_instance(home: Path, root: Path | str, interval_s: int = 2, **settings: str) -> dict[str, str]:
+    """Create DAGSTER_HOME (the project's dagster.yaml, storage initialised); return the environment of its processes.
+
+    The processes work over `root`, their sensors tick every `interval_s` seconds, and
+    `settings` (BACKFILL_* names) are added last, so they may override any of these.
+    """
+    home.mkdir(parents=True)  # a fresh one: an instance left by an earlier run would carry its runs over
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    init_instance(home)
+    return {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "BACKFILL_ROOT": str(root),
+        "BACKFILL_SENSOR_INTERVAL": str(interval_s),
+        "BACKFILL_AUTOMATION_INTERVAL": str(interval_s),
+        **settings,
+    }
+
+
 def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     """Start a Dagster process in its own process group with default INT/TERM handling.
 

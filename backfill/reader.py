@@ -1,0 +1,147 @@
+"""The reader stage: a shard's rows fetched, decoded and batched, every step bounded, in row order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+from backfill.config import EmbedConfig
+from backfill.feed import Preprocessor
+from backfill.images import BadImage, make_fetcher
+from backfill.pipeline import Prefetched, bounded_map
+
+STAGE_GROUP = 16  # rows per fetch/decode task: amortises the thread hand-off (~20 us) at GPU rates
+
+
+@dataclass
+class Span:
+    """Rows of one batch: consecutive rows of one chunk, at most batch_size of them embeddable."""
+
+    start: int  # the chunk's first row
+    offsets: list[int] = field(default_factory=list)  # chunk offsets of the staged items
+    items: list = field(default_factory=list)
+    rejects: list[tuple[int, str]] = field(default_factory=list)  # (chunk offset, reason)
+    seen: int = 0  # chunk offset one past the last row in this span
+    last: bool = False  # the chunk ends with this span
+
+
+Batch = tuple[Span, tuple[Any, dict[int, str]]]  # (span, (pixels on the device or None, {position: reason}))
+
+
+class BatchReader(Iterator[Batch]):
+    """Prepared batches of the rows `todo` of a shard, `config.prefetch_batches` ahead of the model.
+
+    fetch (I/O threads) -> decode (CPU threads) -> batch assembly (one thread: on CUDA nvjpeg and
+    the host-to-device copy on a stream of their own) -> a prefetch thread that drives all of them,
+    so the consumer only launches the model and commits. Batches never cross a chunk boundary.
+    close() stops every stage's pool now, not at garbage collection.
+    """
+
+    def __init__(
+        self, uris: list, todo: list[tuple[int, int]], input_size: int, config: EmbedConfig, decode_workers: int
+    ) -> None:
+        self.prep = Preprocessor(input_size, config.max_image_pixels, config.device, config.gpu_decode)
+        batch_size = config.images_per_batch
+        rows = grouped((r for s, e in todo for r in range(s, e)), STAGE_GROUP)
+        per_batch = -(-batch_size // STAGE_GROUP)
+        self._fetched: Iterator | None = None
+        if self.prep.gpu_decode:
+            # on the nvjpeg path staging is a header parse (microseconds): it runs in the fetch task,
+            # saving a pool of threads that would wake per group while the main thread launches kernels
+            self._decoded = fetch_many(uris, rows, config.fetch_workers, then=self.decode_rows, ahead=2 * per_batch)
+        else:
+            self._fetched = fetch_many(uris, rows, config.fetch_workers)
+            window = 2 * decode_workers + per_batch
+            self._decoded = bounded_map(self.decode_rows, self._fetched, decode_workers, window=window)
+        prepared = bounded_map(self.prep.prepare, spans(flattened(self._decoded), todo, batch_size), 1, window=2)
+        self._batches = Prefetched(prepared, config.prefetch_batches, name="prefetch-batches")
+
+    def decode_rows(self, items: list[tuple[int, bytes | str]]) -> list[tuple[int, object]]:
+        """(row, bytes) -> (row, staged pixels); a fetch reject, or a decode failure, stays (row, reason)."""
+        out: list[tuple[int, object]] = []
+        for row, data in items:
+            if isinstance(data, str):
+                out.append((row, data))
+                continue
+            try:
+                out.append((row, self.prep.stage(data)))
+            except BadImage as exc:
+                out.append((row, str(exc)))
+        return out
+
+    def __next__(self) -> Batch:
+        return next(self._batches)
+
+    def close(self) -> None:
+        self._batches.close()
+        self._decoded.close()  # type: ignore[attr-defined]  # a generator
+        if self._fetched is not None:
+            self._fetched.close()  # type: ignore[attr-defined]
+
+
+def spans(decoded: Iterator[tuple[int, object]], todo: list[tuple[int, int]], batch_size: int) -> Iterator[Span]:
+    """Cut the decoded row stream into batches that never cross a chunk boundary."""
+    for start, end in todo:
+        span = Span(start)
+        for i in range(end - start):
+            row, result = next(decoded)
+            assert row == start + i, f"decoded stream out of order: {row} != {start + i}"
+            if isinstance(result, str):
+                span.rejects.append((i, result))
+            else:
+                span.offsets.append(i)
+                span.items.append(result)
+            span.seen = i + 1
+            if len(span.items) == batch_size and i < end - start - 1:
+                yield span
+                span = Span(start)
+        span.last = True
+        yield span
+
+
+def fetch_many(
+    uris, groups: Iterable[list[int]], workers: int, then: Callable[[list], list] | None = None, ahead: int = 2
+) -> Iterator[list]:
+    """Lists of (row, bytes) in row order, `workers` requests in flight; a bad image gives (row, reason).
+
+    Object-store GETs are latency-bound (tens of ms to first byte), so throughput is requests
+    in flight / latency. Each task fetches one group of rows (fewer thread handoffs per image);
+    at most workers + `ahead` groups wait for the consumer, which bounds memory. `then`, if
+    given, runs on each fetched group inside the same task (a cheap next stage). Outages raise
+    RetryableError: an unreachable store is never taken for a missing image.
+    """
+    fetch = make_fetcher()
+
+    def fetch_rows(rows: list[int]) -> list[tuple[int, bytes | str]]:
+        out: list[tuple[int, bytes | str]] = []
+        for row in rows:
+            try:
+                out.append((row, fetch(uris[row])))
+            except BadImage as exc:
+                out.append((row, str(exc)))
+        return then(out) if then else out
+
+    return bounded_map(fetch_rows, groups, workers, window=workers + ahead)
+
+
+def grouped(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of `size` items (the last may be shorter)."""
+    group: list[Any] = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def flattened(groups: Iterator[list[Any]]) -> Iterator[Any]:
+    """The items of consecutive lists; closing it closes the source (its worker pools)."""
+    try:
+        for group in groups:
+            yield from group
+    finally:
+        close = getattr(groups, "close", None)
+        if close:
+            close()

@@ -1,0 +1,148 @@
+"""Scale bench: prints tables of measured costs at corpus sizes; one subcommand per section (`discover`; `index` next).
+
+    python bench/scale_bench.py discover --shards 1000 3000 10000 --rows 1000 [--before /work/main]
+
+`discover` writes N synthetic manifest shards (range-partitioned int64 ids, one URI per row), then times
+registry ticks (backfill.discovery.discover, as the sensor calls it) in a fresh process per case:
+first deploy (every shard new, ticks repeated until nothing is pending) and steady state (N known + 1 new).
+Peak RSS is the process's (torch is imported, as in the code server); `base` is the RSS before the first tick.
+`--before REPO` runs the same cases with another checkout's engine (e.g. main) for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_corpus(root: str, shards: int, rows: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = os.path.join(root, "corpus", "manifests")
+    os.makedirs(folder, exist_ok=True)
+    uris = pa.array(["images/x.jpg"] * rows, pa.string())
+    for i in range(shards):
+        ids = pa.array(range(i * rows, (i + 1) * rows), pa.int64())
+        pq.write_table(pa.table({"image_id": ids, "uri": uris}), os.path.join(folder, f"shard-{i:06d}.parquet"))
+
+
+def measure(repo: str, root: str, case: str, timeout_s: float) -> dict:
+    """One case in a fresh process, with `repo`'s engine on sys.path."""
+    cmd = [sys.executable, os.path.abspath(__file__), "_tick", "--repo", repo, "--root", root, "--case", case]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=repo, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"> {timeout_s:.0f} s"}
+    if out.returncode:
+        return {"error": out.stderr.strip().splitlines()[-1][:60]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _tick_worker(repo: str, root: str, case: str) -> None:
+    sys.path.insert(0, repo)
+    import inspect
+
+    from backfill.discovery import discover
+    from backfill.manifest import list_shards
+    from backfill.storage import Layout, Store
+
+    layout = Layout(Store.open(root))
+    names = list_shards(layout)
+    known = set() if case == "first" else {n for n in names if n != "zz-new"}
+    base = _rss_mib()
+    ticks, worst, total = 0, 0.0, 0.0
+    budgeted = "budget" in inspect.signature(discover).parameters
+    while True:
+        started = time.perf_counter()
+        found = discover(layout, "refcnn", known_versions=set(), known_shards=known)
+        took = time.perf_counter() - started
+        ticks, worst, total = ticks + 1, max(worst, took), total + took
+        known |= set(found.new_shards)
+        if not budgeted or not found.pending or not found.new_shards:
+            break
+    row = {
+        "ticks": ticks,
+        "worst_tick_s": worst,
+        "total_s": total,
+        "added": len(found.new_shards) if ticks == 1 else None,
+    }
+    print(json.dumps({**row, "known": len(known), "peak_mib": _rss_mib(), "base_mib": base}))
+
+
+CASES = {"first": "first deploy", "one-new": "N known + 1"}
+HEADER = ("engine", "shards", "case", "ticks", "worst tick s", "total s", "peak MiB", "base MiB")
+
+
+def _line(*cells: object) -> str:
+    widths, left = (7, 7, 14, 5, 12, 8, 9, 9), (0, 2)
+    return " ".join(f"{c:<{w}}" if i in left else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
+
+
+def _result(r: dict) -> tuple:
+    if "error" in r:
+        return (r["error"],)
+    return r["ticks"], f"{r['worst_tick_s']:.2f}", f"{r['total_s']:.2f}", f"{r['peak_mib']:.0f}", f"{r['base_mib']:.0f}"
+
+
+def discover_section(args: argparse.Namespace) -> None:
+    engines = [("after", HERE)] + ([("before", os.path.abspath(args.before))] if args.before else [])
+    print(f"discover: {args.rows}-row shards, range-partitioned ids, local disk, {os.cpu_count()} CPUs")
+    print(_line(*HEADER))
+    print("-" * len(_line(*HEADER)))
+    for n in args.shards:
+        with tempfile.TemporaryDirectory(prefix="scale-bench-") as root:
+            write_corpus(root, n, args.rows)
+            for case, name in CASES.items():
+                if case == "one-new":
+                    _add_one_new(root, args.rows, n)
+                for label, repo in engines:
+                    if label == "before" and case == "first" and n > args.before_max_first:
+                        print(_line(label, n, name, "skipped: quadratic (see --before-max-first)"))
+                    else:
+                        print(_line(label, n, name, *_result(measure(repo, root, case, args.timeout))), flush=True)
+
+
+def _add_one_new(root: str, rows: int, n: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = pa.array(range(n * rows, (n + 1) * rows), pa.int64())
+    table = pa.table({"image_id": ids, "uri": pa.array(["images/x.jpg"] * rows, pa.string())})
+    pq.write_table(table, os.path.join(root, "corpus", "manifests", "zz-new.parquet"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="section", required=True)
+    d = sub.add_parser("discover", help="registry ticks at first deploy and with one new shard")
+    d.add_argument("--shards", type=int, nargs="+", default=[1000, 3000])
+    d.add_argument("--rows", type=int, default=1000)
+    d.add_argument("--before", default="", help="another checkout whose engine to compare with (e.g. /work/main)")
+    d.add_argument("--before-max-first", type=int, default=1000, help="largest first deploy to run with --before")
+    d.add_argument("--timeout", type=float, default=120.0, help="seconds per case")
+    w = sub.add_parser("_tick")  # internal: one case in a fresh process
+    w.add_argument("--repo", required=True)
+    w.add_argument("--root", required=True)
+    w.add_argument("--case", required=True)
+    args = parser.parse_args()
+    if args.section == "_tick":
+        _tick_worker(args.repo, args.root, args.case)
+    else:
+        discover_section(args)
+
+
+if __name__ == "__main__":
+    main()
