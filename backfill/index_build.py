@@ -17,13 +17,13 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from backfill.config import IndexConfig
-from backfill.finalise import MARKER
-from backfill.writer import is_chunk, read_chunks
 from backfill.errors import ConfigError, IncompleteError
+from backfill.finalise import MARKER
 from backfill.index_plan import IndexPlan, plan_index
 from backfill.index_quality import exact_search
 from backfill.manifest import find_cross_shard_duplicates, read_shard
 from backfill.storage import Layout, Store
+from backfill.writer import is_chunk, read_chunks
 
 TRAINED, QUERIES, WORK = "trained.faiss", "queries.npy", "work.json"
 

@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow as pa
 
 from backfill.finalise import MARKER
-from backfill.writer import chunk_plan, write_chunk
 from backfill.manifest import write_shard
 from backfill.storage import Layout
+from backfill.writer import chunk_plan, write_chunk
 
 
 def clustered(
