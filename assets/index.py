@@ -23,13 +23,17 @@ from backfill.index import latest_build
 from backfill.publish import publish
 from backfill.registry import read_card
 
-
 PUBLISH_POOL = "index_publish"
 
 
 @asset(
     partitions_def=model_versions,
-    deps=[AssetDep(image_embeddings, partition_mapping=MultiToSingleDimensionPartitionMapping(partition_dimension_name="model_version"))],
+    deps=[
+        AssetDep(
+            image_embeddings,
+            partition_mapping=MultiToSingleDimensionPartitionMapping(partition_dimension_name="model_version"),
+        )
+    ],
     # built once every shard of the version is embedded; rebuilt when shards are re-embedded
     automation_condition=AutomationCondition.eager(),
     check_specs=[
@@ -53,7 +57,15 @@ def faiss_index(context: AssetExecutionContext, backfill: BackfillResource) -> M
     registered = sorted(context.instance.get_dynamic_partitions(shards_def.name))
     # a version that already has a checked build gets the new shards added to it (the near-line path)
     outcome = run_engine(
-        context, build_or_update, layout, backfill.model, version, registered, backfill.index_config(), model_created=card.created, log=context.log.info
+        context,
+        build_or_update,
+        layout,
+        backfill.model,
+        version,
+        registered,
+        backfill.index_config(),
+        model_created=card.created,
+        log=context.log.info,
     )
     build = outcome.build
     return MaterializeResult(
@@ -73,6 +85,11 @@ def faiss_index(context: AssetExecutionContext, backfill: BackfillResource) -> M
             "recall_by_nprobe": MetadataValue.json(build.recall_by_nprobe),
             "bytes": build.index_bytes,
             "build_s": MetadataValue.float(build.build_s),
+            # how it was built: the plan rule's reason, the budget, seconds per step (empty for older builds)
+            "plan": build.plan,
+            "memory_budget_mb": build.memory_budget_mb,
+            "step_s": MetadataValue.json({k: v for k, v in build.steps.items() if k.endswith("_s")}),
+            "parts": MetadataValue.json({k: v for k, v in build.steps.items() if not k.endswith("_s")}),
             "path": MetadataValue.path(layout.store.display(build.path)),
         },
         check_results=[
@@ -100,7 +117,9 @@ def search_index(context: AssetExecutionContext, backfill: BackfillResource) -> 
     layout = backfill.layout()
     build = latest_build(layout, backfill.model, version)
     if build is None:
-        raise Failure(description=f"no complete index build of {backfill.model}/{version} to publish", allow_retries=False)
+        raise Failure(
+            description=f"no complete index build of {backfill.model}/{version} to publish", allow_retries=False
+        )
     result = run_engine(context, publish, layout, backfill.model, build.build_id)
     context.log.info(result.reason)
     pointer = result.pointer or {}

@@ -50,6 +50,8 @@ class BackfillResource(ConfigurableResource):
     pq_from: int = _INDEX.pq_from
     pq_m: int = _INDEX.pq_m
     train_points_per_centroid: int = _INDEX.train_points_per_centroid
+    memory_budget_mb: int = _INDEX.memory_budget_mb
+    max_nlist: int = _INDEX.max_nlist
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BackfillResource:

@@ -72,12 +72,10 @@ class EmbedConfig:
 class IndexConfig:
     """How an index is built and judged.
 
-    Index type rule (by the number of vectors N):
-      N < flat_below                 -> Flat (exact inner product)
-      flat_below <= N < pq_from      -> IVF{nlist},Flat
-      N >= pq_from                   -> IVF{nlist},PQ{pq_m}x8 (x4 below 9,984 vectors)
-    nlist is the power of two nearest 4*sqrt(N), lowered until every centroid
-    gets at least 39 training points (FAISS's own floor).
+    The index type follows from N and memory_budget_mb by one rule: backfill/index_plan.py plan_index
+    (Flat below flat_below; then IVF with full vectors below pq_from, SQ8 or PQ, whichever is the most
+    accurate that fits the budget). memory_budget_mb bounds every build step's peak memory except the
+    steps that hold the filled index; max_nlist caps the IVF lists (training cost grows with it).
     """
 
     target_recall: float = 0.95
@@ -88,6 +86,8 @@ class IndexConfig:
     pq_from: int = 5_000_000
     pq_m: int = 0  # 0: dim // 4 sub-quantizers
     train_points_per_centroid: int = 64
+    memory_budget_mb: int = 4096
+    max_nlist: int = 65536
 
     def __post_init__(self) -> None:
         _require(0.0 < self.target_recall <= 1.0, f"target_recall must be in (0, 1], got {self.target_recall}")
@@ -98,4 +98,9 @@ class IndexConfig:
         _require(
             39 <= self.train_points_per_centroid <= 256,
             f"train_points_per_centroid must be in 39..256, got {self.train_points_per_centroid}",
+        )
+        _require(self.memory_budget_mb >= 1, f"memory_budget_mb must be a positive number of MiB, got {self.memory_budget_mb}")
+        _require(
+            self.max_nlist >= 1 and self.max_nlist & (self.max_nlist - 1) == 0,
+            f"max_nlist must be a power of two, got {self.max_nlist}",
         )

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import tempfile
 import time
-import uuid
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 
 import faiss
 import numpy as np
@@ -17,7 +17,10 @@ import pyarrow.parquet as pq
 
 from backfill.config import IndexConfig
 from backfill.errors import IncompleteError
-from backfill.index import BUILD_FILE, IDS_FILE, INDEX_FILE, IndexBuild, build_index, choose_index, collect, latest_build, recall_at_k
+from backfill.index import IDS_FILE, INDEX_FILE, IndexBuild, build_index, latest_build, new_build, write_build
+from backfill.index_build import BlockReader, ShardSpan, scan_shards
+from backfill.index_plan import block_rows, plan_index
+from backfill.index_quality import drop_self, tune_nprobe
 from backfill.storage import Layout
 
 
@@ -48,28 +51,32 @@ def build_or_update(
 
     When the version's latest build passed its gate and covers a subset of `shards`, only the new
     shards are embedded into a copy of it (the IVF quantizer is already trained: `add` is enough);
-    otherwise, or when the grown index would call for another index type (for IVF, another nlist:
-    about every doubling of N), the whole index is rebuilt. Either way the result is a new
+    otherwise, or when the grown index would call for another index type (plan_index: for IVF, another
+    nlist, about every doubling of N), the whole index is rebuilt. Either way the result is a new
     immutable build with its own recall check, published by the same pointer swap.
     """
     base = latest_build(layout, model, version)
     new = sorted(set(shards) - set(base.shard_names)) if base else []
     reason = _why_full(base, shards, new)
     if reason is None:
-        vectors, ids, uris, rejects = collect(layout, model, version, new)  # the new shards must be complete
-        total = base.vectors + len(vectors)
-        wanted = choose_index(total, base.dim, config, trainable=total - min(config.n_queries, max(1, total // 10))).factory
-        if wanted != base.index_type:
-            reason = f"{total} vectors call for {wanted}, the latest build is {base.index_type}"
-        else:
-            log(f"incremental: adding {len(new)} shards ({len(vectors)} vectors) to {base.build_id}")
-            try:
-                build = update_index(layout, base, vectors, ids, uris, rejects, new, config)
-            except BaseBuildDamaged as exc:
-                # the base is unusable, the embeddings are not: a full build from them still works
-                reason = f"the latest build {base.build_id} cannot be extended: {exc}"
+        with tempfile.TemporaryDirectory(prefix="index-update-") as tmp:
+            # the new shards must be complete; their positions continue after the base's
+            spans, _, rejects = scan_shards(layout, model, version, new, f"{tmp}/{IDS_FILE}")
+            spans = [replace(s, first=s.first + base.vectors) for s in spans]
+            total = base.vectors + sum(s.vectors for s in spans)
+            wanted = plan_index(total, base.dim, config).factory
+            if wanted != base.index_type:
+                reason = f"{total} vectors call for {wanted}, the latest build is {base.index_type}"
             else:
-                return IndexOutcome(build, "incremental", f"added {len(new)} new shards to {base.build_id}", base.build_id, tuple(new))
+                log(f"incremental: adding {len(new)} shards ({total - base.vectors} vectors) to {base.build_id}")
+                try:
+                    build = update_index(layout, base, spans, f"{tmp}/{IDS_FILE}", rejects, config)
+                except BaseBuildDamaged as exc:
+                    # the base is unusable, the embeddings are not: a full build from them still works
+                    reason = f"the latest build {base.build_id} cannot be extended: {exc}"
+                else:
+                    why = f"added {len(new)} new shards to {base.build_id}"
+                    return IndexOutcome(build, "incremental", why, base.build_id, tuple(new))
     log(f"full build: {reason}")
     build = build_index(layout, model, version, shards, config, model_created=model_created, log=log)
     return IndexOutcome(build, "full", reason)
@@ -90,105 +97,99 @@ def _why_full(base: IndexBuild | None, shards: list[str], new: list[str]) -> str
     return None
 
 
+def _load_base(layout: Layout, base: IndexBuild) -> tuple[faiss.Index, pa.Table]:
+    folder = layout.index_build(base.model, base.build_id)
+    name = f"index build {base.model}/{base.build_id}"
+    try:
+        blob = layout.store.read_bytes(f"{folder}/{INDEX_FILE}")
+        ids_blob = layout.store.read_bytes(f"{folder}/{IDS_FILE}")
+    except FileNotFoundError as exc:
+        raise BaseBuildDamaged(f"{name} lost a file ({exc})") from None
+    if hashlib.sha256(blob).hexdigest() != base.index_sha256:
+        raise BaseBuildDamaged(f"{name}: {INDEX_FILE} does not match its sha256")
+    if base.lists_file:
+        raise BaseBuildDamaged(f"{name} keeps its lists on disk ({base.lists_file}): it is rebuilt, not copied")
+    index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
+    try:
+        table = pq.read_table(io.BytesIO(ids_blob)).select(["image_id", "uri"])
+    except (pa.ArrowException, KeyError) as exc:
+        raise BaseBuildDamaged(f"{name}: {IDS_FILE} is unreadable ({exc})") from None
+    if table.num_rows != index.ntotal or index.ntotal != base.vectors:
+        raise BaseBuildDamaged(f"{name}: {table.num_rows} ids, {index.ntotal} vectors, build.json says {base.vectors}")
+    return index, table
+
+
 def update_index(
-    layout: Layout,
-    base: IndexBuild,
-    vectors: np.ndarray,
-    ids: np.ndarray,
-    uris: list[str],
-    rejects: int,
-    new_shards: list[str],
-    config: IndexConfig,
+    layout: Layout, base: IndexBuild, spans: list[ShardSpan], ids_file: str, rejects: int, config: IndexConfig
 ) -> IndexBuild:
-    """Add vectors to a copy of `base` and write the result as a new build (build.json last).
+    """Add the shards' vectors (spans positioned after the base's) to a copy of `base`; write a new build.
 
     The gate: recall@k of a seeded sample of the new vectors as queries, against exhaustive search
     over the same index (every inverted list probed: exact for Flat and IVF-Flat; for IVF-PQ it
     measures the probing loss only). nprobe starts at the base's and doubles until the target holds.
     """
     started = time.perf_counter()
-    folder = layout.index_build(base.model, base.build_id)
-    try:
-        blob = layout.store.read_bytes(f"{folder}/{INDEX_FILE}")
-        ids_blob = layout.store.read_bytes(f"{folder}/{IDS_FILE}")
-    except FileNotFoundError as exc:
-        raise BaseBuildDamaged(f"index build {base.model}/{base.build_id} lost a file ({exc})") from None
-    if hashlib.sha256(blob).hexdigest() != base.index_sha256:
-        raise BaseBuildDamaged(f"index build {base.model}/{base.build_id}: {INDEX_FILE} does not match its sha256")
-    index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
-    try:
-        table = pq.read_table(io.BytesIO(ids_blob))
-    except pa.ArrowException as exc:
-        raise BaseBuildDamaged(f"index build {base.model}/{base.build_id}: {IDS_FILE} is unreadable ({exc})") from None
-    base_ids = table.column("image_id").to_numpy()
-    if len(base_ids) != index.ntotal or index.ntotal != base.vectors:
-        raise BaseBuildDamaged(f"index build {base.model}/{base.build_id}: {len(base_ids)} ids, {index.ntotal} vectors, build.json says {base.vectors}")
-    if vectors.shape[1] != index.d:
-        raise IncompleteError(f"shards {new_shards} of {base.model}/{base.version} have dim {vectors.shape[1]}, the index has {index.d}")
-    repeated = np.intersect1d(base_ids, ids)
+    index, table = _load_base(layout, base)
+    added = pq.read_table(ids_file)
+    repeated = np.intersect1d(table.column("image_id").to_numpy(), added.column("image_id").to_numpy())
+    new_shards = [s.name for s in spans]
     if len(repeated):
-        raise IncompleteError(f"{len(repeated)} image ids of shards {new_shards} are already in {base.build_id} (e.g. {int(repeated[0])})")
-    # positions are the index's ids (as in build_index): appended vectors continue after the base's
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    nprobe, recall, by_nprobe, k = _check(index, base, vectors, config)
-
-    blob = faiss.serialize_index(index).tobytes()
-    build_id = f"{base.version}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    path = layout.index_build(base.model, build_id)
+        raise IncompleteError(
+            f"{len(repeated)} image ids of shards {new_shards} are already in {base.build_id} (e.g. {int(repeated[0])})"
+        )
+    rng = np.random.default_rng(config.seed)
+    n_new = sum(s.vectors for s in spans)
+    own = base.vectors + np.sort(rng.permutation(n_new)[: min(config.n_queries, n_new)])
+    queries = np.empty((len(own), index.d), dtype=np.float32)
+    reader = BlockReader(layout, base.model, base.version, block_rows(index.d, config.memory_budget_mb * 2**20))
+    for first, block in reader.blocks(tuple(spans)):
+        if block.shape[1] != index.d:
+            raise IncompleteError(
+                f"shards {new_shards} of {base.model}/{base.version} have dim {block.shape[1]}, the index has {index.d}"
+            )
+        if faiss.try_extract_index_ivf(index):
+            index.add_with_ids(block, np.arange(first, first + len(block), dtype=np.int64))
+        else:
+            index.add(block)  # Flat: appended, so at its position
+        lo, hi = np.searchsorted(own, [first, first + len(block)])
+        queries[lo:hi] = block[own[lo:hi] - first]
+    nprobe, recall, by_nprobe, k = _check(index, base, queries, own, config)
     shard_names = sorted(set(base.shard_names) | set(new_shards))
-    build = IndexBuild(
-        **{
-            **asdict(base),
-            "build_id": build_id,
-            "path": path,
-            "vectors": int(index.ntotal),
-            "rejects": base.rejects + rejects,
-            "nprobe": nprobe,
-            "recall_at_k": round(recall, 4),
-            "k": k,
-            "target_recall": config.target_recall,
-            "passed": recall >= config.target_recall,
-            "recall_by_nprobe": by_nprobe,
-            "index_bytes": len(blob),
-            "index_sha256": hashlib.sha256(blob).hexdigest(),
-            "created": datetime.now(timezone.utc).isoformat(),
-            "shards": len(shard_names),
-            "shard_names": shard_names,
-        }
+    fields = {
+        key: value
+        for key, value in asdict(base).items()
+        if key not in ("model", "version", "build_id", "path", "index_bytes", "index_sha256", "build_s", "created")
+    }
+    fields.update(
+        vectors=int(index.ntotal),
+        rejects=base.rejects + rejects,
+        nprobe=nprobe,
+        recall_at_k=round(recall, 4),
+        k=k,
+        target_recall=config.target_recall,
+        passed=recall >= config.target_recall,
+        recall_by_nprobe=by_nprobe,
+        shards=len(shard_names),
+        shard_names=shard_names,
+        steps={"largest_block": reader.largest_block},
     )
-    layout.store.write_bytes(f"{path}/{INDEX_FILE}", blob)
-    added = pa.table({"image_id": pa.array(ids, pa.int64()), "uri": pa.array(uris, pa.string())})
-    buf = io.BytesIO()
-    pq.write_table(pa.concat_tables([table.select(["image_id", "uri"]), added]), buf)
-    layout.store.write_bytes(f"{path}/{IDS_FILE}", buf.getvalue())
-    build.build_s = round(time.perf_counter() - started, 3)
-    layout.store.write_json(f"{path}/{BUILD_FILE}", asdict(build))  # last: the build exists once this does
-    return build
+    build = new_build(base.version, base.model, layout, **fields)
+    with tempfile.TemporaryDirectory(prefix="index-update-") as tmp:
+        ids = os.path.join(tmp, IDS_FILE)
+        pq.write_table(pa.concat_tables([table, added.select(["image_id", "uri"]).cast(table.schema)]), ids)
+        build.build_s = round(time.perf_counter() - started, 3)
+        return write_build(layout, build, index, ids)
 
 
-def _check(index: faiss.Index, base: IndexBuild, added: np.ndarray, config: IndexConfig) -> tuple[int, float, dict[str, float], int]:
+def _check(
+    index: faiss.Index, base: IndexBuild, queries: np.ndarray, own: np.ndarray, config: IndexConfig
+) -> tuple[int, float, dict[str, float], int]:
     n = index.ntotal
     k = min(config.k, n - 1) if n > 1 else 1
     if base.nlist == 0:
         return 0, 1.0, {}, k  # Flat is exhaustive: its answers are the exact ones by construction
-    rng = np.random.default_rng(config.seed)
-    picked = np.sort(rng.permutation(len(added))[: min(config.n_queries, len(added))])
-    positions = base.vectors + picked  # where those vectors now sit in the index
-    queries = np.ascontiguousarray(added[picked], dtype=np.float32)
-
-    def answer() -> np.ndarray:
-        _, found = index.search(queries, k + 1)
-        return np.array([[p for p in row if p != q][:k] for row, q in zip(found, positions)])
-
     ivf = faiss.extract_index_ivf(index)
     ivf.nprobe = ivf.nlist
-    truth = answer()
-    by_nprobe: dict[str, float] = {}
-    nprobe = max(1, base.nprobe)
-    while True:
-        ivf.nprobe = nprobe
-        by_nprobe[str(nprobe)] = recall_at_k(answer(), truth, k)
-        if by_nprobe[str(nprobe)] >= config.target_recall or nprobe >= ivf.nlist:
-            break
-        nprobe = min(nprobe * 2, ivf.nlist)
-    return nprobe, by_nprobe[str(nprobe)], by_nprobe, k
+    truth = drop_self(index.search(queries, k + 1)[1], own, k)
+    tuning = tune_nprobe(index, queries, truth, config.target_recall, own, start=base.nprobe)
+    return tuning.nprobe, tuning.recall, tuning.recall_by_nprobe, k

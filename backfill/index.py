@@ -1,61 +1,39 @@
-"""build_index: check completeness, choose and train a FAISS index, measure recall, tune nprobe."""
+"""build_index: check completeness, plan, train on a sample, add per shard, merge, measure recall, write the build."""
 
 from __future__ import annotations
 
-import hashlib
-import io
-import math
+import contextlib
+import os
+import shutil
+import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Callable
 
 import faiss
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from backfill.config import IndexConfig
-from backfill.embed import MARKER, load_embeddings
-from backfill.errors import IncompleteError
-from backfill.manifest import find_cross_shard_duplicates, read_shard
-from backfill.storage import Layout
+from backfill.errors import ConfigError, IncompleteError, RetryableError
+from backfill.index_build import (
+    BlockReader,
+    add_part,
+    load_queries,
+    merge_parts,
+    part_truth,
+    prepare,
+    train,
+    trained_index,
+)
+from backfill.index_quality import drop_self, merge_results, tune_nprobe
+from backfill.storage import Layout, Store, file_sha256
 
 INDEX_FILE = "index.faiss"
-IDS_FILE = "ids.parquet"
+IDS_FILE = "ids.parquet"  # row i: image_id and uri of the vector FAISS holds under id i (its position)
 BUILD_FILE = "build.json"
-
-
-@dataclass(frozen=True)
-class IndexSpec:
-    factory: str  # a faiss.index_factory string
-    nlist: int  # 0 for exact indexes
-
-    @property
-    def is_ivf(self) -> bool:
-        return self.nlist > 0
-
-
-def choose_index(n: int, dim: int, config: IndexConfig, trainable: int | None = None) -> IndexSpec:
-    """The index type from the vector count (the rule is documented on IndexConfig).
-
-    `trainable` is how many vectors may be used for training (the held-out queries may not).
-    """
-    trainable = n if trainable is None else trainable
-    if n < config.flat_below:
-        return IndexSpec("Flat", 0)
-    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
-    while nlist > 1 and trainable < 39 * nlist:
-        nlist //= 2
-    if n < config.pq_from:
-        return IndexSpec(f"IVF{nlist},Flat", nlist)
-    m = config.pq_m or max(1, dim // 4)
-    while dim % m:
-        m -= 1
-    # 8-bit codebooks need 256 centroids per sub-quantizer; small corpora get 4-bit ones
-    bits = 8 if n >= 39 * 256 else 4
-    return IndexSpec(f"IVF{nlist},PQ{m}x{bits}", nlist)
+LISTS_FILE = "lists.ivfdata"  # only for an index merged on disk: its inverted lists, memory-mapped
 
 
 @dataclass
@@ -83,100 +61,35 @@ class IndexBuild:
     model_created: str = ""
     # which shards the build covers: an incremental update (backfill/incremental.py) adds only the others
     shard_names: list[str] = field(default_factory=list)
+    # written since the budgeted build; builds from before read with these empty
+    plan: str = ""  # why this index type
+    memory_budget_mb: int = 0
+    steps: dict[str, float] = field(default_factory=dict)  # seconds per step, parts built and reused
+    lists_file: str = ""  # LISTS_FILE when the inverted lists live beside the index file
 
 
-def collect(layout: Layout, model: str, version: str, shards: list[str]) -> tuple[np.ndarray, np.ndarray, list[str], int]:
-    """Vectors, ids and uris of every non-rejected image; raises IncompleteError unless
-    every manifest id is covered exactly once by completed shards of this version."""
-    problems: list[str] = []
-    ids_by_shard: dict[str, np.ndarray] = {}
-    vec_parts, id_parts, uris, rejects = [], [], [], 0
-    for shard in shards:
-        out = layout.embeddings(model, version, shard)
-        if not layout.store.exists(f"{out}/{MARKER}"):
-            problems.append(f"shard {shard} has no completion marker (its partition has not finished)")
-            continue
-        manifest = read_shard(layout, shard)
-        ids, vectors, valid = load_embeddings(layout, model, version, shard)
-        if len(ids) != len(manifest) or not np.array_equal(ids, manifest.image_ids):
-            missing = np.setdiff1d(manifest.image_ids, ids)
-            problems.append(
-                f"shard {shard}: {len(ids)} committed rows for {len(manifest)} manifest ids "
-                f"({len(missing)} missing, {len(ids) - len(np.unique(ids))} duplicated)"
-            )
-            continue
-        ids_by_shard[shard] = ids
-        vec_parts.append(vectors[valid])
-        id_parts.append(ids[valid])
-        uris.extend(u for u, ok in zip(manifest.uris, valid) if ok)
-        rejects += int((~valid).sum())
-    dup = find_cross_shard_duplicates(ids_by_shard)
-    if dup:
-        problems.append(dup)
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise IncompleteError(f"embeddings of {model}/{version} are incomplete: {shown}")
-    if not vec_parts or not sum(len(v) for v in vec_parts):
-        raise IncompleteError(f"embeddings of {model}/{version} hold no vectors (shards: {len(shards)})")
-    return np.concatenate(vec_parts), np.concatenate(id_parts), uris, rejects
+def new_build(version: str, model: str, layout: Layout, **fields) -> IndexBuild:
+    """A build record with a fresh id and path; the writer fills in the index file's size and checksum."""
+    build_id = f"{version}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    created = datetime.now(timezone.utc).isoformat()
+    return IndexBuild(
+        model=model,
+        version=version,
+        build_id=build_id,
+        path=layout.index_build(model, build_id),
+        index_bytes=0,
+        index_sha256="",
+        build_s=0.0,
+        created=created,
+        **fields,
+    )
 
 
-def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
-    hits = sum(len(set(f[:k]) & set(t[:k]) - {-1}) for f, t in zip(found, truth))
-    return hits / (len(truth) * k)
-
-
-@dataclass
-class TrainedIndex:
-    index: faiss.Index
-    spec: IndexSpec
-    nprobe: int
-    recall: float
-    recall_by_nprobe: dict[str, float]
-    k: int
-
-
-def train_index(vectors: np.ndarray, config: IndexConfig) -> TrainedIndex:
-    """Choose, train and fill an index, then tune nprobe to config.target_recall.
-
-    Recall@k is measured against exact search on held-out queries: a deterministic
-    sample of the vectors that the training sample never includes. Each query is also
-    in the index, so its own position is dropped from both answers: recall counts only
-    the other neighbours.
-    """
-    n, dim = vectors.shape
-    rng = np.random.default_rng(config.seed)
-    order = rng.permutation(n)
-    n_queries = min(config.n_queries, max(1, n // 10))
-    query_pos = order[:n_queries]
-    spec = choose_index(n, dim, config, trainable=n - n_queries)
-    index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
-    if spec.is_ivf:
-        index.train(vectors[order[n_queries : n_queries + config.train_points_per_centroid * spec.nlist]])
-    index.add(vectors)  # ids are positions; the ids file maps them back to image ids
-
-    k = min(config.k, n - 1) if n > 1 else 1
-    queries = vectors[query_pos]
-
-    def answer(idx: faiss.Index) -> np.ndarray:
-        _, found = idx.search(queries, k + 1)
-        return np.array([[p for p in row if p != q][:k] for row, q in zip(found, query_pos)])
-
-    exact = faiss.IndexFlatIP(dim)
-    exact.add(vectors)
-    truth = answer(exact)
-    recall_by_nprobe: dict[str, float] = {}
-    if not spec.is_ivf:
-        return TrainedIndex(index, spec, 0, recall_at_k(answer(index), truth, k), recall_by_nprobe, k)
-    ivf = faiss.extract_index_ivf(index)
-    nprobe = 1
-    while True:
-        ivf.nprobe = nprobe
-        recall_by_nprobe[str(nprobe)] = recall_at_k(answer(index), truth, k)
-        if recall_by_nprobe[str(nprobe)] >= config.target_recall or nprobe >= spec.nlist:
-            break
-        nprobe = min(nprobe * 2, spec.nlist)
-    return TrainedIndex(index, spec, nprobe, recall_by_nprobe[str(nprobe)], recall_by_nprobe, k)
+@contextlib.contextmanager
+def timed(steps: dict[str, float], name: str) -> Iterator[None]:
+    began = time.perf_counter()
+    yield
+    steps[f"{name}_s"] = round(time.perf_counter() - began, 3)
 
 
 def build_index(
@@ -189,50 +102,126 @@ def build_index(
     model_created: str = "",
     log: Callable[[str], None] = lambda msg: None,
 ) -> IndexBuild:
-    """Build an immutable, checked index for one model version; build.json is written last."""
-    started = time.perf_counter()
-    vectors, ids, uris, rejects = collect(layout, model, version, shards)
-    n, dim = vectors.shape
-    log(f"{n} vectors of dim {dim} from {len(shards)} shards ({rejects} rejects)")
+    """Build an immutable, checked index for one model version; build.json is written last.
 
-    trained = train_index(vectors, config)
-    index, spec, nprobe, recall = trained.index, trained.spec, trained.nprobe, trained.recall
-    blob = faiss.serialize_index(index).tobytes()
-    build_id = f"{version}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    path = layout.index_build(model, build_id)
-    build = IndexBuild(
-        model=model,
-        version=version,
-        build_id=build_id,
-        path=path,
-        index_type=spec.factory,
-        vectors=n,
-        rejects=rejects,
-        dim=dim,
-        nlist=spec.nlist,
-        nprobe=nprobe,
-        recall_at_k=round(recall, 4),
-        k=trained.k,
-        target_recall=config.target_recall,
-        passed=recall >= config.target_recall,
-        recall_by_nprobe=trained.recall_by_nprobe,
-        index_bytes=len(blob),
-        index_sha256=hashlib.sha256(blob).hexdigest(),
-        build_s=0.0,
-        created=datetime.now(timezone.utc).isoformat(),
-        shards=len(shards),
-        model_created=model_created,
-        shard_names=sorted(shards),
+    Every step streams the shards in blocks sized by config.memory_budget_mb; only merge and tune hold
+    the filled index. Parts committed by an interrupted attempt are reused. Recall@k is measured on
+    held-out queries (indexed vectors never trained on, their own position dropped from both answers)
+    against exact search streamed over the shards.
+    """
+    started, steps = time.perf_counter(), {}
+    with tempfile.TemporaryDirectory(prefix="index-build-") as tmp:
+        with timed(steps, "scan"):
+            work = prepare(layout, model, version, sorted(shards), config, f"{tmp}/{IDS_FILE}")
+        plan = work.plan
+        log(
+            f"{work.vectors} vectors of dim {work.dim} from {len(shards)} shards ({work.rejects} rejects): "
+            f"{plan.factory}, {plan.reason}"
+        )
+        reader = BlockReader(layout, model, version, plan.block_rows)
+        with timed(steps, "train"):
+            train(layout, work, reader)
+        with timed(steps, "add"):
+            built = sum(add_part(layout, work, span.name, reader) for span in work.spans)
+        steps.update(parts_built=built, parts_reused=len(work.spans) - built)
+        k = work.k
+        build = new_build(
+            version,
+            model,
+            layout,
+            index_type=plan.factory,
+            vectors=work.vectors,
+            rejects=work.rejects,
+            dim=work.dim,
+            nlist=plan.nlist,
+            nprobe=0,
+            recall_at_k=0.0,
+            k=k,
+            target_recall=config.target_recall,
+            passed=False,
+            recall_by_nprobe={},
+            shards=len(shards),
+            model_created=model_created,
+            shard_names=sorted(shards),
+            plan=plan.reason,
+            memory_budget_mb=config.memory_budget_mb,
+            steps=steps,
+        )
+        with timed(steps, "merge"):
+            lists = _lists_path(layout, build) if plan.ondisk else None
+            index = merge_parts(
+                trained_index(layout, work), [work.part(s.name) for s in work.spans], layout.store, lists
+            )
+        with timed(steps, "ground_truth"):
+            own, queries = load_queries(layout, work)
+            # each part holds its shard's exact top-(k+1): merged here, no second pass over the vectors
+            found = merge_results((part_truth(layout, work, s.name) for s in work.spans), len(own), k + 1)
+            truth = drop_self(found, own, k)
+        with timed(steps, "tune"):
+            tuning = tune_nprobe(index, queries, truth, config.target_recall, own)
+        steps["largest_block"] = reader.largest_block
+        build.nprobe, build.recall_at_k, build.recall_by_nprobe = (
+            tuning.nprobe,
+            round(tuning.recall, 4),
+            tuning.recall_by_nprobe,
+        )
+        build.passed = tuning.recall >= config.target_recall
+        build.build_s = round(time.perf_counter() - started, 3)
+        write_build(layout, build, index, f"{tmp}/{IDS_FILE}")
+    layout.store.rm(work.folder, recursive=True)  # the parts are in the build now; a retry before this reuses them
+    log(
+        f"{plan.factory}: recall@{k}={tuning.recall:.4f} at nprobe={tuning.nprobe} "
+        f"(target {config.target_recall}) in {build.build_s:.1f}s"
     )
-    layout.store.write_bytes(f"{path}/{INDEX_FILE}", blob)
-    ids_table = pa.table({"image_id": pa.array(ids, pa.int64()), "uri": pa.array(uris, pa.string())})
-    buf = io.BytesIO()
-    pq.write_table(ids_table, buf)
-    layout.store.write_bytes(f"{path}/{IDS_FILE}", buf.getvalue())
-    build.build_s = round(time.perf_counter() - started, 3)
-    layout.store.write_json(f"{path}/{BUILD_FILE}", asdict(build))  # last: the build exists once this does
-    log(f"{spec.factory}: recall@{trained.k}={recall:.4f} at nprobe={nprobe} (target {config.target_recall}) in {build.build_s:.1f}s")
     return build
+
+
+def _lists_path(layout: Layout, build: IndexBuild) -> str:
+    # FAISS records the lists file's path inside the index: it must be written where it will be read
+    if not isinstance(layout.store.fs, LocalFileSystem):
+        raise ConfigError(
+            f"index of {build.model}/{build.version} does not fit memory_budget_mb and would be merged on disk, "
+            "which needs a local store: raise memory_budget_mb or build on a local volume"
+        )
+    os.makedirs(build.path, exist_ok=True)
+    build.lists_file = LISTS_FILE
+    return f"{build.path}/{LISTS_FILE}"
+
+
+def write_build(layout: Layout, build: IndexBuild, index: faiss.Index, ids_file: str) -> IndexBuild:
+    """The one build writer: the index file, the ids file, then build.json last (the build exists once it does).
+
+    Files are staged locally and copied up whole (never a second in-memory copy of the index)."""
+    with tempfile.TemporaryDirectory(prefix="index-write-") as tmp:
+        local = os.path.join(tmp, INDEX_FILE)
+        faiss.write_index(index, local)
+        build.index_bytes, build.index_sha256 = os.path.getsize(local), file_sha256(local)
+        if build.lists_file:
+            build.index_bytes += os.path.getsize(f"{build.path}/{build.lists_file}")
+        put_file(layout.store, local, f"{build.path}/{INDEX_FILE}")
+    put_file(layout.store, ids_file, f"{build.path}/{IDS_FILE}")
+    layout.store.write_json(f"{build.path}/{BUILD_FILE}", asdict(build))
+    return build
+
+
+def put_file(store: Store, local: str, path: str) -> None:
+    """Commit a local file at path atomically: a temporary name then os.replace, or one PUT to an object store."""
+    try:
+        if not isinstance(store.fs, LocalFileSystem):
+            store.fs.put_file(local, path)  # one (multipart) upload: the object appears whole or not at all
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            shutil.copyfile(local, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    except OSError as exc:
+        raise RetryableError(f"could not write {store.display(path)}: {exc}") from exc
 
 
 def read_build(layout: Layout, model: str, build_id: str) -> IndexBuild:
@@ -240,14 +229,18 @@ def read_build(layout: Layout, model: str, build_id: str) -> IndexBuild:
     try:
         return IndexBuild(**layout.store.read_json(path))
     except FileNotFoundError:
-        raise IncompleteError(f"index build {model}/{build_id} is not complete: no {BUILD_FILE} at {layout.store.display(path)}") from None
+        raise IncompleteError(
+            f"index build {model}/{build_id} is not complete: no {BUILD_FILE} at {layout.store.display(path)}"
+        ) from None
 
 
 def latest_build(layout: Layout, model: str, version: str) -> IndexBuild | None:
     """The newest complete build of a model version (builds without build.json are ignored)."""
     builds = []
     for build_id in layout.store.ls(layout.index_builds(model)):
-        if build_id.startswith(f"{version}-") and layout.store.exists(f"{layout.index_build(model, build_id)}/{BUILD_FILE}"):
+        if build_id.startswith(f"{version}-") and layout.store.exists(
+            f"{layout.index_build(model, build_id)}/{BUILD_FILE}"
+        ):
             build = read_build(layout, model, build_id)
             if build.version == version:
                 builds.append(build)

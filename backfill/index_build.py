@@ -1,244 +1,368 @@
-"""A partitioned IVF build: plan from size and a memory budget, train on a sample, add per shard, merge, tune nprobe."""
+"""The index build's steps: scan shards for completeness, stream blocks, train on a sample, add per shard, merge."""
 
 from __future__ import annotations
 
-import math
+import hashlib
+import io
+import json
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Iterable
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 
 import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
-from backfill.errors import ConfigError
+from backfill.config import IndexConfig
+from backfill.errors import ConfigError, IncompleteError
+from backfill.finalise import MARKER
+from backfill.index_plan import IndexPlan, plan_index
+from backfill.index_quality import exact_search
+from backfill.manifest import find_cross_shard_duplicates, read_shard
+from backfill.storage import Layout, Store
+from backfill.writer import is_chunk, read_chunks
 
-ID_BYTES = 8  # IVF lists store an int64 id per vector
+TRAINED, QUERIES, WORK = "trained.faiss", "queries.npy", "work.json"
 
 
 @dataclass(frozen=True)
-class IndexPlan:
-    """What to build for n vectors of a dimension within a memory budget, and why."""
-
-    factory: str  # a faiss.index_factory string
-    nlist: int  # 0: exact (Flat)
-    bytes_per_vector: int  # code + id
-    memory_bytes: int  # estimated size of the filled index
-    train_size: int  # vectors to train on (0 for Flat)
-    reason: str
+class ShardSpan:
+    name: str
+    first: int  # position of the shard's first vector in the build (positions are the index's ids)
+    vectors: int  # embedded rows; rejects are not indexed
 
 
-def plan_index(
-    n: int,
-    dim: int,
-    memory_budget: int,
-    *,
-    flat_below: int = 1_000,
-    points_per_centroid: int = 64,
-) -> IndexPlan:
-    """Choose the index for n x dim vectors whose filled index must fit in memory_budget bytes.
+@dataclass(frozen=True)
+class BuildWork:
+    """A build in progress: what was scanned and planned, and the folder its resumable outputs live in."""
 
-    The most accurate encoding that fits wins: Flat (exact) for small n, then IVF with
-    full vectors, 8-bit scalar codes, or product codes of dim/4, dim/8, dim/16 bytes.
-    nlist is the power of two nearest 4*sqrt(n); the training sample is
-    points_per_centroid x nlist (clamped to FAISS's useful 30..256 per centroid, and at least
-    256 x 39 for PQ codebooks), never more than n.
+    model: str
+    version: str
+    folder: str
+    spans: tuple[ShardSpan, ...]
+    dim: int
+    rejects: int
+    plan: IndexPlan
+    config: IndexConfig
+
+    @property
+    def vectors(self) -> int:
+        return sum(s.vectors for s in self.spans)
+
+    @property
+    def k(self) -> int:
+        """The k of recall@k: config.k, or fewer when the version holds fewer other vectors."""
+        return min(self.config.k, self.vectors - 1) if self.vectors > 1 else 1
+
+    def part(self, shard: str) -> str:
+        return f"{self.folder}/parts/{shard}.faiss"
+
+    @classmethod
+    def load(cls, layout: Layout, folder: str) -> BuildWork:
+        record = layout.store.read_json(f"{folder}/{WORK}")
+        spans = tuple(ShardSpan(**s) for s in record["spans"])
+        plan, config = IndexPlan(**record["plan"]), IndexConfig(**record["config"])
+        return cls(record["model"], record["version"], folder, spans, record["dim"], record["rejects"], plan, config)
+
+
+class BlockReader:
+    """A version's embeddings, shard by shard, in blocks of at most `rows` vectors (rejects skipped).
+
+    `largest_block` records the most vectors handed out at once: what a step's memory is sized by.
     """
-    if n < 1 or dim < 1:
-        raise ConfigError(f"cannot plan an index for {n} vectors of dimension {dim}")
-    if memory_budget < 1:
-        raise ConfigError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
-    if not 30 <= points_per_centroid <= 256:
-        raise ConfigError(f"points_per_centroid must be in 30..256, got {points_per_centroid}")
-    flat_bytes = n * dim * 4
-    if n < flat_below and flat_bytes <= memory_budget:
-        return IndexPlan("Flat", 0, dim * 4, flat_bytes, 0, f"{n} < {flat_below} vectors: exact search")
-    nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
-    while nlist > 1 and n < 39 * nlist:  # FAISS warns below 39 training points per centroid
-        nlist //= 2
-    centroids = nlist * dim * 4
-    candidates: list[tuple[str, int, int]] = [(f"IVF{nlist},Flat", dim * 4, 0), (f"IVF{nlist},SQ8", dim, 0)]
-    for div in (4, 8, 16):
-        m = dim // div
-        if m >= 1 and dim % m == 0:
-            candidates.append((f"IVF{nlist},PQ{m}x8", m, 256 * dim * 4))  # + codebooks
-    tried = []
-    for factory, code, extra in candidates:
-        memory = n * (code + ID_BYTES) + centroids + extra
-        tried.append(f"{factory} {memory / 2**20:.0f} MiB")
-        if memory <= memory_budget:
-            train = min(n, max(30 * nlist, min(256 * nlist, points_per_centroid * nlist)))
-            if "PQ" in factory:
-                train = min(n, max(train, 256 * 39))
-            why = f"n={n}: nlist={nlist} (4*sqrt(n)); most accurate encoding within {memory_budget / 2**20:.0f} MiB"
-            return IndexPlan(factory, nlist, code + ID_BYTES, memory, train, why)
-    raise ConfigError(
-        f"no index for {n} vectors of dimension {dim} fits in a memory budget of {memory_budget / 2**20:.0f} MiB "
-        f"(smallest: {tried[-1]}); raise the budget or shard the index"
+
+    def __init__(self, layout: Layout, model: str, version: str, rows: int) -> None:
+        self.layout, self.model, self.version, self.rows = layout, model, version, max(1, rows)
+        self.largest_block = 0
+
+    def blocks(self, spans: tuple[ShardSpan, ...]) -> Iterator[tuple[int, np.ndarray]]:
+        for span in spans:
+            yield from self.shard_blocks(span)
+
+    def shard_blocks(self, span: ShardSpan) -> Iterator[tuple[int, np.ndarray]]:
+        """(first position, float32 vectors) blocks of one shard, in row order."""
+        pending: list[np.ndarray] = []
+        held, at = 0, span.first
+        for vectors in self._batches(span.name):
+            pending.append(vectors)
+            held += len(vectors)
+            while held >= self.rows:
+                joined = np.concatenate(pending)
+                yield self._hand_out(at, joined[: self.rows])
+                at, held = at + self.rows, held - self.rows
+                pending = [joined[self.rows :]]
+        if held:
+            yield self._hand_out(at, np.concatenate(pending))
+            at += held
+        if at - span.first != span.vectors:
+            raise IncompleteError(
+                f"shard {span.name} of {self.model}/{self.version}: {at - span.first} embedded vectors for "
+                f"{span.vectors} rows without an error: re-embed the shard"
+            )
+
+    def _hand_out(self, first: int, block: np.ndarray) -> tuple[int, np.ndarray]:
+        self.largest_block = max(self.largest_block, len(block))
+        return first, block
+
+    def _batches(self, shard: str) -> Iterator[np.ndarray]:
+        out = self.layout.embeddings(self.model, self.version, shard)
+        for name in sorted(n for n in self.layout.store.ls(out) if is_chunk(n)):
+            chunk = pq.ParquetFile(io.BytesIO(self.layout.store.read_bytes(f"{out}/{name}")))
+            for batch in chunk.iter_batches(batch_size=self.rows, columns=["embedding"]):
+                emb = batch.column(0)
+                dim = emb.type.list_size
+                values = emb.values.to_numpy(zero_copy_only=False).reshape(-1, dim)[emb.offset : emb.offset + len(emb)]
+                yield values[emb.is_valid().to_numpy(zero_copy_only=False)].astype(np.float32)
+
+
+def scan_shards(
+    layout: Layout, model: str, version: str, shards: list[str], ids_path: str
+) -> tuple[list[ShardSpan], int, int]:
+    """Check that every manifest id is covered exactly once by completed shards, and write the ids file
+    (image_id, uri of each indexed vector, in position order) to ids_path; returns (spans, dim, rejects).
+
+    Reads each shard's manifest and the id and error columns of its chunks, one shard at a time."""
+    problems: list[str] = []
+    ids_by_shard: dict[str, np.ndarray] = {}
+    spans: list[ShardSpan] = []
+    dims: set[int] = set()
+    rejects = position = 0
+    schema = pa.schema([("image_id", pa.int64()), ("uri", pa.string())])
+    with pq.ParquetWriter(ids_path, schema) as writer:
+        for shard in shards:
+            out = layout.embeddings(model, version, shard)
+            if not layout.store.exists(f"{out}/{MARKER}"):
+                problems.append(f"shard {shard} has no completion marker (its partition has not finished)")
+                continue
+            manifest = read_shard(layout, shard)
+            table = read_chunks(layout, out, columns=["image_id", "error"])
+            ids = table.column("image_id").to_numpy() if table is not None else np.zeros(0, np.int64)
+            if len(ids) != len(manifest) or not np.array_equal(ids, manifest.image_ids):
+                missing = np.setdiff1d(manifest.image_ids, ids)
+                problems.append(
+                    f"shard {shard}: {len(ids)} committed rows for {len(manifest)} manifest ids "
+                    f"({len(missing)} missing, {len(ids) - len(np.unique(ids))} duplicated)"
+                )
+                continue
+            ids_by_shard[shard] = ids
+            valid = table.column("error").is_null().to_numpy(zero_copy_only=False)
+            dims.add(_dim(layout, out))
+            uris = [u for u, ok in zip(manifest.uris, valid) if ok]
+            writer.write_table(
+                pa.table({"image_id": pa.array(ids[valid], pa.int64()), "uri": pa.array(uris, pa.string())})
+            )
+            spans.append(ShardSpan(shard, position, int(valid.sum())))
+            position += int(valid.sum())
+            rejects += int((~valid).sum())
+    dup = find_cross_shard_duplicates(ids_by_shard)
+    if dup:
+        problems.append(dup)
+    if len(dims) > 1:
+        problems.append(f"shards hold embeddings of dimensions {sorted(dims)}: re-embed the odd ones")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise IncompleteError(f"embeddings of {model}/{version} are incomplete: {shown}")
+    if not position:
+        raise IncompleteError(f"embeddings of {model}/{version} hold no vectors (shards: {len(shards)})")
+    return spans, dims.pop(), rejects
+
+
+def _dim(layout: Layout, out: str) -> int:
+    first = next(n for n in layout.store.ls(out) if is_chunk(n))
+    schema = pq.ParquetFile(io.BytesIO(layout.store.read_bytes(f"{out}/{first}"))).schema_arrow
+    return schema.field("embedding").type.list_size
+
+
+def prepare(
+    layout: Layout, model: str, version: str, shards: list[str], config: IndexConfig, ids_path: str
+) -> BuildWork:
+    """Scan and plan; the work folder is named by what was scanned and the config, so a retry of the same
+    build finds the outputs an earlier attempt committed (a re-embedded shard gets a new folder)."""
+    spans, dim, rejects = scan_shards(layout, model, version, shards, ids_path)
+    plan = plan_index(sum(s.vectors for s in spans), dim, config)
+    markers = [layout.store.read_bytes(f"{layout.embeddings(model, version, s.name)}/{MARKER}") for s in spans]
+    key = hashlib.sha256(json.dumps([version, [asdict(s) for s in spans], asdict(config)]).encode())
+    for marker in markers:
+        key.update(marker)
+    folder = layout.store.url("indexes", model, "work", f"{version}-{key.hexdigest()[:16]}")
+    work = BuildWork(model, version, folder, tuple(spans), dim, rejects, plan, config)
+    record = {**asdict(work), "spans": [asdict(s) for s in spans], "plan": asdict(plan), "config": asdict(config)}
+    layout.store.write_json(f"{folder}/{WORK}", record)
+    return work
+
+
+def sample_positions(n: int, plan: IndexPlan, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(query positions, training positions): deterministic, disjoint, sorted; queries are never trained on."""
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(n, plan.n_queries + plan.train_size, replace=False)
+    return np.sort(picked[: plan.n_queries]), np.sort(picked[plan.n_queries :])
+
+
+def gather(blocks: Iterator[tuple[int, np.ndarray]], positions: np.ndarray, dim: int) -> np.ndarray:
+    """The vectors at sorted positions, picked from the blocks as they stream by."""
+    out = np.empty((len(positions), dim), dtype=np.float32)
+    for first, block in blocks:
+        lo, hi = np.searchsorted(positions, [first, first + len(block)])
+        out[lo:hi] = block[positions[lo:hi] - first]
+    return out
+
+
+def train(layout: Layout, work: BuildWork, reader: BlockReader) -> None:
+    """Train the planned index on its sample and commit it empty, with the held-out queries (skipped when done)."""
+    store = layout.store
+    if store.exists(f"{work.folder}/{TRAINED}") and store.exists(f"{work.folder}/{QUERIES}"):
+        return
+    queries_at, train_at = sample_positions(work.vectors, work.plan, work.config.seed)
+    picked = np.concatenate([queries_at, train_at])
+    order = np.argsort(picked)
+    vectors = np.empty((len(picked), work.dim), dtype=np.float32)
+    vectors[order] = gather(reader.blocks(work.spans), picked[order], work.dim)
+    index = faiss.index_factory(work.dim, work.plan.factory, faiss.METRIC_INNER_PRODUCT)
+    if work.plan.is_ivf:
+        index.train(vectors[len(queries_at) :])
+    buf = io.BytesIO()
+    np.savez(buf, positions=queries_at, vectors=vectors[: len(queries_at)])
+    store.write_bytes(f"{work.folder}/{QUERIES}", buf.getvalue())
+    store.write_bytes(f"{work.folder}/{TRAINED}", _blob(index))  # last: the step is done once this exists
+
+
+def load_queries(layout: Layout, work: BuildWork) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, vectors) of the held-out queries chosen by train."""
+    saved = np.load(io.BytesIO(layout.store.read_bytes(f"{work.folder}/{QUERIES}")))
+    return saved["positions"], saved["vectors"]
+
+
+def trained_index(layout: Layout, work: BuildWork) -> faiss.Index:
+    try:
+        return _index(layout.store.read_bytes(f"{work.folder}/{TRAINED}"))
+    except FileNotFoundError:
+        raise IncompleteError(f"index build {work.folder}: no trained index; run the train step first") from None
+
+
+def add_part(layout: Layout, work: BuildWork, shard: str, reader: BlockReader) -> bool:
+    """One shard's vectors added to a copy of the trained index, committed as its part file, with the shard's
+    exact top-(k+1) for the held-out queries (the ground truth is merged from these: no pass of its own);
+    returns False without work when a valid part is already there (a retried build resumes). Independent
+    of the other parts: each may run as its own step."""
+    if part_is_valid(layout, work, shard):
+        return False
+    span = next(s for s in work.spans if s.name == shard)
+    index = trained_index(layout, work)
+    _, queries = load_queries(layout, work)
+
+    def added(blocks: Iterator[tuple[int, np.ndarray]]) -> Iterator[tuple[int, np.ndarray]]:
+        for first, block in blocks:
+            if work.plan.is_ivf:
+                index.add_with_ids(block, np.arange(first, first + len(block), dtype=np.int64))
+            else:
+                index.add(block)  # Flat parts are concatenated in shard order: positions by construction
+            yield first, block
+
+    scores, found = exact_search(added(reader.shard_blocks(span)), queries, work.k + 1)
+    buf = io.BytesIO()
+    np.savez(buf, scores=scores, positions=found)
+    layout.store.write_bytes(work.part(shard) + ".truth.npz", buf.getvalue())
+    blob = _blob(index)
+    layout.store.write_bytes(work.part(shard), blob)
+    marker = {"vectors": span.vectors, "sha256": hashlib.sha256(blob).hexdigest()}
+    marker["truth_sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    layout.store.write_json(work.part(shard) + ".json", marker)  # last: the part counts once this exists
+    return True
+
+
+def part_is_valid(layout: Layout, work: BuildWork, shard: str) -> bool:
+    """A part counts when its marker is there and its files match it (a torn or stale file does not)."""
+    span = next(s for s in work.spans if s.name == shard)
+    try:
+        marker = layout.store.read_json(work.part(shard) + ".json")
+        blob = layout.store.read_bytes(work.part(shard))
+        truth = layout.store.read_bytes(work.part(shard) + ".truth.npz")
+    except FileNotFoundError:
+        return False
+    return (
+        marker.get("vectors") == span.vectors
+        and marker.get("sha256") == hashlib.sha256(blob).hexdigest()
+        and marker.get("truth_sha256") == hashlib.sha256(truth).hexdigest()
     )
 
 
-def train_empty(sample: np.ndarray, plan: IndexPlan, dim: int) -> bytes:
-    """Train the planned index on a sample (float32, inner product); return it, empty, serialized."""
-    index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
-    if plan.nlist:
-        if len(sample) < plan.nlist:
-            raise ConfigError(f"training sample of {len(sample)} vectors is smaller than nlist={plan.nlist}")
-        index.train(np.ascontiguousarray(sample, dtype=np.float32))
-    return faiss.serialize_index(index).tobytes()
+def part_truth(layout: Layout, work: BuildWork, shard: str) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, positions): the exact top-(k+1) of the held-out queries within one shard, from add_part."""
+    saved = np.load(io.BytesIO(layout.store.read_bytes(work.part(shard) + ".truth.npz")))
+    return saved["scores"], saved["positions"]
 
 
-def add_part(trained: bytes, ids: np.ndarray, vectors: np.ndarray) -> bytes:
-    """One shard's vectors added to a copy of the trained empty index (one partition of the build)."""
-    index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
-    if len(ids) != len(vectors):
-        raise ConfigError(f"add_part: {len(ids)} ids for {len(vectors)} vectors")
-    if len(ids):
-        if index.ntotal == 0 and not faiss.try_extract_index_ivf(index):
-            index = faiss.IndexIDMap2(index)
-        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
-    return faiss.serialize_index(index).tobytes()
+def merge_parts(trained: faiss.Index, parts: list[str], store: Store, ondisk: str | None = None) -> faiss.Index:
+    """The parts (Store paths, in shard order) merged into the trained empty index, which is returned filled.
 
-
-def merge_parts(trained: bytes, parts: Iterable[bytes], ondisk: str | None = None) -> faiss.Index:
-    """Merge shard indexes into one. In memory with IVF merge_from, or, with `ondisk` (a file
-    path for the inverted lists), with faiss.contrib.ondisk.merge_ondisk: lists memory-mapped,
-    for indexes larger than RAM. Ids are the ones given to add_part."""
-    parts = list(parts)
-    base = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
-    if not faiss.try_extract_index_ivf(base):  # Flat: concatenate
-        merged = faiss.IndexIDMap2(base)
-        for blob in parts:
-            part = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
-            if part.ntotal:
-                merged.merge_from(part, 0)
-        return merged
+    In memory: every IVF list allocated once at its final size, then filled part by part (one part held
+    at a time besides the result; ids kept as given: positions); Flat parts appended (Flat is for small N).
+    With `ondisk` (a local file path for the inverted lists): faiss.contrib.ondisk.merge_ondisk, the parts
+    memory-mapped, for an index larger than the budget."""
+    if ondisk is None and not faiss.try_extract_index_ivf(trained):
+        for path in parts:
+            trained.merge_from(_open_part(path, store), 0)
+        return trained
     if ondisk is None:
-        for blob in parts:
-            part = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
-            base.merge_from(part, 0)  # moves the part's lists; ids kept as given
-        return base
+        return _merge_exact_size(trained, parts, store)
+    if not faiss.try_extract_index_ivf(trained):
+        raise ConfigError("an on-disk merge needs an IVF index; raise memory_budget_mb for a Flat index this large")
     from faiss.contrib.ondisk import merge_ondisk
 
-    with tempfile.TemporaryDirectory() as tmp:
-        names = []
-        for i, blob in enumerate(parts):
-            names.append(os.path.join(tmp, f"part-{i:05d}.faiss"))
-            faiss.write_index(faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8)), names[-1])
-        merge_ondisk(base, names, ondisk)
-    return base
+    with tempfile.TemporaryDirectory(prefix="index-parts-") as tmp:
+        local = []
+        for i, path in enumerate(parts):
+            if isinstance(store.fs, LocalFileSystem):
+                local.append(path)
+            else:
+                local.append(os.path.join(tmp, f"part-{i:06d}.faiss"))
+                store.get_file(path, local[-1])
+        merge_ondisk(trained, local, ondisk)
+    return trained
 
 
-@dataclass
-class Tuning:
-    nprobe: int
-    recall: float
-    recall_by_nprobe: dict[int, float] = field(default_factory=dict)
-    k: int = 10
+def _merge_exact_size(trained: faiss.Index, parts: list[str], store: Store) -> faiss.Index:
+    # IVF merge_from grows each list's vector by doubling: up to 2x the index in memory. Sizes first.
+    ivf = faiss.extract_index_ivf(trained)
+    sizes = np.zeros(ivf.nlist, dtype=np.int64)
+    for path in parts:
+        index = _open_part(path, store)  # held: its lists die with it
+        part = faiss.extract_index_ivf(index).invlists
+        sizes += np.array([part.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
+    lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    for i in np.flatnonzero(sizes):
+        lists.resize(int(i), int(sizes[i]))
+    filled = np.zeros(ivf.nlist, dtype=np.int64)
+    for path in parts:
+        index = _open_part(path, store)
+        part = faiss.extract_index_ivf(index).invlists
+        for i in range(ivf.nlist):
+            n = part.list_size(i)
+            if n:
+                ids, codes = part.get_ids(i), part.get_codes(i)
+                lists.update_entries(i, int(filled[i]), n, ids, codes)
+                part.release_ids(i, ids)
+                part.release_codes(i, codes)
+                filled[i] += n
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()  # owned by the index now
+    ivf.ntotal = trained.ntotal = int(sizes.sum())
+    return trained
 
 
-def exact_neighbours(parts: list[tuple[np.ndarray, np.ndarray]], queries: np.ndarray, k: int) -> np.ndarray:
-    """Ids of the exact top-k inner-product neighbours, part by part then merged (a brute-force reference)."""
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    best_d = np.full((len(queries), k), -np.inf, dtype=np.float32)
-    best_i = np.full((len(queries), k), -1, dtype=np.int64)
-    for ids, vectors in parts:
-        flat = faiss.IndexFlatIP(vectors.shape[1])
-        flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
-        d, pos = flat.search(queries, min(k, len(ids)))
-        d = np.concatenate([best_d, d], axis=1)
-        i = np.concatenate([best_i, np.where(pos >= 0, ids[np.maximum(pos, 0)], -1)], axis=1)
-        top = np.argsort(-d, axis=1, kind="stable")[:, :k]
-        best_d, best_i = np.take_along_axis(d, top, 1), np.take_along_axis(i, top, 1)
-    return best_i
+def _open_part(path: str, store: Store) -> faiss.Index:
+    """A part file as an index; on a local store memory-mapped (read-only), so only what is copied is paged in."""
+    if isinstance(store.fs, LocalFileSystem):
+        return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    return _index(store.read_bytes(path))
 
 
-def recall(found: np.ndarray, truth: np.ndarray) -> float:
-    """recall@k: the share of the true top-k ids found in the first k answers."""
-    k = truth.shape[1]
-    return sum(len(set(f) & set(t) - {-1}) for f, t in zip(found[:, :k], truth)) / truth.size
+def _blob(index: faiss.Index) -> bytes:
+    return faiss.serialize_index(index).tobytes()
 
 
-def tune_nprobe(
-    index: faiss.Index, queries: np.ndarray, truth: np.ndarray, target: float = 0.95, exclude: np.ndarray | None = None
-) -> Tuning:
-    """The smallest power-of-two nprobe whose recall@k against `truth` reaches target (else nlist).
-
-    `exclude`: per query, an id dropped from the answers (the query itself, when queries are
-    drawn from the indexed vectors and `truth` was computed without them).
-    """
-    k = truth.shape[1]
-
-    def answer() -> np.ndarray:
-        if exclude is None:
-            return index.search(queries, k)[1]
-        return drop_self(index.search(queries, k + 1)[1], exclude, k)
-
-    ivf = faiss.try_extract_index_ivf(index)
-    if not ivf:
-        return Tuning(0, recall(answer(), truth), {}, k)
-    by: dict[int, float] = {}
-    nprobe = 1
-    while True:
-        ivf.nprobe = nprobe
-        by[nprobe] = recall(answer(), truth)
-        if by[nprobe] >= target or nprobe >= ivf.nlist:
-            return Tuning(nprobe, by[nprobe], by, k)
-        nprobe = min(2 * nprobe, ivf.nlist)
-
-
-def build_sharded(
-    parts: list[tuple[np.ndarray, np.ndarray]],
-    memory_budget: int,
-    *,
-    target_recall: float = 0.95,
-    k: int = 10,
-    n_queries: int = 200,
-    workers: int = 2,
-    seed: int = 0,
-    ondisk: str | None = None,
-) -> tuple[faiss.Index, IndexPlan, Tuning]:
-    """The whole partitioned build in one process: plan, train on a sample, add the parts in
-    parallel, merge, tune nprobe on held-in queries against exact search (each query's own id
-    excluded from both answers). Each step is also callable alone, one partition per shard."""
-    n = sum(len(ids) for ids, _ in parts)
-    dim = parts[0][1].shape[1]
-    plan = plan_index(n, dim, memory_budget)
-    rng = np.random.default_rng(seed)
-    sample = _sample(parts, plan.train_size or min(n, 1), rng)
-    trained = train_empty(sample, plan, dim)
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(max(1, threads // workers))  # parts in parallel, each on its share of cores
-    try:
-        with ThreadPoolExecutor(workers) as pool:  # faiss releases the GIL while adding
-            blobs = list(pool.map(lambda p: add_part(trained, *p), parts))
-    finally:
-        faiss.omp_set_num_threads(threads)
-    index = merge_parts(trained, blobs, ondisk)
-    queries, qids = sample_queries(parts, n_queries, rng)
-    truth = drop_self(exact_neighbours(parts, queries, k + 1), qids, k)
-    return index, plan, tune_nprobe(index, queries, truth, target_recall, exclude=qids)
-
-
-def _sample(parts: list[tuple[np.ndarray, np.ndarray]], size: int, rng: np.random.Generator) -> np.ndarray:
-    """A uniform sample across parts, drawn part by part (no concatenation of the whole corpus)."""
-    sizes = np.array([len(ids) for ids, _ in parts])
-    take = rng.multinomial(size, sizes / sizes.sum()) if sizes.sum() else sizes
-    take = np.minimum(take, sizes)
-    return np.concatenate([v[rng.choice(len(v), t, replace=False)] for (_, v), t in zip(parts, take) if t])
-
-
-def sample_queries(parts, n_queries: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(vectors, ids) of n_queries indexed vectors drawn uniformly across parts: recall is measured on them."""
-    sizes = np.array([len(ids) for ids, _ in parts])
-    pos = np.sort(rng.choice(int(sizes.sum()), min(n_queries, int(sizes.sum())), replace=False))
-    which = np.searchsorted(np.cumsum(sizes), pos, side="right")
-    offsets = pos - np.concatenate([[0], np.cumsum(sizes)[:-1]])[which]
-    vectors = np.stack([parts[w][1][o] for w, o in zip(which, offsets)]).astype(np.float32)
-    return vectors, np.array([parts[w][0][o] for w, o in zip(which, offsets)], dtype=np.int64)
-
-
-def drop_self(found: np.ndarray, qids: np.ndarray, k: int) -> np.ndarray:
-    """Each row of ids without its query's own id, cut to k (search for k + 1 first)."""
-    return np.array([[i for i in row if i != q][:k] for row, q in zip(found, qids)]).reshape(len(found), k)
+def _index(blob: bytes) -> faiss.Index:
+    return faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))

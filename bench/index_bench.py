@@ -1,236 +1,226 @@
-"""Index build at scale: the partitioned build (plan, train, add per shard, merge, tune nprobe) against autofaiss,
-on the same vectors and queries, in one run. Prints a table; not a test.
+"""Index build at scale: the budgeted build step by step (each step its own process: its peak RSS is its
+own), and today's in-memory build (git ref --old) against the new one end to end, on synthetic embeddings
+written in the engine's format. Prints tables; not a test.
 
-    .venv/bin/python bench/index_bench.py --n 1000000 --dim 256 --parts 8 --budget-mib 2048
-    .venv/bin/python bench/index_bench.py --sample-corpus 2400      # real embeddings of the sample corpus
-
-autofaiss pins numpy<2, which this project's pyarrow and faiss do not accept, so it lives in its own venv:
-    python3 -m venv .venv-autofaiss && .venv-autofaiss/bin/pip install autofaiss faiss-cpu 'pyarrow<17'
-and runs in a subprocess (--autofaiss-python); without it the autofaiss rows read "not installed".
+    .venv/bin/python bench/index_bench.py --n 1000000 --shards 10 --threads 1 --old main
+    .venv/bin/python bench/index_bench.py --n 10000000 --shards 100 --threads 1 --max-nlist 4096 --old ''
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import faiss
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
-from backfill.index_build import (  # noqa: E402
-    drop_self,
-    sample_queries,
+from backfill.config import IndexConfig
+from backfill.index import IDS_FILE, build_index
+from backfill.index_build import (
+    BlockReader,
+    BuildWork,
     add_part,
-    exact_neighbours,
+    load_queries,
     merge_parts,
-    plan_index,
-    recall,
-    train_empty,
-    tune_nprobe,
+    part_truth,
+    prepare,
+    train,
+    trained_index,
 )
+from backfill.index_quality import drop_self, merge_results, tune_nprobe
+from backfill.storage import Layout, Store
+from bench.synthetic import clustered, write_embedded_shard
 
-AUTOFAISS = """
-import json, sys, time
-from autofaiss import build_index
-folder, index_path, infos_path, budget, cores = sys.argv[1:6]
-began = time.perf_counter()
-index, infos = build_index(embeddings=folder, index_path=index_path, index_infos_path=infos_path, max_index_memory_usage=budget,
-                           current_memory_available="12G", nb_cores=int(cores), metric_type="ip", min_nearest_neighbors_to_retrieve=10,
-                           verbose=30)
-print(json.dumps({"build_s": time.perf_counter() - began, "infos": infos}))
-"""
+MODEL, VERSION = "synthetic", "v1"
+STEPS = ("scan", "train", "add", "merge", "ground_truth", "tune")
 
 
-def clustered(n: int, dim: int, clusters: int, seed: int = 0, chunk: int = 200_000) -> np.ndarray:
-    """Unit vectors around `clusters` random centres (generated in chunks: 1M x 256 is 1 GiB)."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
-    out = np.empty((n, dim), dtype=np.float32)
-    for s in range(0, n, chunk):
-        e = min(n, s + chunk)
-        x = centres[rng.integers(0, clusters, e - s)] + 0.5 * rng.standard_normal((e - s, dim)).astype(np.float32)
-        out[s:e] = x / np.linalg.norm(x, axis=1, keepdims=True)
+def shard_names(shards: int) -> list[str]:
+    return [f"shard-{i:05d}" for i in range(shards)]
+
+
+def write_corpus(layout: Layout, n: int, dim: int, shards: int, chunk_rows: int) -> dict:
+    """n clustered vectors (n/1000 centres, 16-d intrinsic spread) as `shards` embedded shards, one at a time."""
+    per = n // shards
+    for i, name in enumerate(shard_names(shards)):
+        x = clustered(per, dim, max(1000, n // 1000), seed=i + 1, intrinsic=16, centre_seed=0)
+        ids = np.arange(i * per, (i + 1) * per, dtype=np.int64) * 2 + 7  # image ids, not positions
+        write_embedded_shard(layout, MODEL, VERSION, name, ids, x, chunk_rows)
+    return {"vectors": per * shards}
+
+
+def run_step(step: str, args: argparse.Namespace) -> dict:
+    """One step in this process; returns its result and the process's own peak RSS."""
+    faiss.omp_set_num_threads(args.threads)
+    layout = Layout(Store.open(args.root))
+    config = IndexConfig(memory_budget_mb=args.budget_mb, max_nlist=args.max_nlist)
+    state = os.path.join(args.root, "bench-state")
+    began = time.perf_counter()
+    out: dict = {}
+    if step == "write":
+        out = write_corpus(layout, args.n, args.dim, args.shards, args.chunk_rows)
+    elif step == "scan":
+        os.makedirs(state, exist_ok=True)
+        work = prepare(layout, MODEL, VERSION, shard_names(args.shards), config, os.path.join(state, IDS_FILE))
+        with open(os.path.join(state, "work"), "w") as f:
+            f.write(work.folder)
+        out = {"plan": work.plan.factory, "reason": work.plan.reason, "train_size": work.plan.train_size}
+    elif step in ("new", "old"):
+        shutil.rmtree(layout.store.url("indexes", MODEL, "work"), ignore_errors=True)  # no parts from the steps above
+        build = (build_index if step == "new" else old_build_index(args.old))(
+            layout, MODEL, VERSION, shard_names(args.shards), config
+        )
+        out = {
+            "index": build.index_type,
+            "recall": build.recall_at_k,
+            "nprobe": build.nprobe,
+            "bytes": build.index_bytes,
+            "steps": getattr(build, "steps", {}),  # the budgeted build records seconds per step; today's does not
+        }
+    else:
+        out = _budgeted_step(step, layout, state, args)
+    out.update(
+        step=step,
+        s=round(time.perf_counter() - began, 2),
+        rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
     return out
 
 
-def sample_corpus_vectors(images: int) -> np.ndarray:
-    """Real embeddings: the synthetic sample corpus embedded by reference model v2."""
-    from backfill.config import EmbedConfig
-    from backfill.embed import embed_shard, load_embeddings
-    from backfill.manifest import list_shards
-    from backfill.models import REFERENCE, torchscript_bytes
-    from backfill.registry import register_version
-    from backfill.runtime import load_model
-    from backfill.sample import SampleSpec, make_sample_corpus
-    from backfill.storage import Layout, Store
-
-    root = tempfile.mkdtemp(prefix="index-bench-corpus-")
-    try:
-        layout = Layout(Store.open(root))
-        make_sample_corpus(layout, SampleSpec(images=images, shards=4))
-        arch = REFERENCE["v2"]
-        card = register_version(layout, "refcnn", "v2", torchscript_bytes(arch), dim=arch.dim, input_size=arch.input_size)
-        model = load_model(layout, card)
-        parts = []
-        for shard in list_shards(layout):
-            embed_shard(layout, shard, model, EmbedConfig())
-            _, vectors, valid = load_embeddings(layout, "refcnn", "v2", shard)
-            parts.append(vectors[valid])
-        return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def latency(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[float, float]:
-    """(ms per query in one batch of all queries, p50 ms of single-query searches)."""
-    began = time.perf_counter()
-    index.search(queries, k)
-    batch_ms = 1000 * (time.perf_counter() - began) / len(queries)
-    singles = []
-    for q in queries[:200]:
-        began = time.perf_counter()
-        index.search(q[None, :], k)
-        singles.append(1000 * (time.perf_counter() - began))
-    return batch_ms, float(np.median(singles))
-
-
-def ours(x: np.ndarray, parts_n: int, budget: int, workers: int, queries, qids, truth, target: float, k: int) -> dict:
-    n, dim = x.shape
-    ids = np.arange(n, dtype=np.int64)
-    bounds = np.linspace(0, n, parts_n + 1).astype(int)
-    parts = [(ids[a:b], x[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-    t0 = time.perf_counter()
-    plan = plan_index(n, dim, budget)
-    rng = np.random.default_rng(0)
-    sample = x[np.sort(rng.choice(n, plan.train_size, replace=False))] if plan.train_size else x[:1]
-    trained = train_empty(sample, plan, dim)
-    t1 = time.perf_counter()
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(max(1, threads // workers))
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(workers) as pool:
-        blobs = list(pool.map(lambda p: add_part(trained, *p), parts))
-    faiss.omp_set_num_threads(threads)
-    t2 = time.perf_counter()
-    index = merge_parts(trained, blobs)
-    t3 = time.perf_counter()
-    tuning = tune_nprobe(index, queries, truth, target, exclude=qids)
-    t4 = time.perf_counter()
-    if faiss.try_extract_index_ivf(index):
-        faiss.extract_index_ivf(index).nprobe = tuning.nprobe
-    batch_ms, single_ms = latency(index, queries, k)
-    return {
-        "index": plan.factory,
-        "build_s": t3 - t0,
-        "detail": f"train {t1 - t0:.1f}s (sample {plan.train_size}), add {parts_n} parts {t2 - t1:.1f}s, merge {t3 - t2:.1f}s; tune {t4 - t3:.1f}s",
-        "nprobe": tuning.nprobe,
-        "recall": tuning.recall,
-        "by_nprobe": tuning.recall_by_nprobe,
-        "batch_ms": batch_ms,
-        "single_ms": single_ms,
-        "bytes": faiss.serialize_index(index).size,
-        "plan": plan.reason,
-    }
-
-
-def autofaiss(python: str, x: np.ndarray, budget: int, cores: int, queries, qids, truth, target: float, k: int) -> dict | str:
-    if not python or not os.path.exists(python):
-        return "not installed"
-    work = tempfile.mkdtemp(prefix="autofaiss-")
-    try:
-        os.makedirs(f"{work}/emb")
-        np.save(f"{work}/emb/part.npy", x)
-        proc = subprocess.run(
-            [python, "-c", AUTOFAISS, f"{work}/emb", f"{work}/knn.index", f"{work}/infos.json", f"{budget // 2**20}M", str(cores)],
-            capture_output=True,
-            text=True,
+def _budgeted_step(step: str, layout: Layout, state: str, args: argparse.Namespace) -> dict:
+    with open(os.path.join(state, "work")) as f:
+        work = BuildWork.load(layout, f.read())
+    reader = BlockReader(layout, MODEL, VERSION, work.plan.block_rows)
+    merged = os.path.join(state, "merged.faiss")
+    k = work.k
+    if step == "train":
+        train(layout, work, reader)
+    elif step == "add":
+        built = sum(add_part(layout, work, s.name, reader) for s in work.spans)
+        # includes each shard's exact search of the held-out queries (the ground truth's heavy half)
+        return {"parts_built": built, "largest_block": reader.largest_block}
+    elif step == "merge":
+        lists = os.path.join(state, "lists.ivfdata") if work.plan.ondisk else None
+        index = merge_parts(trained_index(layout, work), [work.part(s.name) for s in work.spans], layout.store, lists)
+        faiss.write_index(index, merged)
+        return {"bytes": os.path.getsize(merged) + (os.path.getsize(lists) if lists else 0), "ntotal": index.ntotal}
+    elif step == "ground_truth":
+        own, _ = load_queries(layout, work)
+        found = merge_results((part_truth(layout, work, s.name) for s in work.spans), len(own), k + 1)
+        np.save(os.path.join(state, "truth.npy"), drop_self(found, own, k))
+        return {"queries": len(own)}
+    elif step == "tune":
+        own, queries = load_queries(layout, work)
+        tuning = tune_nprobe(
+            faiss.read_index(merged), queries, np.load(os.path.join(state, "truth.npy")), work.config.target_recall, own
         )
-        if proc.returncode:
-            return f"failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        index = faiss.read_index(f"{work}/knn.index")
-        params = result["infos"].get("index_param", "")
-        faiss.ParameterSpace().set_index_parameters(index, params)
-        _, found = index.search(queries, k + 1)
-        own = recall(drop_self(found, qids, k), truth)
-        ivf = faiss.try_extract_index_ivf(index)
-        own_nprobe = ivf.nprobe if ivf else 0
-        tuning = tune_nprobe(index, queries, truth, target, exclude=qids)
-        if ivf:
-            ivf.nprobe = tuning.nprobe
-        batch_ms, single_ms = latency(index, queries, k)
-        return {
-            "index": result["infos"].get("index_key", "?"),
-            "build_s": result["build_s"],
-            "detail": f"its own params {params}: recall {own:.3f} at nprobe {own_nprobe}",
-            "nprobe": tuning.nprobe,
-            "recall": tuning.recall,
-            "by_nprobe": tuning.recall_by_nprobe,
-            "batch_ms": batch_ms,
-            "single_ms": single_ms,
-            "bytes": os.path.getsize(f"{work}/knn.index"),
-            "plan": "autofaiss defaults: max_index_query_time_ms=10, memory budget as ours",
-        }
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        return {"nprobe": tuning.nprobe, "recall": tuning.recall, "by_nprobe": tuning.recall_by_nprobe}
+    return {}
+
+
+def old_build_index(ref: str):
+    """build_index as it is at git `ref` (today's in-memory build), loaded from git without checking it out."""
+    source = subprocess.run(
+        ["git", "-C", REPO, "show", f"{ref}:backfill/index.py"], capture_output=True, text=True, check=True
+    ).stdout
+    spec = importlib.util.spec_from_loader("old_index", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["old_index"] = module  # dataclasses look their module up
+    # our own repository's code at another commit, run to compare against it
+    exec(compile(source, f"{ref}:backfill/index.py", "exec"), module.__dict__)  # noqa: S102
+    return module.build_index
+
+
+def in_subprocess(step: str, argv: list[str]) -> dict:
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *argv, "--step", step], capture_output=True, text=True, check=False
+    )
+    if proc.returncode:
+        raise SystemExit(f"step {step} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"[{time.strftime('%H:%M:%S')}] {step}: {result}", file=sys.stderr, flush=True)
+    return result
+
+
+def table(args: argparse.Namespace, rows: list[dict], compare: list[dict]) -> str:
+    by = {r["step"]: r for r in rows}
+    tune, merge, scan = by.get("tune", {}), by.get("merge", {}), by.get("scan", {})
+    lines = [
+        (
+            f"vectors={args.n} dim={args.dim} shards={args.shards} chunk_rows={args.chunk_rows} "
+            f"budget={args.budget_mb}MiB max_nlist={args.max_nlist} faiss_threads={args.threads} "
+            f"cores={os.cpu_count()} load={os.getloadavg()[0]:.2f}"
+        ),
+        f"plan: {scan.get('plan')} ({scan.get('reason')}; train sample {scan.get('train_size')})",
+        f"{'step':14} {'seconds':>8} {'peak RSS MiB':>12} {'within budget':>13}  detail",
+        "-" * 90,
+    ]
+    for r in rows:
+        detail = {k: v for k, v in r.items() if k not in ("step", "s", "rss_mib", "by_nprobe", "reason")}
+        within = "yes" if r["rss_mib"] <= args.budget_mb else "NO"
+        lines.append(f"{r['step']:14} {r['s']:8.1f} {r['rss_mib']:12.0f} {within:>13}  {json.dumps(detail)}")
+    if tune:
+        lines.append(
+            f"recall@10={tune['recall']:.4f} at nprobe={tune['nprobe']}; index bytes={merge.get('bytes')}; "
+            f"by nprobe {tune['by_nprobe']}"
+        )
+    if compare:
+        lines += [
+            "",
+            f"{'end to end':14} {'seconds':>8} {'peak RSS MiB':>12}  {'index':16} {'recall@10':>9} {'nprobe':>6}",
+            "-" * 70,
+        ]
+        for r in compare:
+            lines.append(
+                f"{r['step']:14} {r['s']:8.1f} {r['rss_mib']:12.0f}  "
+                f"{r['index']:16} {r['recall']:9.4f} {r['nprobe']:6d}  {json.dumps(r['steps']) if r['steps'] else ''}"
+            )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--clusters", type=int, default=1000)
-    p.add_argument("--sample-corpus", type=int, default=0, help="instead of clustered vectors: embed a sample corpus of this many images")
-    p.add_argument("--parts", type=int, default=8, help="shards the build adds in parallel, then merges")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--budget-mib", type=int, default=2048, help="memory budget of the filled index")
-    p.add_argument("--target", type=float, default=0.95)
-    p.add_argument("--queries", type=int, default=1000)
-    p.add_argument("--autofaiss-python", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-autofaiss/bin/python"))
+    p.add_argument("--shards", type=int, default=10)
+    p.add_argument("--chunk-rows", type=int, default=4096, help="rows per committed chunk (EmbedConfig.chunk_size)")
+    p.add_argument("--budget-mb", type=int, default=4096)
+    p.add_argument("--max-nlist", type=int, default=65536)
+    p.add_argument("--threads", type=int, default=1, help="FAISS threads per step")
+    p.add_argument("--old", default="main", help="git ref of today's build to compare end to end ('' to skip)")
+    p.add_argument("--root", default="/tmp/index-bench")
+    p.add_argument("--keep", action="store_true", help="keep the synthetic corpus afterwards")
+    p.add_argument("--compare-only", action="store_true", help="only the end-to-end builds, new first, then --old")
+    p.add_argument("--step", default="", help=argparse.SUPPRESS)
     p.add_argument("--out", default=os.environ.get("OUT", ""))
     args = p.parse_args(argv)
-    k = 10
-    cores = faiss.omp_get_max_threads()
-    began = time.perf_counter()
-    if args.sample_corpus:
-        x, source = sample_corpus_vectors(args.sample_corpus), f"sample corpus ({args.sample_corpus} images, refcnn v2)"
-    else:
-        x, source = clustered(args.n, args.dim, args.clusters), f"clustered ({args.clusters} centres)"
-    print(f"[{time.strftime('%H:%M:%S')}] {len(x)} x {x.shape[1]} vectors, {source}, in {time.perf_counter() - began:.1f}s", file=sys.stderr)
-    ids = np.arange(len(x), dtype=np.int64)
-    queries, qids = sample_queries([(ids, x)], args.queries, np.random.default_rng(42))
-    truth = drop_self(exact_neighbours([(ids, x)], queries, k + 1), qids, k)
-    budget = args.budget_mib * 2**20
-    rows = {"ours (sharded)": ours(x, args.parts, budget, args.workers, queries, qids, truth, args.target, k)}
-    print(f"[{time.strftime('%H:%M:%S')}] ours done", file=sys.stderr)
-    rows["autofaiss"] = autofaiss(args.autofaiss_python, x, budget, cores, queries, qids, truth, args.target, k)
-    head = f"vectors={len(x)} dim={x.shape[1]} source={source} budget={args.budget_mib}MiB cores={cores} load={os.getloadavg()[0]:.2f} queries={len(queries)} k={k} target={args.target}"
-    lines = [head, f"{'build':16} {'index':22} {'build s':>8} {'nprobe':>6} {'recall@10':>9} {'ms/q batch':>10} {'ms/q single':>11} {'MiB':>7}  detail", "-" * 130]
-    for name, r in rows.items():
-        if isinstance(r, str):
-            lines.append(f"{name:16} {r}")
-            continue
-        lines.append(
-            f"{name:16} {r['index']:22} {r['build_s']:8.2f} {r['nprobe']:6d} {r['recall']:9.3f} {r['batch_ms']:10.3f} {r['single_ms']:11.3f} {r['bytes'] / 2**20:7.0f}  {r['detail']}"
-        )
-    for name, r in rows.items():
-        if not isinstance(r, str):
-            lines.append(f"  {name} recall by nprobe: " + ", ".join(f"{p}:{v:.3f}" for p, v in r["by_nprobe"].items()) + f"  [{r['plan']}]")
-    text = "\n".join(lines)
+    if args.step:
+        print(json.dumps(run_step(args.step, args)))
+        return 0
+    passed = [a for a in (argv if argv is not None else sys.argv[1:])]
+    shutil.rmtree(args.root, ignore_errors=True)
+    write = in_subprocess("write", passed)
+    rows = [] if args.compare_only else [in_subprocess(step, passed) for step in STEPS]
+    order = ["new", "old"] if args.compare_only else ["old", "new"]  # either goes first with a cold page cache
+    compare = [in_subprocess(step, passed) for step in (order if args.old else [])]
+    text = f"corpus written in {write['s']:.0f}s (peak RSS {write['rss_mib']:.0f} MiB)\n" + table(args, rows, compare)
     print(text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(f"{args.out}/index_bench_{len(x)}x{x.shape[1]}.txt", "w") as f:
+        with open(f"{args.out}/index_bench_{args.n}x{args.dim}.txt", "w") as f:
             f.write(text + "\n")
+    if not args.keep:
+        shutil.rmtree(args.root, ignore_errors=True)
     return 0
 
 

@@ -8,10 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from backfill.config import EmbedConfig, IndexConfig
-from backfill.embed import embed_shard
+from backfill.embed import embed_shard, load_embeddings
 from backfill.errors import IncompleteError
 from backfill.incremental import build_or_update
-from backfill.index import IDS_FILE, INDEX_FILE, build_index, collect, recall_at_k
+from backfill.index import IDS_FILE, INDEX_FILE, build_index
+from backfill.index_quality import recall_at_k
 from backfill.manifest import list_shards, read_shard
 from backfill.publish import publish
 from backfill.runtime import load_model
@@ -72,15 +73,19 @@ def test_ivf_update_keeps_the_trained_quantizer_and_meets_recall_against_exact(t
     assert out.mode == "incremental" and out.build.index_type == "IVF4,Flat" and out.build.vectors == 340
 
     def load(build):
-        index = faiss.deserialize_index(np.frombuffer(layout.store.read_bytes(f"{build.path}/{INDEX_FILE}"), dtype=np.uint8))
+        index = faiss.deserialize_index(
+            np.frombuffer(layout.store.read_bytes(f"{build.path}/{INDEX_FILE}"), dtype=np.uint8)
+        )
         return index, faiss.extract_index_ivf(index)
 
     (_, base_ivf), (index, ivf) = load(base), load(out.build)
-    centroids = lambda q: faiss.rev_swig_ptr(faiss.downcast_index(q).get_xb(), q.ntotal * q.d).copy()  # noqa: E731
+    centroids = lambda q: faiss.rev_swig_ptr(faiss.downcast_index(q).get_xb(), q.ntotal * q.d).copy()
     assert np.array_equal(centroids(base_ivf.quantizer), centroids(ivf.quantizer))  # not retrained
 
     # independent reference: exact search over every vector of the version, at the build's nprobe
-    vectors, ids, _, _ = collect(layout, MODEL, "v1", shards)
+    loaded = [load_embeddings(layout, MODEL, "v1", s) for s in shards]
+    vectors = np.concatenate([v[ok] for _, v, ok in loaded])
+    ids = np.concatenate([i[ok] for i, _, ok in loaded])
     assert np.array_equal(ids, ids_of(layout, out.build))
     exact = faiss.IndexFlatIP(vectors.shape[1])
     exact.add(vectors)
@@ -99,9 +104,13 @@ def test_full_build_when_the_index_would_change_type_or_nothing_is_new(tmp_path)
     embed(layout, card, shards)
     config = IndexConfig(flat_below=200)
     first = build_or_update(layout, MODEL, "v1", shards[:1], config)
-    assert first.mode == "full" and first.reason == "no earlier build of this version" and first.build.index_type == "Flat"
+    assert (
+        first.mode == "full" and first.reason == "no earlier build of this version" and first.build.index_type == "Flat"
+    )
     grown = build_or_update(layout, MODEL, "v1", shards, config)
-    assert grown.mode == "full" and "340 vectors call for IVF" in grown.reason and grown.build.index_type.startswith("IVF")
+    assert (
+        grown.mode == "full" and "340 vectors call for IVF" in grown.reason and grown.build.index_type.startswith("IVF")
+    )
     again = build_or_update(layout, MODEL, "v1", shards, config)
     assert again.mode == "full" and "no new shards since" in again.reason
 

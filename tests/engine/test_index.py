@@ -5,7 +5,10 @@ import pytest
 from backfill.config import EmbedConfig, IndexConfig
 from backfill.embed import MARKER, embed_shard, is_chunk
 from backfill.errors import IncompleteError
-from backfill.index import BUILD_FILE, build_index, choose_index, latest_build, recall_at_k, train_index
+from backfill.index import BUILD_FILE, build_index, latest_build, read_build
+from backfill.index_build import sample_positions
+from backfill.index_plan import plan_index
+from backfill.index_quality import exact_neighbours, recall_at_k, tune_nprobe
 from backfill.manifest import list_shards
 from backfill.runtime import load_model
 from tests.conftest import MODEL
@@ -21,10 +24,17 @@ def embed_all(layout, card):
 
 @pytest.mark.parametrize(
     "n, factory",
-    [(999, "Flat"), (1_000, "IVF16,Flat"), (2_400, "IVF32,Flat"), (100_000, "IVF1024,Flat"), (1_000_000, "IVF4096,Flat"), (10_000_000, "IVF16384,PQ64x8")],
+    [
+        (999, "Flat"),
+        (1_000, "IVF16,Flat"),
+        (2_400, "IVF32,Flat"),
+        (100_000, "IVF1024,Flat"),
+        (1_000_000, "IVF4096,Flat"),
+        (10_000_000, "IVF16384,SQ8"),
+    ],
 )
 def test_index_type_rule(n, factory):
-    assert choose_index(n, 256, IndexConfig()).factory == factory
+    assert plan_index(n, 256, IndexConfig()).factory == factory
 
 
 def test_recall_at_k_counts_overlap():
@@ -40,6 +50,20 @@ def test_build_index_flat_is_exact(registered):
     assert build.index_type == "Flat" and build.vectors == 60 and build.recall_at_k == 1.0 and build.passed
     assert layout.store.exists(f"{build.path}/{BUILD_FILE}")
     assert latest_build(layout, MODEL, "v1").build_id == build.build_id
+    assert build.memory_budget_mb == 4096 and "exact search" in build.plan
+    assert {"scan_s", "train_s", "add_s", "merge_s", "ground_truth_s", "tune_s"} <= set(build.steps)
+
+
+def test_builds_written_before_the_budgeted_build_still_read(registered):
+    layout, card = registered
+    embed_all(layout, card)
+    build = build_index(layout, MODEL, "v1", list_shards(layout), IndexConfig())
+    record = layout.store.read_json(f"{build.path}/{BUILD_FILE}")
+    for key in ("plan", "memory_budget_mb", "steps", "lists_file"):
+        del record[key]  # as written before
+    layout.store.write_json(f"{build.path}/{BUILD_FILE}", record)
+    old = read_build(layout, MODEL, build.build_id)
+    assert old.vectors == 60 and old.steps == {} and old.lists_file == ""
 
 
 def clustered(n: int, dim: int, clusters: int, seed: int = 0) -> np.ndarray:
@@ -51,30 +75,41 @@ def clustered(n: int, dim: int, clusters: int, seed: int = 0) -> np.ndarray:
 
 def test_ivf_nprobe_is_the_smallest_that_meets_the_target():
     vectors = clustered(4000, 32, 50)
-    trained = train_index(vectors, IndexConfig(target_recall=0.95))
-    assert trained.spec.factory == "IVF64,Flat" and trained.index.ntotal == 4000
-    tried = {int(k): v for k, v in trained.recall_by_nprobe.items()}
-    assert trained.nprobe > 1 and tried[trained.nprobe] >= 0.95 and trained.recall == tried[trained.nprobe]
-    assert all(v < 0.95 for p, v in tried.items() if p < trained.nprobe)
+    index = faiss.index_factory(32, "IVF64,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors[200:])
+    index.add(vectors)
+    own = np.arange(0, 4000, 20)
+    truth = exact_neighbours(iter([(0, vectors)]), vectors[own], 11)
+    truth = np.array([[p for p in row if p != q][:10] for row, q in zip(truth, own)])
+    tuning = tune_nprobe(index, vectors[own], truth, 0.95, own)
+    tried = {int(k): v for k, v in tuning.recall_by_nprobe.items()}
+    assert tuning.nprobe > 1 and tried[tuning.nprobe] >= 0.95 and tuning.recall == tried[tuning.nprobe]
+    assert all(v < 0.95 for p, v in tried.items() if p < tuning.nprobe)
+    assert faiss.extract_index_ivf(index).nprobe == tuning.nprobe  # left where it was chosen
     # the measured recall is what a query really gets at that nprobe
-    faiss.extract_index_ivf(trained.index).nprobe = trained.nprobe
-    _, found = trained.index.search(vectors[:50], 11)
+    _, found = index.search(vectors[:50], 11)
     exact = faiss.IndexFlatIP(32)
     exact.add(vectors)
-    _, truth = exact.search(vectors[:50], 11)
-    assert recall_at_k(found[:, 1:], truth[:, 1:], 10) >= 0.85
+    _, reference = exact.search(vectors[:50], 11)
+    assert recall_at_k(found[:, 1:], reference[:, 1:], 10) >= 0.85
 
 
 def test_training_never_uses_the_held_out_queries():
-    # 2,500 vectors would get IVF256; with 200 held out only 2,300 may train, so nlist drops
-    assert choose_index(2500, 16, IndexConfig()).nlist == 64
-    assert choose_index(2500, 16, IndexConfig(), trainable=2300).nlist == 32
+    # 2,500 vectors would get IVF64 from 4*sqrt(n) and 39 per list; 200 held out leave 2,300: IVF32
+    assert plan_index(2500, 16, IndexConfig(n_queries=1)).nlist == 64
+    plan = plan_index(2500, 16, IndexConfig())
+    assert plan.nlist == 32 and plan.n_queries == 200
+    queries, training = sample_positions(2500, plan, seed=1234)
+    assert len(queries) == 200 and len(training) == plan.train_size and not set(queries) & set(training)
+    assert np.array_equal(queries, sample_positions(2500, plan, seed=1234)[0])  # deterministic
 
 
 def test_build_index_ivf_from_storage(registered):
     layout, card = registered
     embed_all(layout, card)
-    build = build_index(layout, MODEL, "v1", list_shards(layout), IndexConfig(flat_below=10, target_recall=0.9, n_queries=20))
+    build = build_index(
+        layout, MODEL, "v1", list_shards(layout), IndexConfig(flat_below=10, target_recall=0.9, n_queries=20)
+    )
     assert build.index_type.startswith("IVF") and build.passed
     assert faiss.read_index(f"{build.path}/index.faiss").ntotal == 60
 

@@ -39,6 +39,7 @@ def test_every_engine_field_has_one_variable():
 VALID = {
     "BACKFILL_S3_ENDPOINT_URL": "https://minio.example.com:9000", "BACKFILL_DEPLOYMENT": "k8s", "BACKFILL_DEVICE": "cuda:1",
     "BACKFILL_PQ_FROM": 5000, "BACKFILL_WORK_LOG": "/tmp/work.log", "BACKFILL_TRAIN_POINTS_PER_CENTROID": 100,
+    "BACKFILL_MAX_NLIST": 1024,
 }  # fmt: skip
 
 
