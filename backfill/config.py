@@ -36,7 +36,9 @@ class EmbedConfig:
     work_log: str | None = None  # a file each attempt appends a line to per embedded batch (hooks.WorkLog)
 
     def __post_init__(self) -> None:
-        _require(0 <= self.batch_size <= 8192, f"batch_size must be in 1..8192 (or 0: per device), got {self.batch_size}")
+        _require(
+            0 <= self.batch_size <= 8192, f"batch_size must be in 1..8192 (or 0: per device), got {self.batch_size}"
+        )
         _require(1 <= self.chunk_size <= 1_000_000, f"chunk_size must be in 1..1000000, got {self.chunk_size}")
         _require(
             self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:"),
@@ -45,7 +47,8 @@ class EmbedConfig:
         # more requests in flight than the S3 connection pool holds would queue for a connection
         _require(
             1 <= self.fetch_workers <= S3_CONNECTIONS,
-            f"fetch_workers must be in 1..{S3_CONNECTIONS} (the S3 connection pool per process), got {self.fetch_workers}",
+            f"fetch_workers must be in 1..{S3_CONNECTIONS} (the S3 connection pool per process), "
+            f"got {self.fetch_workers}",
         )
         _require(self.decode_workers >= 0, f"decode_workers must be >= 0, got {self.decode_workers}")
         _require(self.torch_threads >= 0, f"torch_threads must be >= 0, got {self.torch_threads}")
@@ -56,7 +59,6 @@ class EmbedConfig:
         _require(self.max_image_pixels >= 1, f"max_image_pixels must be positive, got {self.max_image_pixels}")
         _require(1 <= self.prefetch_batches <= 16, f"prefetch_batches must be in 1..16, got {self.prefetch_batches}")
         _require(0 <= self.grace_s <= 3600, f"grace_s must be in 0..3600 seconds, got {self.grace_s}")
-
 
     @property
     def images_per_batch(self) -> int:
@@ -99,7 +101,10 @@ class IndexConfig:
             39 <= self.train_points_per_centroid <= 256,
             f"train_points_per_centroid must be in 39..256, got {self.train_points_per_centroid}",
         )
-        _require(self.memory_budget_mb >= 1, f"memory_budget_mb must be a positive number of MiB, got {self.memory_budget_mb}")
+        _require(
+            self.memory_budget_mb >= 1,
+            f"memory_budget_mb must be a positive number of MiB, got {self.memory_budget_mb}",
+        )
         _require(
             self.max_nlist >= 1 and self.max_nlist & (self.max_nlist - 1) == 0,
             f"max_nlist must be a power of two, got {self.max_nlist}",

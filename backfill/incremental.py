@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from backfill.config import IndexConfig
 from backfill.errors import IncompleteError
+from backfill.id_check import check_unique
 from backfill.index import IDS_FILE, INDEX_FILE, IndexBuild, build_index, latest_build, new_build, write_build
 from backfill.index_build import BlockReader, ShardSpan, scan_shards
 from backfill.index_plan import block_rows, plan_index
@@ -60,6 +61,9 @@ def build_or_update(
     reason = _why_full(base, shards, new)
     if reason is None:
         with tempfile.TemporaryDirectory(prefix="index-update-") as tmp:
+            # no id of a new shard may be in any other shard, old or new (the registry sensor's tick check
+            # can be skipped for non-range ids: this one cannot)
+            check_unique(layout, shards)
             # the new shards must be complete; their positions continue after the base's
             spans, _, rejects = scan_shards(layout, model, version, new, f"{tmp}/{IDS_FILE}")
             spans = [replace(s, first=s.first + base.vectors) for s in spans]

@@ -19,9 +19,10 @@ from fsspec.implementations.local import LocalFileSystem
 from backfill.config import IndexConfig
 from backfill.errors import ConfigError, IncompleteError
 from backfill.finalise import MARKER
+from backfill.id_check import check_unique
 from backfill.index_plan import IndexPlan, plan_index
 from backfill.index_quality import exact_search
-from backfill.manifest import find_cross_shard_duplicates, read_shard
+from backfill.manifest import read_shard
 from backfill.storage import Layout, Store
 from backfill.writer import is_chunk, read_chunks
 
@@ -126,7 +127,6 @@ def scan_shards(
 
     Reads each shard's manifest and the id and error columns of its chunks, one shard at a time."""
     problems: list[str] = []
-    ids_by_shard: dict[str, np.ndarray] = {}
     spans: list[ShardSpan] = []
     dims: set[int] = set()
     rejects = position = 0
@@ -147,7 +147,6 @@ def scan_shards(
                     f"({len(missing)} missing, {len(ids) - len(np.unique(ids))} duplicated)"
                 )
                 continue
-            ids_by_shard[shard] = ids
             valid = table.column("error").is_null().to_numpy(zero_copy_only=False)
             dims.add(_dim(layout, out))
             uris = [u for u, ok in zip(manifest.uris, valid) if ok]
@@ -157,9 +156,6 @@ def scan_shards(
             spans.append(ShardSpan(shard, position, int(valid.sum())))
             position += int(valid.sum())
             rejects += int((~valid).sum())
-    dup = find_cross_shard_duplicates(ids_by_shard)
-    if dup:
-        problems.append(dup)
     if len(dims) > 1:
         problems.append(f"shards hold embeddings of dimensions {sorted(dims)}: re-embed the odd ones")
     if problems:
@@ -181,6 +177,7 @@ def prepare(
 ) -> BuildWork:
     """Scan and plan; the work folder is named by what was scanned and the config, so a retry of the same
     build finds the outputs an earlier attempt committed (a re-embedded shard gets a new folder)."""
+    check_unique(layout, shards)  # no image_id in two shards, in bounded memory, before anything is built
     spans, dim, rejects = scan_shards(layout, model, version, shards, ids_path)
     plan = plan_index(sum(s.vectors for s in spans), dim, config)
     markers = [layout.store.read_bytes(f"{layout.embeddings(model, version, s.name)}/{MARKER}") for s in spans]

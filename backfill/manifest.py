@@ -87,19 +87,3 @@ def _validate_columns(name: str, table: pa.Table) -> None:
         )
     if table.num_rows and pc.min(table.column("image_id")).as_py() < 0:
         raise ManifestError(f"manifest shard {name!r}: image_id must be non-negative")
-
-
-def find_cross_shard_duplicates(ids_by_shard: dict[str, np.ndarray]) -> str | None:
-    """A message naming an image_id found in two shards, or None when ids are unique."""
-    if not ids_by_shard:
-        return None
-    names = list(ids_by_shard)
-    ids = np.concatenate([ids_by_shard[n] for n in names])
-    owner = np.repeat(np.arange(len(names)), [len(ids_by_shard[n]) for n in names])
-    order = np.argsort(ids, kind="stable")
-    ids, owner = ids[order], owner[order]
-    dup = np.flatnonzero(ids[1:] == ids[:-1])
-    if not len(dup):
-        return None
-    i = dup[0]
-    return f"image_id {int(ids[i])} appears in manifest shards {names[owner[i]]!r} and {names[owner[i + 1]]!r}"

@@ -24,9 +24,9 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from backfill.config import IndexConfig
-from backfill.index import IDS_FILE, build_index
-from backfill.index_build import (
+from backfill.config import IndexConfig  # noqa: E402 (after the sys.path line)
+from backfill.index import IDS_FILE, build_index  # noqa: E402
+from backfill.index_build import (  # noqa: E402
     BlockReader,
     BuildWork,
     add_part,
@@ -37,9 +37,9 @@ from backfill.index_build import (
     train,
     trained_index,
 )
-from backfill.index_quality import drop_self, merge_results, tune_nprobe
-from backfill.storage import Layout, Store
-from bench.synthetic import clustered, write_embedded_shard
+from backfill.index_quality import drop_self, merge_results, tune_nprobe  # noqa: E402
+from backfill.storage import Layout, Store  # noqa: E402
+from bench.synthetic import clustered, write_embedded_shard  # noqa: E402
 
 MODEL, VERSION = "synthetic", "v1"
 STEPS = ("scan", "train", "add", "merge", "ground_truth", "tune")

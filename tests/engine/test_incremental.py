@@ -4,16 +4,17 @@ import io
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from backfill.config import EmbedConfig, IndexConfig
 from backfill.embed import embed_shard, load_embeddings
-from backfill.errors import IncompleteError
+from backfill.errors import IncompleteError, ManifestError
 from backfill.incremental import build_or_update
-from backfill.index import IDS_FILE, INDEX_FILE, build_index
+from backfill.index import IDS_FILE, INDEX_FILE, build_index, latest_build
 from backfill.index_quality import recall_at_k
-from backfill.manifest import list_shards, read_shard
+from backfill.manifest import list_shards, read_shard, write_shard
 from backfill.publish import publish
 from backfill.runtime import load_model
 from backfill.search import Searcher
@@ -79,7 +80,10 @@ def test_ivf_update_keeps_the_trained_quantizer_and_meets_recall_against_exact(t
         return index, faiss.extract_index_ivf(index)
 
     (_, base_ivf), (index, ivf) = load(base), load(out.build)
-    centroids = lambda q: faiss.rev_swig_ptr(faiss.downcast_index(q).get_xb(), q.ntotal * q.d).copy()
+
+    def centroids(q: faiss.Index) -> np.ndarray:
+        return faiss.rev_swig_ptr(faiss.downcast_index(q).get_xb(), q.ntotal * q.d).copy()
+
     assert np.array_equal(centroids(base_ivf.quantizer), centroids(ivf.quantizer))  # not retrained
 
     # independent reference: exact search over every vector of the version, at the build's nprobe
@@ -146,3 +150,21 @@ def test_a_damaged_base_build_falls_back_to_a_full_build(registered, damaged, wh
     out = build_or_update(layout, MODEL, "v1", [s0, s1, s2], IndexConfig(), model_created=card.created)
     assert out.mode == "full" and base.build_id in out.reason and why in out.reason
     assert out.build.passed and out.build.vectors == 60 and out.build.shard_names == [s0, s1, s2]
+
+
+def test_a_new_shard_repeating_an_indexed_id_is_refused_before_any_build(registered):
+    # the registry sensor's tick check can be skipped (ids that are not range-partitioned, a shard written
+    # behind its back): both build paths refuse first, naming both shards (the incremental path used to
+    # find it only inside update_index, after reading the base build's ids, without naming the other shard)
+    layout, card = registered
+    s0, s1, _ = list_shards(layout)
+    embed(layout, card, [s0, s1])
+    base = build_or_update(layout, MODEL, "v1", [s0, s1], IndexConfig()).build
+    first = read_shard(layout, s0)
+    taken = int(first.image_ids[3])
+    write_shard(layout, "z-late", pa.table({"image_id": pa.array([10_000, taken], pa.int64()), "uri": first.uris[:2]}))
+    embed(layout, card, ["z-late"])
+    for attempt in (build_or_update, build_index):
+        with pytest.raises(ManifestError, match=f"image_id {taken} appears in manifest shards '{s0}' and 'z-late'"):
+            attempt(layout, MODEL, "v1", [s0, s1, "z-late"], IndexConfig())
+    assert latest_build(layout, MODEL, "v1").build_id == base.build_id  # nothing new was written

@@ -37,7 +37,9 @@ def test_every_engine_field_has_one_variable():
 
 # a valid value other than the default, where the type's sample is out of range
 VALID = {
-    "BACKFILL_S3_ENDPOINT_URL": "https://minio.example.com:9000", "BACKFILL_DEPLOYMENT": "k8s", "BACKFILL_DEVICE": "cuda:1",
+    "BACKFILL_S3_ENDPOINT_URL": "https://minio.example.com:9000",
+    "BACKFILL_DEPLOYMENT": "k8s",
+    "BACKFILL_DEVICE": "cuda:1",
     "BACKFILL_PQ_FROM": 5000, "BACKFILL_WORK_LOG": "/tmp/work.log", "BACKFILL_TRAIN_POINTS_PER_CENTROID": 100,
     "BACKFILL_MAX_NLIST": 1024,
 }  # fmt: skip
@@ -76,7 +78,8 @@ def test_parsing():
     [
         (
             {"BACKFILL_BATCH_SIZE": "abc"},
-            "environment variable BACKFILL_BATCH_SIZE='abc' is not an integer: set a valid value or unset it (default 64",
+            "environment variable BACKFILL_BATCH_SIZE='abc' is not an integer: "
+            "set a valid value or unset it (default 64",
         ),
         (
             {"BACKFILL_BATCH_SIZE": "99999"},
@@ -105,7 +108,8 @@ def test_parsing():
         ),
         (
             {"BACKFILL_FLAT_BELOW": "100", "BACKFILL_PQ_FROM": "50", "BACKFILL_RECALL_K": "5"},
-            "environment variable BACKFILL_FLAT_BELOW=100, BACKFILL_PQ_FROM=50: pq_from must be greater than flat_below",
+            "environment variable BACKFILL_FLAT_BELOW=100, BACKFILL_PQ_FROM=50: "
+            "pq_from must be greater than flat_below",
         ),
     ],
 )
@@ -164,7 +168,9 @@ def test_importing_the_product_parses_no_variable():
     ]
     code = "import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)\nprint('imported')"
     env = {**os.environ, **{v.name: "!malformed" for v in VARIABLES}}
-    proc = subprocess.run([sys.executable, "-c", code, *modules], check=False, cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *modules], check=False, cwd=REPO, env=env, capture_output=True, text=True
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "imported", proc.stderr[-2000:]
     with pytest.raises(ConfigError, match="BACKFILL_"):
         Settings.from_env(env)
