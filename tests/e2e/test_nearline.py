@@ -11,6 +11,7 @@ from dagster import AssetKey, DagsterInstance, MultiPartitionKey, materialize
 
 from assets.embeddings import image_embeddings
 from assets.index import faiss_index, search_index
+from assets.models import model_version
 from assets.resources import BackfillResource
 from backfill.manifest import list_shards, read_shard, write_shard
 from backfill.publish import read_pointer
@@ -24,13 +25,14 @@ NEW = "shard-00002"  # held back, then landed while the system runs
 
 
 def publish_v1_in_process(home: Path, layout) -> None:
-    """v1 embedded, indexed and published through the assets in this process (the daemon would
+    """v1 verified, embedded, indexed and published through the assets in this process (the daemon would
     take a minute more to get there on 2 cores); the instance records it as the daemon would."""
     register_tiny(layout, "v1")
     resources = {"backfill": BackfillResource(root=layout.store.root, batch_size=16, chunk_size=16)}
     with DagsterInstance.from_config(str(home)) as instance:
         instance.add_dynamic_partitions("shard", list_shards(layout))
         instance.add_dynamic_partitions("model_version", ["v1"])
+        assert materialize([model_version], partition_key="v1", instance=instance, resources=resources).success
         for shard in list_shards(layout):
             key = MultiPartitionKey({"model_version": "v1", "shard": shard})
             assert materialize([image_embeddings], partition_key=key, instance=instance, resources=resources).success
