@@ -1,7 +1,5 @@
 """image_embeddings: one (model version, shard) partition per run, retried on its own."""
 
-from dataclasses import replace
-
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
@@ -83,7 +81,7 @@ def image_embeddings(context: AssetExecutionContext, backfill: BackfillResource)
     # the device follows the run's pool (tag backfill/pool): cuda on GPU pools, never a silent CPU fallback
     device = run_engine(context, device_for_run, context.run.tags, backfill.device)
     model = run_engine(context, backfill.load_model, version, device)
-    config = replace(backfill.embed_config(device), work_log=backfill.work_log or None)
+    config = backfill.embed_config(device)  # work_log included: the chaos harness's work log, when set
     progress = _progress(context, shard)
     try:
         with sigterm_notice() as stop:
