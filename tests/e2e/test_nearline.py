@@ -75,6 +75,11 @@ def published(layout, version: str, vectors: int):
     return pointer if pointer and pointer["version"] == version and pointer["vectors"] == vectors else None
 
 
+def serving(url: str) -> str | None:
+    r = requests.get(f"{url}/healthz", timeout=10)
+    return r.json().get("build_id") if r.status_code == 200 else None
+
+
 def found(url: str, image_id: int):
     r = requests.get(f"{url}/search", params={"image_id": image_id, "k": 1}, timeout=10)
     return r.json() if r.status_code == 200 else None
@@ -128,14 +133,23 @@ def test_a_shard_landing_during_a_newer_backfill_is_in_the_newer_index(system):
     assert read_pointer(layout, MODEL)["version"] == "v1", "v2 was published before the shard could land"
     write_shard(layout, NEW, held)  # lands while v2's backfill runs
 
-    wait_for(
+    pointer = wait_for(
         lambda: published(layout, "v2", 90),
         timeout=150,
         interval=1,
         what=f"v2 published with the new shard (logs in {logs})",
     )
+    # the service loads a published build on its next poll, not at the instant CURRENT flips
+    wait_for(
+        lambda: serving(url) == pointer["build_id"],
+        timeout=60,
+        interval=0.5,
+        what=f"the service serving v2's build {pointer['build_id']} (logs in {logs})",
+    )
     new_ids = [int(i) for i in read_shard(layout, NEW).image_ids]
     answers = [found(url, i) for i in new_ids]
-    assert all(a and a["version"] == "v2" and a["hits"][0]["image_id"] == i for a, i in zip(answers, new_ids))
+    itself = [bool(a) and a["version"] == "v2" and a["hits"][0]["image_id"] == i for a, i in zip(answers, new_ids)]
+    wrong = [(i, a) for ok, a, i in zip(itself, answers, new_ids) if not ok]
+    assert not wrong, f"new images not found as themselves in v2: {wrong[:3]}"
     # v2 was never published without the shard: every v2 index that passed covers all four shards
     assert all(r["shards"] == 3 for r in faiss_index_runs(home, "v2"))
