@@ -12,7 +12,6 @@ from dagster import (
     multiple_process_executor_requirements,
     multiprocess_executor,
 )
-from dagster_k8s import k8s_job_executor
 
 from backfill.errors import ConfigError
 from backfill.settings import Settings
@@ -22,6 +21,14 @@ from ops.pools import POOL_TAG, Pools, load_pools
 DEPLOYMENT_ENV = "BACKFILL_DEPLOYMENT"
 EMBED_OPS = ("image_embeddings",)  # the steps that run on the backfill's pool
 INDEX_OPS = ("faiss_index", "search_index")  # on indexPool if the pools file names one
+
+
+def _k8s_job_executor() -> ExecutorDefinition:
+    """dagster-k8s, imported only by a k8s deployment: the kubernetes client it loads costs every local
+    process (code servers, run workers, step workers) about a second."""
+    from dagster_k8s import k8s_job_executor
+
+    return k8s_job_executor
 
 
 def executor_for(settings: Settings) -> ExecutorDefinition:
@@ -71,7 +78,7 @@ class PooledK8sExecutor(Executor):
     def __init__(self, init_context: InitExecutorContext, pools: Pools) -> None:
         self._init, self._pools = init_context, pools
         # retries and step dependencies are needed before execute(); they do not depend on the pool
-        self._base = k8s_job_executor.executor_creation_fn(init_context)
+        self._base = _k8s_job_executor().executor_creation_fn(init_context)
 
     @property
     def retries(self):
@@ -87,7 +94,7 @@ class PooledK8sExecutor(Executor):
             # make the default pool explicit: the UI shows it, and the step pods read it for their device
             plan_context.instance.add_run_tags(run.run_id, {POOL_TAG: self._pools.default})
         config = pool_executor_config(self._init.executor_config, self._pools, run.tags)
-        inner = k8s_job_executor.executor_creation_fn(
+        inner = _k8s_job_executor().executor_creation_fn(
             InitExecutorContext(
                 job=self._init.job,
                 executor_def=self._init.executor_def,
@@ -101,7 +108,7 @@ class PooledK8sExecutor(Executor):
 def pooled_k8s_executor(pools: Pools) -> ExecutorDefinition:
     return ExecutorDefinition(
         name="k8s",
-        config_schema=k8s_job_executor.config_schema,
+        config_schema=_k8s_job_executor().config_schema,
         requirements=multiple_process_executor_requirements(),
         executor_creation_fn=lambda init_context: PooledK8sExecutor(init_context, pools),
         description=f"k8s_job_executor whose step pods go to the pool named by the run tag {POOL_TAG} "

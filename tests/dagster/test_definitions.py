@@ -103,6 +103,25 @@ def test_importing_the_definitions_reads_no_environment():
     )
 
 
+def test_a_local_deployment_never_imports_dagster_k8s():
+    """Every local process (code servers, run and step workers) would pay ~1 s for the kubernetes client."""
+    import os
+    import subprocess
+    import sys
+
+    from backfill.settings import REPO
+
+    code = (
+        "import sys, ops.definitions; ops.definitions.defs(); "
+        "print(sorted(m for m in sys.modules if m.startswith(('dagster_k8s', 'kubernetes'))))"
+    )
+    env = {**os.environ, "BACKFILL_DEPLOYMENT": "local"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+
+
 def test_sensor_intervals_cron_and_resource_come_from_settings():
     from assets.resources import BackfillResource
     from backfill.config import EmbedConfig, IndexConfig
