@@ -21,7 +21,8 @@ from tests.e2e.conftest import SMALL_BATCHES
 
 pytestmark = pytest.mark.e2e
 
-NEW = "shard-00002"  # held back, then landed while the system runs
+# held back, then landed while the system runs: the first while v1 serves, the second during v2's backfill
+NEW, LATE = "shard-00002", "shard-00003"
 
 
 def publish_v1_in_process(home: Path, layout) -> None:
@@ -43,12 +44,13 @@ def publish_v1_in_process(home: Path, layout) -> None:
 
 @pytest.fixture
 def system(tmp_path: Path):
-    """A corpus of 3 shards of which the last is held back, v1 published over the other 2; the daemon
+    """A corpus of 4 shards of which the last 2 are held back, v1 published over the other 2; the daemon
     and the search service running."""
     home, root = tmp_path / "dagster_home", tmp_path / "root"
-    layout = make_layout(root, images=90, shards=3)
-    held = pq.read_table(layout.manifest(NEW))
-    layout.store.rm(layout.manifest(NEW))
+    layout = make_layout(root, images=120, shards=4)
+    held = {shard: pq.read_table(layout.manifest(shard)) for shard in (NEW, LATE)}
+    for shard in held:
+        layout.store.rm(layout.manifest(shard))
     env = new_instance(home, root, BACKFILL_MODEL=MODEL, **SMALL_BATCHES)
     publish_v1_in_process(home, layout)
     daemon = start_daemon(env, tmp_path / "daemon.log")
@@ -95,13 +97,16 @@ def faiss_index_runs(home: Path, version: str) -> list[dict]:
         ]
 
 
-def test_a_new_shard_becomes_searchable_without_a_full_rebuild(system):
+def test_shards_landing_while_v1_serves_and_during_v2s_backfill_become_searchable(system):
+    """One system, two landings (one daemon start and one v1 publish paid for both):
+    a shard landing while v1 serves is added to v1 incrementally, without a full rebuild; a shard
+    landing while v2's backfill runs is in v2's first published index."""
     layout, held, url, home, logs = system
     first = published(layout, "v1", 60)
-    assert first and requests.get(f"{url}/healthz", timeout=10).json()["build_id"] == first["build_id"]
+    assert first and serving(url) == first["build_id"]
 
     landed = time.monotonic()
-    write_shard(layout, NEW, held)
+    write_shard(layout, NEW, held[NEW])
     new_ids = [int(i) for i in read_shard(layout, NEW).image_ids]
     answer = wait_for(
         lambda: found(url, new_ids[0]),
@@ -118,10 +123,6 @@ def test_a_new_shard_becomes_searchable_without_a_full_rebuild(system):
     assert [r["mode"] for r in runs] == ["incremental", "full"]  # newest first: one full build, then the update
     assert runs[0]["base_build_id"] == first["build_id"] and runs[0]["added_shards"] == [NEW]
 
-
-def test_a_shard_landing_during_a_newer_backfill_is_in_the_newer_index(system):
-    layout, held, url, home, logs = system
-    assert published(layout, "v1", 60)
     register_tiny(layout, "v2")
     # the first committed chunk of any v2 shard: the backfill is running
     wait_for(
@@ -131,13 +132,13 @@ def test_a_shard_landing_during_a_newer_backfill_is_in_the_newer_index(system):
         what=f"v2's backfill under way (logs in {logs})",
     )
     assert read_pointer(layout, MODEL)["version"] == "v1", "v2 was published before the shard could land"
-    write_shard(layout, NEW, held)  # lands while v2's backfill runs
+    write_shard(layout, LATE, held[LATE])  # lands while v2's backfill runs
 
     pointer = wait_for(
-        lambda: published(layout, "v2", 90),
+        lambda: published(layout, "v2", 120),
         timeout=150,
         interval=1,
-        what=f"v2 published with the new shard (logs in {logs})",
+        what=f"v2 published with the late shard (logs in {logs})",
     )
     # the service loads a published build on its next poll, not at the instant CURRENT flips
     wait_for(
@@ -146,10 +147,10 @@ def test_a_shard_landing_during_a_newer_backfill_is_in_the_newer_index(system):
         interval=0.5,
         what=f"the service serving v2's build {pointer['build_id']} (logs in {logs})",
     )
-    new_ids = [int(i) for i in read_shard(layout, NEW).image_ids]
-    answers = [found(url, i) for i in new_ids]
-    itself = [bool(a) and a["version"] == "v2" and a["hits"][0]["image_id"] == i for a, i in zip(answers, new_ids)]
-    wrong = [(i, a) for ok, a, i in zip(itself, answers, new_ids) if not ok]
-    assert not wrong, f"new images not found as themselves in v2: {wrong[:3]}"
-    # v2 was never published without the shard: every v2 index that passed covers all four shards
-    assert all(r["shards"] == 3 for r in faiss_index_runs(home, "v2"))
+    late_ids = [int(i) for i in read_shard(layout, LATE).image_ids]
+    answers = [found(url, i) for i in late_ids]
+    itself = [bool(a) and a["version"] == "v2" and a["hits"][0]["image_id"] == i for a, i in zip(answers, late_ids)]
+    wrong = [(i, a) for ok, a, i in zip(itself, answers, late_ids) if not ok]
+    assert not wrong, f"late images not found as themselves in v2: {wrong[:3]}"
+    # v2 was never published without the late shard: every v2 index that passed covers all four shards
+    assert all(r["shards"] == 4 for r in faiss_index_runs(home, "v2"))

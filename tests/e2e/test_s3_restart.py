@@ -1,4 +1,5 @@
-"""The S3 server restarts in the middle of a backfill: partitions fail, retry and finish, exactly once."""
+"""The loop over a real S3 server that restarts in the middle of the backfill: partitions fail, retry and
+finish, exactly once; the published index is searched from S3 and nothing is written to local disk."""
 
 import signal
 import time
@@ -7,7 +8,10 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance
 
+from backfill.images import make_fetcher
+from backfill.manifest import read_shard
 from backfill.publish import read_pointer
+from backfill.search import Searcher
 from backfill.verify import verify_version
 from harness.chaos import retries
 from harness.local_instance import wait_for
@@ -60,5 +64,11 @@ def test_backfill_survives_an_s3_restart(tmp_path: Path, monkeypatch):
         assert result.rows == 96
         print(f"S3 restart: {step_retries} steps put up for retry, {run_retries} runs retried; {result}")
         assert step_retries + run_retries >= 1, "the outage hit no partition: the test proved nothing"
+
+        shard = read_shard(layout, "shard-00001")
+        searcher = Searcher(layout, MODEL, cache_dir=str(tmp_path / "cache"))
+        answer = searcher.search_image(make_fetcher()(shard.uris[3]), k=5)
+        assert answer.version == "v1" and answer.hits[0].image_id == int(shard.image_ids[3])
+        assert not (tmp_path / "root").exists(), "an s3:// root must not write to local disk"
     finally:
         server.stop()
