@@ -59,11 +59,13 @@ def build_or_update(
     base = latest_build(layout, model, version)
     new = sorted(set(shards) - set(base.shard_names)) if base else []
     reason = _why_full(base, shards, new)
+    ids_checked = False
     if reason is None:
         with tempfile.TemporaryDirectory(prefix="index-update-") as tmp:
             # no id of a new shard may be in any other shard, old or new (the registry sensor's tick check
             # can be skipped for non-range ids: this one cannot)
             check_unique(layout, shards)
+            ids_checked = True  # a fall back to a full build below need not read every shard's ids again
             # the new shards must be complete; their positions continue after the base's
             spans, _, rejects = scan_shards(layout, model, version, new, f"{tmp}/{IDS_FILE}")
             spans = [replace(s, first=s.first + base.vectors) for s in spans]
@@ -82,7 +84,9 @@ def build_or_update(
                     why = f"added {len(new)} new shards to {base.build_id}"
                     return IndexOutcome(build, "incremental", why, base.build_id, tuple(new))
     log(f"full build: {reason}")
-    build = build_index(layout, model, version, shards, config, model_created=model_created, log=log)
+    build = build_index(
+        layout, model, version, shards, config, model_created=model_created, log=log, ids_checked=ids_checked
+    )
     return IndexOutcome(build, "full", reason)
 
 

@@ -101,6 +101,7 @@ def build_index(
     *,
     model_created: str = "",
     log: Callable[[str], None] = lambda msg: None,
+    ids_checked: bool = False,
 ) -> IndexBuild:
     """Build an immutable, checked index for one model version; build.json is written last.
 
@@ -112,7 +113,7 @@ def build_index(
     started, steps = time.perf_counter(), {}
     with tempfile.TemporaryDirectory(prefix="index-build-") as tmp:
         with timed(steps, "scan"):
-            work = prepare(layout, model, version, sorted(shards), config, f"{tmp}/{IDS_FILE}")
+            work = prepare(layout, model, version, sorted(shards), config, f"{tmp}/{IDS_FILE}", ids_checked=ids_checked)
         plan = work.plan
         log(
             f"{work.vectors} vectors of dim {work.dim} from {len(shards)} shards ({work.rejects} rejects): "

@@ -173,11 +173,22 @@ def _dim(layout: Layout, out: str) -> int:
 
 
 def prepare(
-    layout: Layout, model: str, version: str, shards: list[str], config: IndexConfig, ids_path: str
+    layout: Layout,
+    model: str,
+    version: str,
+    shards: list[str],
+    config: IndexConfig,
+    ids_path: str,
+    *,
+    ids_checked: bool = False,
 ) -> BuildWork:
     """Scan and plan; the work folder is named by what was scanned and the config, so a retry of the same
-    build finds the outputs an earlier attempt committed (a re-embedded shard gets a new folder)."""
-    check_unique(layout, shards)  # no image_id in two shards, in bounded memory, before anything is built
+    build finds the outputs an earlier attempt committed (a re-embedded shard gets a new folder).
+
+    `ids_checked`: the caller has just run check_unique over exactly these shards (an incremental update
+    that fell back to a full build); it reads every shard's ids, so it is not run twice."""
+    if not ids_checked:
+        check_unique(layout, shards)  # no image_id in two shards, in bounded memory, before anything is built
     spans, dim, rejects = scan_shards(layout, model, version, shards, ids_path)
     plan = plan_index(sum(s.vectors for s in spans), dim, config)
     markers = [layout.store.read_bytes(f"{layout.embeddings(model, version, s.name)}/{MARKER}") for s in spans]

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from backfill import id_check, incremental, index_build
 from backfill.config import EmbedConfig, IndexConfig
 from backfill.embed import embed_shard, load_embeddings
 from backfill.errors import IncompleteError, ManifestError
@@ -101,7 +102,7 @@ def test_ivf_update_keeps_the_trained_quantizer_and_meets_recall_against_exact(t
     assert out.build.recall_at_k >= 0.95 and out.build.passed
 
 
-def test_full_build_when_the_index_would_change_type_or_nothing_is_new(tmp_path):
+def test_full_build_when_the_index_would_change_type_or_nothing_is_new(tmp_path, monkeypatch):
     layout = make_layout(tmp_path / "root", images=340, shards=2)
     card = register_tiny(layout, "v1")
     shards = list_shards(layout)
@@ -111,10 +112,15 @@ def test_full_build_when_the_index_would_change_type_or_nothing_is_new(tmp_path)
     assert (
         first.mode == "full" and first.reason == "no earlier build of this version" and first.build.index_type == "Flat"
     )
+    checks = []
+    real = id_check.check_unique
+    monkeypatch.setattr(incremental, "check_unique", lambda *a, **k: checks.append("update") or real(*a, **k))
+    monkeypatch.setattr(index_build, "check_unique", lambda *a, **k: checks.append("full") or real(*a, **k))
     grown = build_or_update(layout, MODEL, "v1", shards, config)
     assert (
         grown.mode == "full" and "340 vectors call for IVF" in grown.reason and grown.build.index_type.startswith("IVF")
     )
+    assert checks == ["update"], "the fall back to a full build read every shard's ids a second time"
     again = build_or_update(layout, MODEL, "v1", shards, config)
     assert again.mode == "full" and "no new shards since" in again.reason
 
