@@ -110,7 +110,7 @@ def test_shards_landing_while_v1_serves_and_during_v2s_backfill_become_searchabl
     new_ids = [int(i) for i in read_shard(layout, NEW).image_ids]
     answer = wait_for(
         lambda: found(url, new_ids[0]),
-        timeout=90,
+        timeout=240,  # ~60 s here when the machine is quiet; the timeouts allow a loaded one
         interval=0.5,
         what=f"a new image found through the API (logs in {logs})",
     )
@@ -127,7 +127,7 @@ def test_shards_landing_while_v1_serves_and_during_v2s_backfill_become_searchabl
     # the first committed chunk of any v2 shard: the backfill is running
     wait_for(
         lambda: layout.store.ls(layout.embeddings(MODEL, "v2")),
-        timeout=120,
+        timeout=240,
         interval=0.2,
         what=f"v2's backfill under way (logs in {logs})",
     )
@@ -136,7 +136,7 @@ def test_shards_landing_while_v1_serves_and_during_v2s_backfill_become_searchabl
 
     pointer = wait_for(
         lambda: published(layout, "v2", 120),
-        timeout=150,
+        timeout=300,
         interval=1,
         what=f"v2 published with the late shard (logs in {logs})",
     )
