@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]  # the checkout: relative roots and t
 DEFAULT_ROOT = str(REPO / "data")
 DEFAULT_POOLS_FILE = REPO / "deploy" / "pools.yaml"
 DEFAULT_MODEL = "refcnn"  # the reference model name the demo, the tests and the Helm values use
-DEPLOYMENTS = ("local", "k8s")
+DEPLOYMENTS = ("local", "local-in-process", "k8s")
 
 
 def _int(raw: str) -> int:
@@ -134,7 +134,7 @@ VARIABLES: tuple[Variable, ...] = (
         "seconds between automation sensor ticks"),
     Variable("BACKFILL_REFRESH_CRON", "refresh_cron", _text, "cron of the refresh schedule (stopped by default)"),
     Variable("BACKFILL_DEPLOYMENT", "deployment", _deployment,
-        "`local` (a process per step) or `k8s` (a Job per step)"),
+        "`local` (a process per step), `local-in-process` (steps in their run's process) or `k8s` (a Job per step)"),
     Variable("BACKFILL_POOLS_FILE", "pools_file", _text,
         "the pools file (in the cluster: the `backfill-pools` ConfigMap)"),
     Variable("BACKFILL_POOL", "pool", _text,

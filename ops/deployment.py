@@ -9,6 +9,7 @@ from dagster import (
     Executor,
     ExecutorDefinition,
     InitExecutorContext,
+    in_process_executor,
     multiple_process_executor_requirements,
     multiprocess_executor,
 )
@@ -32,9 +33,13 @@ def _k8s_job_executor() -> ExecutorDefinition:
 
 
 def executor_for(settings: Settings) -> ExecutorDefinition:
-    """local: the multiprocess executor. k8s: step Jobs on pools, which needs shared (S3) storage."""
+    """local: the multiprocess executor. local-in-process: every step in its run's process (one Python start
+    less per run; a step killed takes its run worker with it, and the run retry resumes it). k8s: step Jobs
+    on pools, which needs shared (S3) storage."""
     if settings.deployment == "local":
         return multiprocess_executor
+    if settings.deployment == "local-in-process":
+        return in_process_executor
     if protocol_of(settings.root) not in OBJECT_STORES:  # the protocols the engine's Store treats as S3
         raise ConfigError(
             f"{DEPLOYMENT_ENV}=k8s needs BACKFILL_ROOT=s3://bucket/prefix, got {settings.root!r}: "

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from dagster import multiprocess_executor
+from dagster import in_process_executor, multiprocess_executor
 
 from backfill.config import EmbedConfig
 from backfill.errors import ConfigError
@@ -22,6 +22,11 @@ def k8s(root: str, grace_s: float = 20) -> Settings:
 def test_local_is_the_default_and_uses_processes():
     assert Settings.from_env({}).deployment == "local"
     assert executor_for(Settings(root="/data")) is multiprocess_executor
+
+
+def test_local_in_process_runs_steps_in_the_run_worker():
+    settings = Settings.from_env({"BACKFILL_DEPLOYMENT": "local-in-process", "BACKFILL_ROOT": "/data"})
+    assert executor_for(settings) is in_process_executor
 
 
 def test_k8s_needs_s3_paths():
@@ -56,7 +61,8 @@ def test_k8s_refuses_a_grace_period_that_cannot_commit_a_chunk():
 
 def test_an_unknown_deployment_is_named():
     with pytest.raises(
-        ConfigError, match=r"environment variable BACKFILL_DEPLOYMENT='cloud' must be one of local, k8s"
+        ConfigError,
+        match=r"environment variable BACKFILL_DEPLOYMENT='cloud' must be one of local, local-in-process, k8s",
     ):
         Settings.from_env({DEPLOYMENT_ENV: "cloud"})
 

@@ -11,6 +11,9 @@ import requests
 from harness.local_instance import free_port, new_instance, start_daemon, start_webserver, stop, wait_for
 
 SMALL_BATCHES = {"BACKFILL_BATCH_SIZE": "16", "BACKFILL_CHUNK_SIZE": "16"}
+# steps inside their run's process: one Python start less per run (~5-10 s on 2 cores). The tests that kill
+# step processes (test_chaos.py, tests/dagster/test_preemption_process.py) and the demo keep `local`.
+IN_PROCESS = {"BACKFILL_DEPLOYMENT": "local-in-process"}
 
 
 @contextlib.contextmanager
@@ -19,7 +22,7 @@ def running_dagster(tmp_path: Path, root: Path | str, **env_overrides: str) -> I
 
     Logs go to tmp_path (webserver.log, daemon.log); the instance lives in tmp_path/dagster_home.
     """
-    env = new_instance(tmp_path / "dagster_home", root, **{**SMALL_BATCHES, **env_overrides})
+    env = new_instance(tmp_path / "dagster_home", root, **{**SMALL_BATCHES, **IN_PROCESS, **env_overrides})
     port = free_port()
     web = start_webserver(env, tmp_path / "webserver.log", port)
     daemon = start_daemon(env, tmp_path / "daemon.log")

@@ -17,7 +17,7 @@ from backfill.manifest import list_shards, read_shard, write_shard
 from backfill.publish import read_pointer
 from harness.local_instance import free_port, new_instance, start_daemon, start_search_service, stop, wait_for
 from tests.conftest import MODEL, make_layout, register_tiny
-from tests.e2e.conftest import SMALL_BATCHES
+from tests.e2e.conftest import IN_PROCESS, SMALL_BATCHES
 
 pytestmark = pytest.mark.e2e
 
@@ -51,7 +51,7 @@ def system(tmp_path: Path):
     held = {shard: pq.read_table(layout.manifest(shard)) for shard in (NEW, LATE)}
     for shard in held:
         layout.store.rm(layout.manifest(shard))
-    env = new_instance(home, root, BACKFILL_MODEL=MODEL, **SMALL_BATCHES)
+    env = new_instance(home, root, BACKFILL_MODEL=MODEL, **SMALL_BATCHES, **IN_PROCESS)
     publish_v1_in_process(home, layout)
     daemon = start_daemon(env, tmp_path / "daemon.log")
     port = free_port()

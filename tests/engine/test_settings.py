@@ -100,7 +100,7 @@ def test_parsing():
         ),
         (
             {"BACKFILL_DEPLOYMENT": "cloud"},
-            "environment variable BACKFILL_DEPLOYMENT='cloud' must be one of local, k8s",
+            "environment variable BACKFILL_DEPLOYMENT='cloud' must be one of local, local-in-process, k8s",
         ),
         (
             {"BACKFILL_S3_ENDPOINT_URL": "minio:9000"},
