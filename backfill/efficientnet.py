@@ -156,7 +156,8 @@ def pretrained(path: Path | None = None) -> EfficientNetLite0:
             f"refusing them (reinstall {PACKAGE})"
         )
 
-    state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    buffer = io.BytesIO(blob)
+    state = torch.load(buffer, weights_only=True, map_location="cpu")
     net = EfficientNetLite0()
     net.load_state_dict(state, strict=True)
     return net.eval()

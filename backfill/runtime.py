@@ -246,8 +246,9 @@ def check_pt2(blob: bytes, what: str) -> None:
             if pickled:
                 raise ModelError(f"{what}: .pt2 stores {pickled[:3]} pickled (tensor subclasses); refusing to load it")
         if "data/sample_inputs/model.pt" in files:
+            sample = io.BytesIO(archive.read(files["data/sample_inputs/model.pt"]))
             try:  # torch tries weights_only first and unpickles fully only if that fails: never let it fail
-                torch.load(io.BytesIO(archive.read(files["data/sample_inputs/model.pt"])), weights_only=True)
+                torch.load(sample, weights_only=True)
             except Exception as exc:
                 raise ModelError(f"{what}: .pt2 sample inputs are not a weights-only tensor file ({exc})") from None
 
