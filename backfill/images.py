@@ -73,10 +73,11 @@ def make_fetcher() -> Callable[[str | None], bytes]:
 def decode(data: bytes, size: int | Preprocess, max_pixels: int) -> np.ndarray:
     """Bytes -> (input_size, input_size, 3) uint8 RGB by the contract, decoding JPEGs at reduced scale.
 
-    `size` is a model's Preprocess, or a bare input size (squash, the contract of a card without one).
+    `size` is a model's Preprocess, or a bare input size (what a card without a contract means: squash,
+    decoded as before the contract).
     BadImage on bad input.
     """
-    prep = size if isinstance(size, Preprocess) else Preprocess(size)
+    prep = size if isinstance(size, Preprocess) else Preprocess(size, declared=False)
     if not data:
         raise BadImage("empty file (0 bytes)")
     try:
@@ -88,7 +89,8 @@ def decode(data: bytes, size: int | Preprocess, max_pixels: int) -> np.ndarray:
                 raise BadImage(f"decompression bomb: declared {width}x{height} exceeds {max_pixels} pixels")
             if width < 1 or height < 1:
                 raise BadImage(f"degenerate size {width}x{height}")
-            # JPEG: decode at a reduced DCT scale (1/2..1/8: far less work), still >= 2x the resize target
+            # JPEG: decode at a reduced DCT scale (1/2..1/8: far less work), still >= the contract's margin
+            # over the resize target (preprocess.DRAFT)
             img.draft("RGB", prep.draft_size(width, height))
             return prep.apply_pil(_to_rgb(img))
     except BadImage:

@@ -21,10 +21,12 @@ INTERPOLATIONS = {
 }
 CHANNELS = ("RGB", "BGR")
 CROP_FRACTION = 0.875  # resize_crop without resize_size: 224 px crops of the shorter side resized to 256
-# JPEGs are decoded at a reduced DCT scale no smaller than this many times the resize target: at 1x the
-# vectors of large JPEGs drifted to cosine 0.989 from a full decode (EfficientNet-Lite0), at 2x >= 0.999
-DRAFT_MARGIN = 2
-REDUCING_GAP = 3.0  # PIL's box pre-reduction before a large resize; 3.0 is close to exact resampling
+# JPEGs are decoded at a reduced DCT scale no smaller than this many times the resize target, and PIL
+# pre-reduces by whole factors while the rest of the shrink is at least the gap: with a declared contract
+# (2x, 3.0) EfficientNet-Lite0's vectors of large JPEGs stay within cosine 0.999 of a full decode; a card
+# without one keeps the decoding from before the contract (1x, 2.0): about twice the decode rate, but
+# cosine down to 0.989 on large JPEGs
+DRAFT = {True: (2, 3.0), False: (1, 2.0)}  # declared -> (draft margin, reducing gap)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class Preprocess:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     channels: str = "RGB"
+    # False for a card written before the contract (no "preprocessing" in model.json): decoded exactly as then
+    declared: bool = True
 
     def __post_init__(self) -> None:
         # each problem names the model.json field it is read from
@@ -87,6 +91,8 @@ class Preprocess:
                 )
         elif self.resize_size is not None:
             raise ConfigError(f"preprocessing.resize_size is for resize_crop only (resize is {self.resize!r})")
+        if not self.declared and (self.resize, self.interpolation, self.channels) != ("squash", "bilinear", "RGB"):
+            raise ConfigError("a card without a preprocessing contract squashes, bilinear, RGB; declare the contract")
 
     @classmethod
     def from_card(cls, input_size: int, normalization: Any, preprocessing: Any) -> Preprocess:
@@ -108,6 +114,7 @@ class Preprocess:
             mean=norm.get("mean", [0.5, 0.5, 0.5]),
             std=norm.get("std", [0.5, 0.5, 0.5]),
             channels=prep.get("channels", "RGB"),
+            declared=preprocessing is not None,
         )
 
     def card_fields(self) -> dict[str, Any]:
@@ -116,13 +123,16 @@ class Preprocess:
         if self.resize_size is not None:
             prep["resize_size"] = self.resize_size
         norm = {"mean": list(self.mean), "std": list(self.std)}
+        if not self.declared:  # the card stays as it was written before the contract
+            return {"input_size": self.input_size, "normalization": norm}
         return {"input_size": self.input_size, "normalization": norm, "preprocessing": prep}
 
     def describe(self) -> str:
         """One line for the CLI: e.g. 'resize_crop 256->224 bicubic RGB'."""
         size = self.input_size
         geometry = f"{self.resize_size}->{size}" if self.resize == "resize_crop" else f"{size}"
-        return f"{self.resize} {geometry} {self.interpolation} {self.channels}"
+        line = f"{self.resize} {geometry} {self.interpolation} {self.channels}"
+        return line if self.declared else f"{line} (no contract in model.json: decoded as before it)"
 
     def geometry(self, width: int, height: int) -> Geometry:
         """The resize target and crop or paste offset for an image of width x height (both >= 1)."""
@@ -142,14 +152,15 @@ class Preprocess:
     def draft_size(self, width: int, height: int) -> tuple[int, int]:
         """The size a JPEG may be decoded at (PIL's draft picks a DCT scale at least this large)."""
         w, h = self.geometry(width, height).size
-        return min(width, DRAFT_MARGIN * w), min(height, DRAFT_MARGIN * h)
+        margin = DRAFT[self.declared][0]
+        return min(width, margin * w), min(height, margin * h)
 
     def apply_pil(self, img: Image.Image) -> np.ndarray:
         """An RGB PIL image -> (input_size, input_size, 3) uint8 RGB, by this contract's geometry."""
         geo = self.geometry(*img.size)
         pil_filter = INTERPOLATIONS[self.interpolation][0]
         # reducing_gap: a large shrink starts with a cheap box reduction (PIL's own speed-up)
-        out = img.resize(geo.size, pil_filter, reducing_gap=REDUCING_GAP) if img.size != geo.size else img
+        out = img.resize(geo.size, pil_filter, reducing_gap=DRAFT[self.declared][1]) if img.size != geo.size else img
         s = self.input_size
         if geo.crop is not None:
             left, top = geo.crop

@@ -144,7 +144,8 @@ def register_version(
 ) -> ModelCard:
     """Add a version: the artifact first, model.json last (a version exists once its card does).
 
-    The contract is `preprocess`, or (as before it existed) input_size with mean and std, squashed.
+    The contract is `preprocess`, or (as before it existed) input_size with mean and std: then the card is
+    written as before (squash, no "preprocessing"), and decoded exactly as before.
     The format is read from the artifact when not given; bytes that are neither archive are recorded
     as TorchScript, as before, and the model_version check refuses them with the loader's reason.
     """
@@ -153,7 +154,8 @@ def register_version(
     if preprocess is None:
         if input_size is None:
             raise ConfigError(f"model {name} version {version}: give input_size (or a preprocessing contract)")
-        preprocess = Preprocess(input_size, mean=mean, std=std)
+        # as before the contract: model.json gets no "preprocessing", and images are decoded as they were
+        preprocess = Preprocess(input_size, mean=mean, std=std, declared=False)
     elif input_size is not None and input_size != preprocess.input_size:
         raise ConfigError(f"input_size {input_size} disagrees with the preprocessing's {preprocess.input_size}")
     found = artifact_format(artifact)

@@ -37,7 +37,8 @@ def test_each_resize_mode_places_the_image_as_declared():
 
 def test_a_card_without_a_contract_means_squash_and_a_contract_round_trips():
     old = ModelCard.from_json(CARD, where="m/v1")
-    assert old.preprocess == Preprocess(32) and old.preprocess.resize == "squash" and old.format == "torchscript"
+    assert old.preprocess == Preprocess(32, declared=False) and old.format == "torchscript"
+    assert "preprocessing" not in old.to_json()  # such a card is rewritten as it was
     prep = Preprocess(32, "resize_crop", 40, "bicubic", (0.4, 0.5, 0.6), (0.2, 0.3, 0.4), "BGR")
     card = ModelCard.from_json({**CARD, **prep.card_fields()}, where="m/v1")
     assert card.preprocess == prep and card.input_size == 32 and card.mean == (0.4, 0.5, 0.6)
@@ -102,6 +103,20 @@ def test_decode_applies_the_contract_and_a_bare_size_still_squashes():
     cropped = decode(blob, Preprocess(32, resize="resize_crop", resize_size=32), 10**6)
     expected = np.asarray(img.resize((64, 32), Image.BILINEAR).crop((16, 0, 48, 32)))
     assert np.array_equal(cropped, expected)
+
+
+def test_a_card_without_a_contract_decodes_large_jpegs_exactly_as_before_and_a_declared_one_finer():
+    buf = io.BytesIO()
+    _photo(1200, 900).save(buf, format="JPEG", quality=90)
+    blob = buf.getvalue()
+    before = Image.open(io.BytesIO(blob))  # the decoder before the contract: draft to the target itself
+    before.draft("RGB", (32, 32))
+    expected = np.asarray(before.convert("RGB").resize((32, 32), Image.BILINEAR, reducing_gap=2.0))
+    assert np.array_equal(decode(blob, 32, 10**7), expected)
+    full = np.asarray(Image.open(io.BytesIO(blob)).convert("RGB").resize((32, 32), Image.BILINEAR)).astype(int)
+    declared = decode(blob, Preprocess(32), 10**7).astype(int)
+    # the declared contract keeps twice the target before resizing: closer to a full decode
+    assert np.abs(declared - full).mean() < np.abs(expected.astype(int) - full).mean()
 
 
 def test_the_gpu_batch_path_applies_the_contract_like_the_pil_path():
