@@ -74,9 +74,24 @@ def test_the_format_is_read_from_the_artifact_and_a_mismatch_is_refused(layout):
     assert artifact_format(b"not an archive") is None
     with pytest.raises(ModelError, match="model refcnn version v2: the artifact is a torchscript archive, not torch"):
         register_version(layout, MODEL, "v2", script, dim=16, input_size=32, format="torch.export")
-    with pytest.raises(ModelError, match="precision bf16 is checked for TorchScript artifacts only so far"):
-        register_version(layout, MODEL, "v2", tiny_pt2(), dim=16, input_size=32, extra={"precision": "bf16"})
     assert not layout.store.exists(layout.model_dir(MODEL, "v2"))
+
+
+def test_a_pt2_in_bf16_is_checked_against_fp32_and_runs_under_autocast(layout):
+    from tests.engine.test_precision import Cancelling
+
+    card = register_version(layout, MODEL, "v1", tiny_pt2(), dim=16, input_size=32, extra={"precision": "bf16"})
+    model = load_model(layout, card)
+    assert card.format == "torch.export" and model.autocast is torch.bfloat16
+    pixels = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    fp32 = load_model(layout, card)
+    fp32.autocast = None
+    assert (model.embed(pixels) * fp32.embed(pixels)).sum(1).min() > 0.99
+    with pytest.raises(ModelError, match=r"model cancel version v1: bf16 embeddings differ from fp32 .* < 0.99"):
+        register_version(
+            layout, "cancel", "v1", export_bytes(Cancelling(), 32), dim=16, input_size=32, extra={"precision": "bf16"}
+        )
+    assert not layout.store.exists(layout.model_dir("cancel", "v1"))
 
 
 def _rewritten(blob: bytes, change) -> bytes:
