@@ -51,8 +51,8 @@ def verify_version(layout: Layout, model: str, version: str) -> ModelCard:
             "verified",
             asset="model_version",
             blocking=True,
-            description="the artifact matches model.json's sha256, loads without unpickling, and embeds a probe batch "
-            "into finite vectors of the declared dim",
+            description="the artifact (torch.export .pt2, or deprecated TorchScript) matches model.json's sha256, "
+            "loads without unpickling, and embeds a probe batch into finite vectors of the declared dim",
         )
     ],
     kinds={"pytorch"},
@@ -69,6 +69,13 @@ def model_version(context: AssetExecutionContext, backfill: BackfillResource) ->
         yield AssetCheckResult(check_name="verified", passed=False, metadata={"error": exc.description or str(exc)})
         raise
     yield MaterializeResult(
-        metadata={"dim": card.dim, "input_size": card.input_size, "sha256": card.sha256, "precision": card.precision}
+        metadata={
+            "dim": card.dim,
+            "input_size": card.input_size,
+            "sha256": card.sha256,
+            "precision": card.precision,
+            "format": card.format,
+            "preprocessing": card.preprocess.describe(),
+        }
     )
     yield AssetCheckResult(check_name="verified", passed=True, metadata={"sha256": card.sha256})

@@ -35,33 +35,93 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_register(args: argparse.Namespace) -> None:
-    from backfill.models import REFERENCE, torchscript_bytes
     from backfill.registry import register_version
 
     if args.artifact:
-        with open(args.artifact, "rb") as f:
-            blob = f.read()
-        dim, size = args.dim, args.input_size
-        if not dim or not size:
+        blob, fmt = _read_artifact(args.artifact)
+        if not args.dim or not args.input_size:
             raise BackfillError("--artifact needs --dim and --input-size (what model.json will promise)")
-    elif args.reference:
-        from backfill.resnet import torchscript_bytes as resnet_bytes
-
-        blob, dim, size = resnet_bytes(args.reference), 256, 224
+        dim, preprocess = args.dim, _preprocess_flags(args)
     else:
-        if args.version not in REFERENCE:
+        if _preprocess_flag_names(args):
             raise BackfillError(
-                f"no reference model {args.version!r} (have {', '.join(REFERENCE)}); "
-                "pass --artifact to register your own"
+                f"{', '.join(_preprocess_flag_names(args))} go with --artifact; a reference model declares its own"
             )
-        arch = REFERENCE[args.version]
-        blob, dim, size = torchscript_bytes(arch), arch.dim, arch.input_size
+        blob, dim, preprocess = _reference(args)
+        fmt = "torch.export"
     extra = {"precision": args.precision} if args.precision != "fp32" else None
-    card = register_version(_layout(args.root), args.model, args.version, blob, dim=dim, input_size=size, extra=extra)
+    card = register_version(
+        _layout(args.root), args.model, args.version, blob, dim=dim, preprocess=preprocess, format=fmt, extra=extra
+    )
     print(
         f"registered {card.name} {card.version}: dim={card.dim} input={card.input_size} "
-        f"precision={card.precision} sha256={card.sha256[:12]}…"
+        f"precision={card.precision} format={card.format} preprocessing={card.preprocess.describe()} "
+        f"sha256={card.sha256[:12]}…"
     )
+
+
+PREPROCESS_FLAGS = ("resize", "resize_size", "interpolation", "mean", "std", "channels")
+
+
+def _preprocess_flag_names(args: argparse.Namespace) -> list[str]:
+    return ["--" + f.replace("_", "-") for f in PREPROCESS_FLAGS if getattr(args, f) is not None]
+
+
+def _preprocess_flags(args: argparse.Namespace):
+    """The contract an --artifact declares; unset flags keep the defaults (squash, bilinear, 0.5/0.5, RGB)."""
+    from backfill.preprocess import Preprocess
+
+    given = {f: getattr(args, f) for f in PREPROCESS_FLAGS if getattr(args, f) is not None}
+    for key in ("mean", "std"):
+        if key in given:
+            given[key] = _three_numbers(f"--{key}", given[key])
+    return Preprocess(args.input_size, **given)
+
+
+def _three_numbers(flag: str, text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise BackfillError(f"{flag} takes three comma-separated numbers (e.g. 0.485,0.456,0.406), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _read_artifact(path: str) -> tuple[bytes, str]:
+    """The file's bytes and format; a file that is neither a .pt2 nor a TorchScript archive is refused here."""
+    from backfill.registry import artifact_format
+
+    with open(path, "rb") as f:
+        blob = f.read()
+    fmt = artifact_format(blob)
+    if fmt is None:
+        raise BackfillError(
+            f"--artifact {path}: not a torch.export .pt2 (torch.export.save) nor a TorchScript archive (torch.jit.save)"
+        )
+    return blob, fmt
+
+
+def _reference(args: argparse.Namespace):
+    """(.pt2 bytes, dim, preprocessing) of a built-in model: refcnn v1/v2, a ResNet, or EfficientNet-Lite0."""
+    from backfill.preprocess import Preprocess
+
+    if args.reference == "efficientnet-lite0":
+        from backfill.efficientnet import reference_artifact
+
+        return reference_artifact()
+    if args.reference:
+        from backfill.resnet import export_artifact
+
+        return export_artifact(args.reference), 256, Preprocess(224)
+    from backfill.models import REFERENCE, export_artifact
+
+    if args.version not in REFERENCE:
+        raise BackfillError(
+            f"no reference model {args.version!r} (have {', '.join(REFERENCE)}); pass --artifact to register your own"
+        )
+    arch = REFERENCE[args.version]
+    return export_artifact(arch), arch.dim, Preprocess(arch.input_size)
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -211,14 +271,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=7)
     p.set_defaults(fn=cmd_sample)
 
-    p = sub.add_parser("register", help="register a model version (a built-in reference CNN, or your TorchScript file)")
+    p = sub.add_parser(
+        "register", help="register a model version (a built-in reference model, or your .pt2 file; docs/models.md)"
+    )
     p.add_argument("version", help="version name, e.g. v1; without --artifact, the reference model of that name")
-    p.add_argument("--artifact", help="a TorchScript file to register instead of a reference model")
+    p.add_argument(
+        "--artifact", help="a torch.export .pt2 (or a deprecated TorchScript file) to register instead of a reference"
+    )
     p.add_argument("--dim", type=int, help="embedding size the artifact outputs (with --artifact)")
     p.add_argument("--input-size", type=int, help="square input size in pixels (with --artifact)")
     p.add_argument(
-        "--reference", choices=("resnet18", "resnet50"), help="a hand-written ResNet (random weights, 256-d at 224 px)"
+        "--reference",
+        choices=("resnet18", "resnet50", "efficientnet-lite0"),
+        help="a hand-written model: a ResNet (random weights, 256-d at 224 px) or EfficientNet-Lite0 "
+        "(ImageNet weights from the .[models] extra, 1280-d)",
     )
+    prep = p.add_argument_group("preprocessing the artifact expects (with --artifact; model.json records it)")
+    prep.add_argument("--resize", choices=("squash", "resize_crop", "pad"), help="default squash")
+    prep.add_argument("--resize-size", type=int, help="resize_crop: shorter side before the crop (default size/0.875)")
+    prep.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"), help="default bilinear")
+    prep.add_argument("--mean", help="per-channel mean of x/255, e.g. 0.485,0.456,0.406 (default 0.5,0.5,0.5)")
+    prep.add_argument("--std", help="per-channel std, e.g. 0.229,0.224,0.225 (default 0.5,0.5,0.5)")
+    prep.add_argument("--channels", choices=("RGB", "BGR"), help="channel order the model reads (default RGB)")
     p.add_argument(
         "--precision",
         choices=("fp32", "bf16", "fp16"),

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from backfill.images import BadImage, decode
+from backfill.preprocess import Preprocess
 
 # Start-of-frame markers nvjpeg decodes: baseline and extended Huffman. Progressive (0xC2),
 # lossless, arithmetic-coded and CMYK/YCCK (4 components) JPEGs go to PIL instead.
@@ -81,7 +81,7 @@ class Encoded:
 
 
 class Preprocessor:
-    """Decode and resize images for one model input size on one device.
+    """Decode and resize images by one model's preprocessing contract on one device.
 
     `stage(bytes)` runs in the decode worker threads: on the CPU it decodes with PIL
     (at reduced scale, see images.decode); on CUDA with torchvision it only reads the
@@ -94,11 +94,18 @@ class Preprocessor:
     """
 
     def __init__(
-        self, size: int, max_pixels: int, device: str = "cpu", gpu_decode: bool = True, decoder: Callable | None = None
+        self,
+        size: int | Preprocess,
+        max_pixels: int,
+        device: str = "cpu",
+        gpu_decode: bool = True,
+        decoder: Callable | None = None,
     ) -> None:
-        """`decoder` stands in for torchvision.io.decode_jpeg (a test passes a CPU one); by default
-        torchvision's is used on CUDA when it is installed, and PIL alone otherwise."""
-        self.size = size
+        """`size` is the model's preprocessing contract (a bare input size: squash). `decoder` stands in for
+        torchvision.io.decode_jpeg (a test passes a CPU one); by default torchvision's is used on CUDA when
+        it is installed, and PIL alone otherwise."""
+        self.prep = size if isinstance(size, Preprocess) else Preprocess(size, declared=False)
+        self.size = self.prep.input_size
         self.max_pixels = max_pixels
         self.device = torch.device(device)
         if decoder is None and gpu_decode and self.device.type == "cuda":
@@ -143,7 +150,7 @@ class Preprocessor:
                     raise BadImage(f"decompression bomb: declared {declared} exceeds {self.max_pixels} pixels")
                 if header.width >= 1 and header.height >= 1:
                     return Encoded(data, header)
-        return decode(data, self.size, self.max_pixels)
+        return decode(data, self.prep, self.max_pixels)
 
     def batch(self, items: list[np.ndarray | Encoded]) -> tuple[torch.Tensor, dict[int, str]]:
         """Staged items -> (pixels (n, 3, size, size) uint8 on the device, {position: reject reason})."""
@@ -158,7 +165,7 @@ class Preprocessor:
                 pos = encoded[j]
                 self.fallbacks += 1
                 try:
-                    pixels[pos] = decode(items[pos].data, self.size, self.max_pixels)
+                    pixels[pos] = decode(items[pos].data, self.prep, self.max_pixels)
                 except BadImage as exc:
                     failed[pos] = str(exc)
         keep = [i for i in range(len(items)) if i not in failed]
@@ -174,13 +181,9 @@ class Preprocessor:
                 out[host] = stacked
         if gpu:
             where = {i: j for j, i in enumerate(keep)}
-            for (h, w), positions in _by_shape(gpu).items():
-                group = torch.stack([gpu[i] for i in positions])
-                if (h, w) != (self.size, self.size):
-                    group = F.interpolate(
-                        group.float(), size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
-                    )
-                    group = group.round_().clamp_(0, 255).to(torch.uint8)
+            for positions in _by_shape(gpu).values():
+                # the same geometry and interpolation as the PIL path (preprocess.Preprocess)
+                group = self.prep.apply_tensor(torch.stack([gpu[i] for i in positions]))
                 out[[where[i] for i in positions]] = group.permute(0, 2, 3, 1)
         # NHWC memory viewed as NCHW: exactly the channels-last layout, no copy
         return out.permute(0, 3, 1, 2), failed

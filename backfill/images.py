@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from backfill.errors import RetryableError
+from backfill.preprocess import Preprocess
 from backfill.storage import filesystem_options, protocol_of, transient_errors
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -69,8 +70,14 @@ def make_fetcher() -> Callable[[str | None], bytes]:
     return fetch
 
 
-def decode(data: bytes, size: int, max_pixels: int) -> np.ndarray:
-    """Bytes -> (size, size, 3) uint8 RGB, decoding JPEGs at reduced scale; BadImage on bad input."""
+def decode(data: bytes, size: int | Preprocess, max_pixels: int) -> np.ndarray:
+    """Bytes -> (input_size, input_size, 3) uint8 RGB by the contract, decoding JPEGs at reduced scale.
+
+    `size` is a model's Preprocess, or a bare input size (what a card without a contract means: squash,
+    decoded as before the contract).
+    BadImage on bad input.
+    """
+    prep = size if isinstance(size, Preprocess) else Preprocess(size, declared=False)
     if not data:
         raise BadImage("empty file (0 bytes)")
     try:
@@ -82,11 +89,10 @@ def decode(data: bytes, size: int, max_pixels: int) -> np.ndarray:
                 raise BadImage(f"decompression bomb: declared {width}x{height} exceeds {max_pixels} pixels")
             if width < 1 or height < 1:
                 raise BadImage(f"degenerate size {width}x{height}")
-            # JPEG: decode straight to (at least) the target size, 2-8x less work
-            img.draft("RGB", (size, size))
-            img = _to_rgb(img)
-            img = img.resize((size, size), Image.BILINEAR, reducing_gap=2.0)
-            return np.asarray(img, dtype=np.uint8)
+            # JPEG: decode at a reduced DCT scale (1/2..1/8: far less work), still >= the contract's margin
+            # over the resize target (preprocess.DRAFT)
+            img.draft("RGB", prep.draft_size(width, height))
+            return prep.apply_pil(_to_rgb(img))
     except BadImage:
         raise
     except UnidentifiedImageError:

@@ -100,11 +100,40 @@ def calibration_images(arch: Architecture, n: int = 768) -> torch.Tensor:
     return (torch.from_numpy(batch).permute(0, 3, 1, 2) / 255.0 - 0.5) / 0.5
 
 
-def torchscript_bytes(arch: Architecture, calibration: int = 768) -> bytes:
-    """The TorchScript artifact of a reference model (loadable without any Python class)."""
+def reference_model(arch: Architecture, calibration: int = 768) -> RefCNN:
+    """A reference model in eval mode, calibrated on synthetic images."""
     model = RefCNN(arch).eval()
     model.calibrate(calibration_images(arch, n=calibration))
-    return trace_bytes(model, arch.input_size)
+    return model
+
+
+def export_artifact(arch: Architecture, calibration: int = 768) -> bytes:
+    """The torch.export (.pt2) artifact of a reference model: the registry's primary format."""
+    return export_bytes(reference_model(arch, calibration), arch.input_size)
+
+
+def torchscript_bytes(arch: Architecture, calibration: int = 768) -> bytes:
+    """The TorchScript artifact of a reference model (deprecated format, still read for existing versions)."""
+    return trace_bytes(reference_model(arch, calibration), arch.input_size)
+
+
+def export_bytes(model: nn.Module, input_size: int, max_batch: int = 4096) -> bytes:
+    """A model in eval mode exported on (N, 3, input_size, input_size), N dynamic, as torch.export.save bytes.
+
+    The batch dimension is dynamic (1..max_batch) so one artifact serves any batch size; the image
+    size is fixed, as the preprocessing contract fixes it. Export fails (torch's error) for a model
+    whose code specialises on the batch size.
+    """
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    example = torch.zeros(2, 3, input_size, input_size)
+    with torch.no_grad():
+        program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        # torch's note when a buffer is a view of a larger storage (the QR projection): saved whole anyway
+        warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+        torch.export.save(program, buf)
+    return buf.getvalue()
 
 
 def trace_bytes(model: nn.Module, input_size: int) -> bytes:
@@ -112,7 +141,7 @@ def trace_bytes(model: nn.Module, input_size: int) -> bytes:
     example = torch.zeros(2, 3, input_size, input_size)
     buf = io.BytesIO()
     with torch.inference_mode(), warnings.catch_warnings():
-        # TorchScript is deprecated in torch 2.13 but is still the registry's format (registry.FORMATS)
+        # TorchScript is deprecated in torch 2.13; the registry still reads it for existing versions
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.jit.save(torch.jit.trace(model, example), buf)

@@ -10,6 +10,7 @@ from backfill.config import EmbedConfig
 from backfill.feed import Preprocessor
 from backfill.images import BadImage, make_fetcher
 from backfill.pipeline import Prefetched, bounded_map
+from backfill.preprocess import Preprocess
 
 STAGE_GROUP = 16  # rows per fetch/decode task: amortises the thread hand-off (~20 us) at GPU rates
 
@@ -39,9 +40,15 @@ class BatchReader(Iterator[Batch]):
     """
 
     def __init__(
-        self, uris: list, todo: list[tuple[int, int]], input_size: int, config: EmbedConfig, decode_workers: int
+        self,
+        uris: list,
+        todo: list[tuple[int, int]],
+        contract: int | Preprocess,
+        config: EmbedConfig,
+        decode_workers: int,
     ) -> None:
-        self.prep = Preprocessor(input_size, config.max_image_pixels, config.device, config.gpu_decode)
+        """`contract`: the model's preprocessing (card.preprocess); a bare input size means squash."""
+        self.prep = Preprocessor(contract, config.max_image_pixels, config.device, config.gpu_decode)
         batch_size = config.images_per_batch
         rows = grouped((r for s, e in todo for r in range(s, e)), STAGE_GROUP)
         per_batch = -(-batch_size // STAGE_GROUP)

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-from dataclasses import asdict, dataclass, field
+import zipfile
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from backfill.errors import ConfigError, ModelError
+from backfill.preprocess import Preprocess
 from backfill.storage import Layout
 
 CARD = "model.json"
-ARTIFACT = "model.pt"
-FORMATS = ("torchscript",)
+ARTIFACT = "model.pt"  # a TorchScript version's artifact (deprecated format; still read)
+# format -> artifact file name; torch.export is the primary format, TorchScript is deprecated in torch 2.13
+ARTIFACTS = {"torch.export": "model.pt2", "torchscript": ARTIFACT}
+FORMATS = tuple(ARTIFACTS)
 PRECISIONS = ("fp32", "bf16", "fp16")  # model.json "precision": the autocast dtype this version was checked for
 
 
@@ -24,14 +29,24 @@ class ModelCard:
     name: str
     version: str
     dim: int
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    preprocess: Preprocess
     sha256: str
     created: str
     artifact: str = ARTIFACT
     format: str = "torchscript"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_size(self) -> int:
+        return self.preprocess.input_size
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self.preprocess.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self.preprocess.std
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> ModelCard:
@@ -52,13 +67,11 @@ class ModelCard:
             raise bad(f"field 'dim' must be in 1..65536, got {data['dim']}")
         if not 8 <= data["input_size"] <= 4096:
             raise bad(f"field 'input_size' must be in 8..4096, got {data['input_size']}")
-        norm = data.get("normalization", {})
-        mean, std = norm.get("mean", [0.5, 0.5, 0.5]), norm.get("std", [0.5, 0.5, 0.5])
-        for key, val in (("mean", mean), ("std", std)):
-            if not (isinstance(val, list) and len(val) == 3 and all(isinstance(v, (int, float)) for v in val)):
-                raise bad(f"normalization.{key} must be a list of 3 numbers, got {val!r}")
-        if any(v <= 0 for v in std):
-            raise bad(f"normalization.std must be positive, got {std}")
+        try:
+            # no "preprocessing" (cards written before the contract): squash, bilinear, RGB
+            preprocess = Preprocess.from_card(data["input_size"], data.get("normalization"), data.get("preprocessing"))
+        except ConfigError as exc:
+            raise bad(str(exc)) from None
         if len(data["sha256"]) != 64:
             raise bad("field 'sha256' must be 64 hex digits")
         fmt = data.get("format", "torchscript")
@@ -67,17 +80,15 @@ class ModelCard:
         precision = data.get("precision", "fp32")
         if precision not in PRECISIONS:
             raise bad(f"field 'precision' must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        known = set(required) | {"normalization", "format", "artifact"}
+        known = set(required) | {"normalization", "preprocessing", "format", "artifact"}
         return cls(
             name=data["name"],
             version=data["version"],
             dim=data["dim"],
-            input_size=data["input_size"],
-            mean=tuple(float(v) for v in mean),
-            std=tuple(float(v) for v in std),
+            preprocess=preprocess,
             sha256=data["sha256"].lower(),
             created=data["created"],
-            artifact=data.get("artifact", ARTIFACT),
+            artifact=data.get("artifact", ARTIFACTS[fmt]),
             format=fmt,
             extra={k: v for k, v in data.items() if k not in known},
         )
@@ -88,10 +99,33 @@ class ModelCard:
         return self.extra.get("precision", "fp32")
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        extra = data.pop("extra")
-        data["normalization"] = {"mean": list(data.pop("mean")), "std": list(data.pop("std"))}
-        return {**extra, **data}
+        fields = {
+            "name": self.name,
+            "version": self.version,
+            "dim": self.dim,
+            **self.preprocess.card_fields(),
+            "sha256": self.sha256,
+            "created": self.created,
+            "artifact": self.artifact,
+            "format": self.format,
+        }
+        return {**self.extra, **fields}
+
+
+def artifact_format(blob: bytes) -> str | None:
+    """An artifact's format from its bytes: torch.export (torch.export.save), torchscript (torch.jit.save), or None."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+            names = archive.namelist()
+            for name in names:
+                if name.endswith("/archive_format") and archive.read(name).strip() == b"pt2":
+                    return "torch.export"
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+    # torch.jit.save: <name>/data.pkl and <name>/code/...
+    if any(n.endswith("/data.pkl") for n in names) and any("/code/" in n for n in names):
+        return "torchscript"
+    return None
 
 
 def register_version(
@@ -101,36 +135,83 @@ def register_version(
     artifact: bytes,
     *,
     dim: int,
-    input_size: int,
+    input_size: int | None = None,
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
     std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+    preprocess: Preprocess | None = None,
+    format: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> ModelCard:
-    """Add a version: the artifact first, model.json last (a version exists once its card does)."""
+    """Add a version: the artifact first, model.json last (a version exists once its card does).
+
+    The contract is `preprocess`, or (as before it existed) input_size with mean and std: then the card is
+    written as before (squash, no "preprocessing"), and decoded exactly as before.
+    The format is read from the artifact when not given; bytes that are neither archive are recorded
+    as TorchScript, as before, and the model_version check refuses them with the loader's reason.
+    """
     _check_name("model name", name)
     _check_name("version", version)
+    if preprocess is None:
+        if input_size is None:
+            raise ConfigError(f"model {name} version {version}: give input_size (or a preprocessing contract)")
+        # as before the contract: model.json gets no "preprocessing", and images are decoded as they were
+        preprocess = Preprocess(input_size, mean=mean, std=std, declared=False)
+    elif input_size is not None and input_size != preprocess.input_size:
+        raise ConfigError(f"input_size {input_size} disagrees with the preprocessing's {preprocess.input_size}")
+    found = artifact_format(artifact)
+    if format is None:
+        format = found or "torchscript"
+    elif format not in FORMATS:
+        raise ConfigError(f"artifact format {format!r} is not supported (supported: {', '.join(FORMATS)})")
+    elif found is not None and found != format:
+        raise ModelError(f"model {name} version {version}: the artifact is a {found} archive, not {format}")
     folder = layout.model_dir(name, version)
     if layout.store.exists(f"{folder}/{CARD}"):
         raise ModelError(f"model {name} version {version} is already registered; versions are immutable")
     if (extra or {}).get("precision", "fp32") != "fp32":
-        from backfill.precision import check_precision
-
         # refuse a reduced precision whose embeddings drift from fp32 before the version exists
-        check_precision(artifact, name, version, input_size, mean, std, extra["precision"])
+        _check_precision(artifact, format, name, version, preprocess, extra["precision"])
     card = ModelCard(
         name=name,
         version=version,
         dim=dim,
-        input_size=input_size,
-        mean=mean,
-        std=std,
+        preprocess=preprocess,
         sha256=hashlib.sha256(artifact).hexdigest(),
         created=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+        artifact=ARTIFACTS[format],
+        format=format,
         extra=extra or {},
     )
-    layout.store.write_bytes(f"{folder}/{ARTIFACT}", artifact)
+    layout.store.write_bytes(f"{folder}/{card.artifact}", artifact)
     layout.store.write_json(f"{folder}/{CARD}", card.to_json())
     return card
+
+
+def _check_precision(artifact: bytes, fmt: str, name: str, version: str, prep: Preprocess, precision: str) -> None:
+    """precision.check_precision for either format (it loads TorchScript itself; a .pt2 is loaded here)."""
+    from backfill import precision as checks
+
+    if fmt == "torchscript":
+        checks.check_precision(artifact, name, version, prep.input_size, prep.mean, prep.std, precision)
+        return
+    import torch
+
+    from backfill.runtime import load_module
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        raise ModelError(
+            f"model {name} version {version}: precision {precision!r} is not one of bf16, fp16 (fp32 needs no check)"
+        )
+    device = "cuda" if (dtype is torch.float16 and torch.cuda.is_available()) else "cpu"
+    module = load_module(artifact, fmt, device, f"model {name} version {version}")
+    probe = checks.probe_batch(prep.input_size)
+    cosine = checks.precision_cosine(module, probe, prep.mean, prep.std, dtype, device)
+    if not cosine >= checks.MIN_COSINE:  # also catches NaN
+        raise ModelError(
+            f"model {name} version {version}: {precision} embeddings differ from fp32 on a probe batch of "
+            f"{len(probe)} images (mean cosine {cosine:.4f} < {checks.MIN_COSINE}); register it with precision fp32"
+        )
 
 
 def valid_name(value: str) -> bool:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from backfill.models import trace_bytes
+from backfill.models import export_bytes, trace_bytes
 
 # (block, blocks per stage); widths are the standard 64-128-256-512 (x4 for bottlenecks)
 DEPTHS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet50": ("bottleneck", (3, 4, 6, 3))}
@@ -94,5 +94,10 @@ class ResNet(nn.Module):
 
 
 def torchscript_bytes(kind: str, dim: int = 256, input_size: int = 224, seed: int = 0) -> bytes:
-    """The TorchScript artifact of a (random-weight) ResNet, in eval mode, for the registry."""
+    """The TorchScript artifact of a (random-weight) ResNet, in eval mode (deprecated format, still read)."""
     return trace_bytes(ResNet(kind, dim, seed).eval(), input_size)
+
+
+def export_artifact(kind: str, dim: int = 256, input_size: int = 224, seed: int = 0) -> bytes:
+    """The torch.export (.pt2) artifact of a (random-weight) ResNet, dynamic batch, for the registry."""
+    return export_bytes(ResNet(kind, dim, seed).eval(), input_size)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
 import math
+import re
 import time
+import warnings
+import zipfile
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,7 +32,7 @@ class LoadedModel:
     else in fp32 (the reference the precision was checked against).
     """
 
-    def __init__(self, card: ModelCard, module: torch.jit.ScriptModule, device: str) -> None:
+    def __init__(self, card: ModelCard, module: torch.nn.Module, device: str) -> None:
         self.card = card
         self.module = module
         self.device = torch.device(device)
@@ -38,6 +42,8 @@ class LoadedModel:
         self.module = module.to(memory_format=torch.channels_last)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick the fastest kernels once
+        # a BGR model gets its channels swapped before the normalisation (mean/std are in its order)
+        self._bgr = card.preprocess.channels == "BGR"
         # (x / 255 - mean) / std as one multiply-add per element
         mean = torch.tensor(card.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(card.std, device=self.device).view(1, 3, 1, 1)
@@ -70,6 +76,8 @@ class LoadedModel:
                 # made on another stream (the batch preparer's): keep its memory from being reused
                 # before this stream's kernels have read it
                 x.record_stream(torch.cuda.current_stream(x.device))
+            if self._bgr:
+                x = x.flip(1)
             x = x.contiguous(memory_format=torch.channels_last)
             x = torch.addcmul(self._shift, x.float(), self._scale)
             if self.autocast is not None:
@@ -154,21 +162,112 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def load_model(layout: Layout, card: ModelCard, device: str = "cpu") -> LoadedModel:
-    """Verify the artifact against the card's sha256, load it (TorchScript: no pickle), probe it."""
+    """Verify the artifact against the card's sha256, load it without unpickling anything, probe it."""
     require_device(
         device,
         f"model {card.name} version {card.version} was asked to run",
         "refusing to run a GPU partition silently on the CPU",
     )
     blob = read_artifact(layout, card)
-    try:
-        module = torch.jit.load(io.BytesIO(blob), map_location=device).eval()
-    except Exception as exc:  # a TorchScript archive that does not parse
-        what = f"model {card.name} version {card.version}"
-        raise ModelError(f"{what}: artifact is not loadable TorchScript ({exc})") from None
+    module = load_module(blob, card.format, device, f"model {card.name} version {card.version}")
     model = LoadedModel(card, module, device)
     probe = np.random.default_rng(0).integers(0, 256, (2, card.input_size, card.input_size, 3), dtype=np.uint8)
     vecs = model.embed(probe)
     if not math.isfinite(float(vecs.sum())):
         raise ModelError(f"model {card.name} version {card.version} produced non-finite output on a probe batch")
     return model
+
+
+def load_module(blob: bytes, fmt: str, device: str, what: str) -> torch.nn.Module:
+    """An artifact's module on `device`, in eval mode: torch.export (.pt2) or TorchScript (deprecated).
+
+    Neither path runs Python's unpickler: the TorchScript loader reads its archive with its own C++
+    reader (tensors and TorchScript types, no Python globals), and a .pt2 is checked (check_pt2) to hold
+    only an exported graph and raw tensors before torch.export.load, which would unpickle otherwise.
+    """
+    if fmt == "torchscript":
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # still read for existing versions
+                return torch.jit.load(io.BytesIO(blob), map_location=device).eval()
+        except Exception as exc:  # a TorchScript archive that does not parse
+            raise ModelError(f"{what}: artifact is not loadable TorchScript ({exc})") from None
+    check_pt2(blob, what)
+    try:
+        program = torch.export.load(io.BytesIO(blob))
+    except Exception as exc:
+        raise ModelError(f"{what}: artifact is not a loadable torch.export program ({exc})") from None
+    check_ops(program, what)
+    # an exported module keeps the mode it was exported in (eval for a registry artifact); .eval()
+    # on it is refused by torch, so it is only moved
+    return program.module().to(device)
+
+
+# what torch.export.save writes for a program with plain tensors; anything else (pickled tensor
+# subclasses, custom or opaque objects, AOTInductor shared libraries, legacy pickled weights) is refused
+_PT2_FILES = re.compile(
+    r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|models/model\.json"
+    r"|data/weights/(weight_\d+|model_weights_config\.json)|data/constants/(tensor_\d+|model_constants_config\.json)"
+    r"|data/sample_inputs/model\.pt|extra/[\w.-]+)"
+)
+
+
+def check_pt2(blob: bytes, what: str) -> None:
+    """Refuse a .pt2 whose loading would unpickle or run anything but an exported graph of tensors.
+
+    torch.export.load unpickles (weights_only=False) tensor subclasses and custom objects, falls back
+    to full unpickling when the sample inputs fail a weights_only load, and loads AOTInductor shared
+    libraries; an archive with none of those holds JSON (the graph, the tensor metadata) and raw bytes.
+    """
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(blob))
+    except zipfile.BadZipFile:
+        raise ModelError(f"{what}: artifact is not a torch.export .pt2 archive (not a zip file)") from None
+    with archive:
+        names = archive.namelist()
+        roots = {n.split("/", 1)[0] for n in names}
+        if len(roots) != 1:
+            raise ModelError(f"{what}: .pt2 archive has {len(roots)} top-level folders; torch.export.save writes one")
+        root = roots.pop()
+        files = {n[len(root) + 1 :]: n for n in names if not n.endswith("/")}
+        odd = sorted(f for f in files if not _PT2_FILES.fullmatch(f))
+        if odd:
+            raise ModelError(
+                f"{what}: .pt2 archive holds {odd[:3]}, which loading would unpickle or execute; only an exported "
+                "program with plain tensor weights is accepted (re-export it without custom objects or AOTInductor)"
+            )
+        if files.get("archive_format") is None or archive.read(files["archive_format"]).strip() != b"pt2":
+            raise ModelError(f"{what}: artifact is not a torch.export .pt2 archive (no archive_format 'pt2')")
+        for config in ("data/weights/model_weights_config.json", "data/constants/model_constants_config.json"):
+            if config not in files:
+                continue
+            entries = json.loads(archive.read(files[config])).get("config", {})
+            pickled = sorted(k for k, meta in entries.items() if meta.get("use_pickle"))
+            if pickled:
+                raise ModelError(f"{what}: .pt2 stores {pickled[:3]} pickled (tensor subclasses); refusing to load it")
+        if "data/sample_inputs/model.pt" in files:
+            sample = io.BytesIO(archive.read(files["data/sample_inputs/model.pt"]))
+            try:  # torch tries weights_only first and unpickles fully only if that fails: never let it fail
+                torch.load(sample, weights_only=True)
+            except Exception as exc:
+                raise ModelError(f"{what}: .pt2 sample inputs are not a weights-only tensor file ({exc})") from None
+
+
+# aten operators that reach outside the tensors they are given (aten.from_file reads a host file)
+_HOST_OPS = {torch.ops.aten.from_file.default}
+
+
+def check_ops(program: torch.export.ExportedProgram, what: str) -> None:
+    """Every call in the exported graph is an ATen operator on tensors (or a builtin getitem / symbolic size op)."""
+    odd = set()
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten" and target not in _HOST_OPS:
+            continue
+        if getattr(target, "__module__", None) in ("_operator", "operator"):
+            continue
+        odd.add(str(target))
+    if odd:
+        raise ModelError(f"{what}: exported graph calls {sorted(odd)[:3]}; only aten operators are accepted")

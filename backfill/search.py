@@ -170,7 +170,7 @@ class Searcher:
 
     def search_image(self, data: bytes, k: int = 10) -> SearchResult:
         served = self.current()
-        pixels = decode(data, served.model.card.input_size, self.max_image_pixels)
+        pixels = decode(data, served.model.card.preprocess, self.max_image_pixels)
         vector = served.model.embed(pixels[None])
         return self._answer(served, vector, k)
 

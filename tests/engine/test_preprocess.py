@@ -1,0 +1,138 @@
+"""The preprocessing contract: its geometry, its model.json form, and the PIL and tensor paths agreeing."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from backfill.errors import ConfigError, ModelError
+from backfill.feed import Preprocessor
+from backfill.images import decode
+from backfill.preprocess import Geometry, Preprocess
+from backfill.registry import ModelCard
+
+CARD = {"name": "m", "version": "v1", "dim": 8, "input_size": 32, "sha256": "0" * 64, "created": "x"}
+
+
+def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth random image (no single-pixel detail: interpolations agree on it closely)."""
+    small = np.random.default_rng(seed).integers(0, 256, (7, 9, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.BICUBIC)
+
+
+def test_each_resize_mode_places_the_image_as_declared():
+    assert Preprocess(224).geometry(640, 480) == Geometry((224, 224))
+    crop = Preprocess(224, resize="resize_crop", resize_size=256)
+    assert crop.geometry(640, 480) == Geometry((341, 256), crop=(58, 16))  # shorter side 256, centre 224
+    assert crop.geometry(480, 640) == Geometry((256, 341), crop=(16, 58))
+    assert Preprocess(224, resize="resize_crop").resize_size == 256  # 224 / 0.875
+    pad = Preprocess(224, resize="pad")
+    assert pad.geometry(640, 480) == Geometry((224, 168), paste=(0, 28))  # longer side 224, centred
+    assert pad.geometry(1, 1000) == Geometry((1, 224), paste=(111, 0))
+
+
+def test_a_card_without_a_contract_means_squash_and_a_contract_round_trips():
+    old = ModelCard.from_json(CARD, where="m/v1")
+    assert old.preprocess == Preprocess(32, declared=False) and old.format == "torchscript"
+    assert "preprocessing" not in old.to_json()  # such a card is rewritten as it was
+    prep = Preprocess(32, "resize_crop", 40, "bicubic", (0.4, 0.5, 0.6), (0.2, 0.3, 0.4), "BGR")
+    card = ModelCard.from_json({**CARD, **prep.card_fields()}, where="m/v1")
+    assert card.preprocess == prep and card.input_size == 32 and card.mean == (0.4, 0.5, 0.6)
+    assert ModelCard.from_json(card.to_json(), where="m/v1") == card
+    assert card.to_json()["preprocessing"] == {
+        "resize": "resize_crop",
+        "resize_size": 40,
+        "interpolation": "bicubic",
+        "channels": "BGR",
+    }
+
+
+@pytest.mark.parametrize(
+    "field, message",
+    [
+        ({"preprocessing": {"resize": "stretch"}}, "preprocessing.resize must be one of squash, resize_crop, pad"),
+        ({"preprocessing": {"interpolation": "area"}}, "preprocessing.interpolation must be one of"),
+        ({"preprocessing": {"channels": "RGBA"}}, "preprocessing.channels must be one of RGB, BGR"),
+        (
+            {"preprocessing": {"resize": "resize_crop", "resize_size": 16}},
+            r"preprocessing.resize_size must be in 32..128 \(input_size to 4x\), got 16",
+        ),
+        ({"preprocessing": {"resize_size": 40}}, "preprocessing.resize_size is for resize_crop only"),
+        ({"preprocessing": {"crop": 0.9}}, r"preprocessing has unknown fields \['crop'\]"),
+        ({"preprocessing": "squash"}, "preprocessing must be an object"),
+        ({"normalization": {"mean": [0.5, 0.5]}}, "normalization.mean must be a list of 3 numbers"),
+        ({"normalization": {"std": [0.5, 0, 0.5]}}, "normalization.std must be positive"),
+    ],
+)
+def test_a_bad_contract_in_model_json_names_the_field(field, message):
+    with pytest.raises(ModelError, match=f"model version at m/v1: model.json {message}"):
+        ModelCard.from_json({**CARD, **field}, where="m/v1")
+
+
+def test_a_bad_contract_built_in_code_is_a_config_error():
+    with pytest.raises(ConfigError, match="field 'input_size' must be an integer in 8..4096, got 4"):
+        Preprocess(4)
+
+
+@pytest.mark.parametrize("resize", ["squash", "resize_crop", "pad"])
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+def test_the_tensor_path_matches_the_pil_path(resize, interpolation):
+    prep = Preprocess(32, resize=resize, interpolation=interpolation)
+    img = _photo(97, 61)
+    pil = prep.apply_pil(img).astype(np.int16)
+    tensor = prep.apply_tensor(torch.from_numpy(np.array(img)).permute(2, 0, 1)[None])[0]
+    diff = np.abs(tensor.permute(1, 2, 0).numpy().astype(np.int16) - pil)
+    assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.uint8
+    # the same geometry, filter and rounding: at most a level apart at a few pixels
+    assert diff.mean() < 0.05 and diff.max() <= 1, (diff.mean(), diff.max())
+
+
+def test_decode_applies_the_contract_and_a_bare_size_still_squashes():
+    img = _photo(120, 60)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    blob = buf.getvalue()
+    squashed = decode(blob, 32, 10**6)
+    assert np.array_equal(squashed, np.asarray(img.resize((32, 32), Image.BILINEAR)))
+    padded = decode(blob, Preprocess(32, resize="pad"), 10**6)
+    assert not padded[:8].any() and not padded[-8:].any() and padded[8:24].any()  # 32x16 image, centred
+    cropped = decode(blob, Preprocess(32, resize="resize_crop", resize_size=32), 10**6)
+    expected = np.asarray(img.resize((64, 32), Image.BILINEAR).crop((16, 0, 48, 32)))
+    assert np.array_equal(cropped, expected)
+
+
+def test_a_card_without_a_contract_decodes_large_jpegs_exactly_as_before_and_a_declared_one_finer():
+    buf = io.BytesIO()
+    _photo(1200, 900).save(buf, format="JPEG", quality=90)
+    blob = buf.getvalue()
+    before = Image.open(io.BytesIO(blob))  # the decoder before the contract: draft to the target itself
+    before.draft("RGB", (32, 32))
+    expected = np.asarray(before.convert("RGB").resize((32, 32), Image.BILINEAR, reducing_gap=2.0))
+    assert np.array_equal(decode(blob, 32, 10**7), expected)
+    full = np.asarray(Image.open(io.BytesIO(blob)).convert("RGB").resize((32, 32), Image.BILINEAR)).astype(int)
+    declared = decode(blob, Preprocess(32), 10**7).astype(int)
+    # the declared contract keeps twice the target before resizing: closer to a full decode
+    assert np.abs(declared - full).mean() < np.abs(expected.astype(int) - full).mean()
+
+
+def test_the_gpu_batch_path_applies_the_contract_like_the_pil_path():
+    # a CPU stand-in for nvjpeg: the batch path decodes at full size, then resizes and crops on tensors
+    def decode_jpeg(datas, mode, device):
+        return [torch.from_numpy(np.array(Image.open(io.BytesIO(d.numpy().tobytes())))).permute(2, 0, 1) for d in datas]
+
+    prep = Preprocess(32, resize="resize_crop", resize_size=40, interpolation="bicubic")
+    blobs = []
+    for seed, size in enumerate([(90, 50), (50, 90), (90, 50)]):
+        buf = io.BytesIO()
+        _photo(*size, seed=seed).save(buf, format="JPEG", quality=95)
+        blobs.append(buf.getvalue())
+    gpu = Preprocessor(prep, 10**8, "cpu", decoder=decode_jpeg)
+    pixels, failed = gpu.batch([gpu.stage(b) for b in blobs])
+    assert not failed and pixels.shape == (3, 3, 32, 32)
+    pil = np.stack([decode(b, prep, 10**8) for b in blobs]).astype(np.int16)
+    diff = np.abs(pixels.permute(0, 2, 3, 1).numpy().astype(np.int16) - pil)
+    assert diff.mean() < 0.05 and diff.max() <= 1, (diff.mean(), diff.max())
