@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import torch
 from torch.nn import functional as F
@@ -37,18 +35,22 @@ def precision_cosine(
     return float(F.cosine_similarity(reference, reduced, dim=1).mean())
 
 
-def check_precision(artifact: bytes, name: str, version: str, input_size: int, mean, std, precision: str) -> float:
-    """Raise ModelError unless the artifact's embeddings in `precision` match fp32 (mean cosine >= 0.99)."""
+def check_precision(
+    artifact: bytes, fmt: str, name: str, version: str, input_size: int, mean, std, precision: str
+) -> float:
+    """Raise ModelError unless the artifact's embeddings in `precision` match fp32 (mean cosine >= 0.99).
+
+    `fmt` is the artifact's format (torch.export or TorchScript); runtime.load_module loads either, with
+    the same safety checks as the embedding steps."""
+    from backfill.runtime import load_module
+
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if dtype is None:
         raise ModelError(
             f"model {name} version {version}: precision {precision!r} is not one of bf16, fp16 (fp32 needs no check)"
         )
     device = "cuda" if (dtype is torch.float16 and torch.cuda.is_available()) else "cpu"
-    try:
-        module = torch.jit.load(io.BytesIO(artifact), map_location=device).eval()
-    except Exception as exc:
-        raise ModelError(f"model {name} version {version}: artifact is not loadable TorchScript ({exc})") from None
+    module = load_module(artifact, fmt, device, f"model {name} version {version}")
     cosine = precision_cosine(module, probe_batch(input_size), mean, std, dtype, device)
     if not cosine >= MIN_COSINE:  # also catches NaN
         raise ModelError(

@@ -170,7 +170,10 @@ def register_version(
         raise ModelError(f"model {name} version {version} is already registered; versions are immutable")
     if (extra or {}).get("precision", "fp32") != "fp32":
         # refuse a reduced precision whose embeddings drift from fp32 before the version exists
-        _check_precision(artifact, format, name, version, preprocess, extra["precision"])
+        from backfill.precision import check_precision  # torch: only when a reduced precision is declared
+
+        p = preprocess
+        check_precision(artifact, format, name, version, p.input_size, p.mean, p.std, extra["precision"])
     card = ModelCard(
         name=name,
         version=version,
@@ -185,33 +188,6 @@ def register_version(
     layout.store.write_bytes(f"{folder}/{card.artifact}", artifact)
     layout.store.write_json(f"{folder}/{CARD}", card.to_json())
     return card
-
-
-def _check_precision(artifact: bytes, fmt: str, name: str, version: str, prep: Preprocess, precision: str) -> None:
-    """precision.check_precision for either format (it loads TorchScript itself; a .pt2 is loaded here)."""
-    from backfill import precision as checks
-
-    if fmt == "torchscript":
-        checks.check_precision(artifact, name, version, prep.input_size, prep.mean, prep.std, precision)
-        return
-    import torch
-
-    from backfill.runtime import load_module
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if dtype is None:
-        raise ModelError(
-            f"model {name} version {version}: precision {precision!r} is not one of bf16, fp16 (fp32 needs no check)"
-        )
-    device = "cuda" if (dtype is torch.float16 and torch.cuda.is_available()) else "cpu"
-    module = load_module(artifact, fmt, device, f"model {name} version {version}")
-    probe = checks.probe_batch(prep.input_size)
-    cosine = checks.precision_cosine(module, probe, prep.mean, prep.std, dtype, device)
-    if not cosine >= checks.MIN_COSINE:  # also catches NaN
-        raise ModelError(
-            f"model {name} version {version}: {precision} embeddings differ from fp32 on a probe batch of "
-            f"{len(probe)} images (mean cosine {cosine:.4f} < {checks.MIN_COSINE}); register it with precision fp32"
-        )
 
 
 def valid_name(value: str) -> bool:
