@@ -180,6 +180,16 @@ def cmd_rejects(args: argparse.Namespace) -> None:
         print(f"  {count:8d}  {reason}")
 
 
+def cmd_ingest(args: argparse.Namespace) -> None:
+    from backfill.ingest import ingest
+
+    def show(result, elapsed_s: float) -> None:
+        print(f"ingest: {result.progress_line(elapsed_s)}", file=sys.stderr, flush=True)
+
+    result = ingest(_layout(args.root), args.source, shard_size=args.shard_size, prefix=args.prefix, progress=show)
+    print(result.describe())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="backfill",
@@ -280,6 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version")
     p.add_argument("-k", type=int, default=10)
     p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser(
+        "ingest",
+        help="write manifest shards for a folder, an s3:// prefix, a .txt/.csv/.parquet URI list or an "
+        "img2dataset output (only new images; ids never change; docs/ingest.md)",
+    )
+    p.add_argument("source", help="a folder, s3://bucket/prefix, a URI list file, or an img2dataset output folder")
+    p.add_argument("--shard-size", type=int, default=100_000, help="images per new shard (default %(default)s)")
+    p.add_argument("--prefix", default="ingest", help="new shards are named PREFIX-NNNNNN (default %(default)s)")
+    p.set_defaults(fn=cmd_ingest)
     return parser
 
 
