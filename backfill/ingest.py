@@ -396,7 +396,11 @@ def ingest(
     ledger = load_ledger(layout)
     number = _next_shard_number(layout, prefix)
     start = last_report = clock()
-    seen_in_source: set[tuple[int, int]] = set()  # lists may repeat a URI; folders and prefixes cannot
+    reported = (-1, -1)
+    # lists may repeat a URI (folders and prefixes cannot): the URIs of this run's shards, as a few sorted
+    # segments (16 bytes per image, not a Python set), plus a set of the pending shard's only
+    written = _Segments()
+    pending_keys: set[tuple[int, int]] = set()
     user_ids: set[int] = set()
     pending: list[Candidate] = []
     next_id = ledger.next_id
@@ -417,22 +421,28 @@ def ingest(
         if any(c.source_url for c in pending):
             columns["source_url"] = pa.array([c.source_url for c in pending], pa.string())
         write_shard(layout, name, pa.table(columns))  # the manifest first: it is the truth
-        _write_ledger_entry(layout, name, [c.uri for c in pending], ids)  # a lost entry is rebuilt from it
+        high, low, _ = _write_ledger_entry(layout, name, [c.uri for c in pending], ids)  # rebuilt if lost
+        if kind not in ("folder", "prefix"):
+            written.push(Ledger(high, low, 0))
         result.shards.append((name, len(ids), int(ids.min()), int(ids.max())))
         next_id = max(next_id, int(ids.max()) + 1)
         number += 1
         pending.clear()
+        pending_keys.clear()
 
     for batch in _batches(candidates, 4096):
         high, low = uri_hashes([c.uri for c in batch])
         known = ledger.contains(high, low)
-        for c, h, lo, is_known in zip(batch, high.tolist(), low.tolist(), known.tolist()):
+        repeated = written.contains(high, low)  # shards flushed before this batch
+        batch_keys: set[tuple[int, int]] = set()  # and the ones flushed during it
+        for c, h, lo, is_known, is_repeated in zip(batch, high.tolist(), low.tolist(), known, repeated):
             result.seen += 1
             skip = c.skip or (ALREADY if is_known else None)
             if skip is None and kind not in ("folder", "prefix"):
-                if (h, lo) in seen_in_source:
+                if is_repeated or (h, lo) in pending_keys or (h, lo) in batch_keys:
                     skip = DUPLICATE
-                seen_in_source.add((h, lo))
+                pending_keys.add((h, lo))
+                batch_keys.add((h, lo))
             if skip:
                 result.skipped[skip] += 1
                 continue
@@ -444,13 +454,34 @@ def ingest(
         now = clock()
         if progress and (result.seen % progress_every < len(batch) or now - last_report >= progress_every_s):
             progress(result, now - start)
-            last_report = now
+            last_report, reported = now, (result.seen, len(result.shards))
     flush()
     if result.seen == 0:
         raise IngestError(f"source {source!r} is empty: no files listed")
-    if progress:
+    if progress and reported != (result.seen, len(result.shards)):
         progress(result, clock() - start)
     return result
+
+
+class _Segments:
+    """Sorted hash segments of this run's shards, merged like a binary counter: O(log shards) lookups each."""
+
+    def __init__(self) -> None:
+        self.parts: list[Ledger] = []
+
+    def push(self, part: Ledger) -> None:
+        self.parts.append(part)
+        while len(self.parts) > 1 and len(self.parts[-1].high) >= len(self.parts[-2].high):
+            b, a = self.parts.pop(), self.parts.pop()
+            high, low = np.concatenate([a.high, b.high]), np.concatenate([a.low, b.low])
+            order = np.lexsort((low, high))
+            self.parts.append(Ledger(high[order], low[order], 0))
+
+    def contains(self, high: np.ndarray, low: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(high), bool)
+        for part in self.parts:
+            found |= part.contains(high, low)
+        return found
 
 
 def _check_user_id(c: Candidate, pending: list[Candidate], user_ids: set[int], source: str) -> None:

@@ -293,3 +293,10 @@ def test_s3_prefix_into_an_s3_root(s3_root):
     assert (again.new, again.skipped[ALREADY], [n for n, *_ in again.shards]) == (1, 3, ["ingest-000002"])
     with pytest.raises(IngestError, match="no objects under this prefix"):
         ingest(layout, s3_root.rsplit("/", 1)[0] + "/nothing-here")
+
+
+def test_a_uri_repeated_after_its_shard_was_written_is_still_a_duplicate(tmp_path):
+    listing = tmp_path / "uris.txt"
+    listing.write_text("".join(f"s3://b/{i % 5}.jpg\n" for i in range(12)))  # 0..4, then repeats
+    result = ingest(_root(tmp_path), str(listing), shard_size=1)
+    assert (result.new, result.skipped, len(result.shards)) == (5, {DUPLICATE: 7}, 5)
