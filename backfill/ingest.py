@@ -91,6 +91,8 @@ def open_source(source: str) -> tuple[str, Iterator[Candidate]]:
     here, before anything is written.
     """
     if protocol_of(source) != "file":
+        if os.path.splitext(source)[1].lower() in LIST_SUFFIXES:
+            raise IngestError(f"source {source!r}: URI lists are read from a local file; copy it here first")
         return "prefix", _list_prefix(source)
     path = os.path.abspath(source.removeprefix("file://"))
     if os.path.isdir(path):

@@ -291,6 +291,8 @@ def test_s3_prefix_into_an_s3_root(s3_root):
     store.write_bytes(store.url("x", "new.jpg"), _jpeg(9))
     again = ingest(layout, images, shard_size=2)
     assert (again.new, again.skipped[ALREADY], [n for n, *_ in again.shards]) == (1, 3, ["ingest-000002"])
+    with pytest.raises(IngestError, match="URI lists are read from a local file"):
+        ingest(layout, images + "/uris.csv")
     with pytest.raises(IngestError, match="no objects under this prefix"):
         ingest(layout, s3_root.rsplit("/", 1)[0] + "/nothing-here")
 
