@@ -302,3 +302,31 @@ def test_a_uri_repeated_after_its_shard_was_written_is_still_a_duplicate(tmp_pat
     listing.write_text("".join(f"s3://b/{i % 5}.jpg\n" for i in range(12)))  # 0..4, then repeats
     result = ingest(_root(tmp_path), str(listing), shard_size=1)
     assert (result.new, result.skipped, len(result.shards)) == (5, {DUPLICATE: 7}, 5)
+
+
+def test_an_ingested_folder_is_embedded_indexed_and_searchable(tmp_path):
+    # the manifests ingest writes are ones the engine reads: embed every shard, build, publish, search
+    from backfill.config import EmbedConfig, IndexConfig
+    from backfill.embed import embed_shard
+    from backfill.index import build_index
+    from backfill.publish import publish
+    from backfill.runtime import load_model
+    from backfill.sample import synthetic_image
+    from backfill.search import Searcher
+    from tests.conftest import MODEL, register_tiny
+
+    rng = np.random.default_rng(5)
+    src = tmp_path / "photos"
+    for i in range(60):
+        buf = io.BytesIO()
+        synthetic_image(rng).save(buf, format="JPEG", quality=90)
+        _put(src / f"{i // 20}" / f"{i:03d}.jpg", buf.getvalue())
+    layout = _root(tmp_path)
+    shards = [name for name, *_ in ingest(layout, str(src), shard_size=25).shards]
+    model = load_model(layout, register_tiny(layout, "v1"))
+    for shard in shards:
+        embed_shard(layout, shard, model, EmbedConfig(torch_threads=1))
+    publish(layout, MODEL, build_index(layout, MODEL, "v1", shards, IndexConfig()).build_id)
+    query = src / "1" / "033.jpg"
+    hit = Searcher(layout, MODEL, cache_dir=str(tmp_path / "cache")).search_image(query.read_bytes(), k=1).hits[0]
+    assert (hit.uri, hit.image_id) == (str(query), _ids_by_uri(layout)[str(query)])
