@@ -186,6 +186,7 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     def show(result, elapsed_s: float) -> None:
         print(f"ingest: {result.progress_line(elapsed_s)}", file=sys.stderr, flush=True)
 
+    print(f"ingest: listing {args.source} (an s3:// prefix is listed in full first)", file=sys.stderr, flush=True)
     result = ingest(_layout(args.root), args.source, shard_size=args.shard_size, prefix=args.prefix, progress=show)
     print(result.describe())
 

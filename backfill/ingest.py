@@ -75,7 +75,13 @@ class IngestResult:
             lines.append(f"  skipped {count:8d}  {reason}")
         if self.shards:
             lines.append(f"wrote {len(self.shards)} manifest shards:")
-            lines += [f"  {name}: {rows} images, image_id {lo}..{hi}" for name, rows, lo, hi in self.shards]
+            shown = self.shards if len(self.shards) <= 12 else self.shards[:5] + [None] + self.shards[-5:]
+            for shard in shown:
+                if shard is None:
+                    lines.append(f"  ... {len(self.shards) - 10} more ...")
+                else:
+                    name, rows, lo, hi = shard
+                    lines.append(f"  {name}: {rows} images, image_id {lo}..{hi}")
         else:
             lines.append("wrote no manifest shard: nothing new")
         return "\n".join(lines)

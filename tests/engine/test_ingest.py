@@ -259,6 +259,14 @@ def test_progress_every_n_files_and_at_the_end(tmp_path):
     assert lines[-1].startswith("25 files seen, 25 new, 0 skipped, 3 shards written")
 
 
+def test_the_summary_of_many_shards_is_short(tmp_path):
+    listing = tmp_path / "uris.txt"
+    listing.write_text("".join(f"s3://b/{i}.jpg\n" for i in range(30)))
+    text = ingest(_root(tmp_path), str(listing), shard_size=1).describe()
+    assert "wrote 30 manifest shards" in text and "... 20 more ..." in text and "ingest-000029" in text
+    assert len(text.splitlines()) == 13
+
+
 def test_ledger_lookup_with_equal_high_halves():
     ledger = Ledger(np.array([1, 5, 5, 5, 9], np.uint64), np.array([0, 1, 2, 3, 0], np.uint64), 0)
     found = ledger.contains(np.array([5, 5, 5, 9, 10, 0], np.uint64), np.array([3, 1, 4, 0, 0, 0], np.uint64))
