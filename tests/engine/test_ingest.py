@@ -338,3 +338,25 @@ def test_an_ingested_folder_is_embedded_indexed_and_searchable(tmp_path):
     query = src / "1" / "033.jpg"
     hit = Searcher(layout, MODEL, cache_dir=str(tmp_path / "cache")).search_image(query.read_bytes(), k=1).hits[0]
     assert (hit.uri, hit.image_id) == (str(query), _ids_by_uri(layout)[str(query)])
+
+
+def test_a_dangling_symlink_is_skipped_as_unreadable(tmp_path):
+    src = tmp_path / "src"
+    _put(src / "ok.jpg")
+    os.symlink(tmp_path / "gone.jpg", src / "link.jpg")
+    result = ingest(_root(tmp_path), str(src))
+    assert (result.new, result.skipped) == (1, {ingest_mod.UNREADABLE: 1})
+
+
+def test_a_given_image_id_that_clashes_is_refused_by_discovery(tmp_path, photos):
+    layout = _root(tmp_path)
+    ingest(layout, str(photos))
+    listing = tmp_path / "more.csv"
+    listing.write_text("uri,image_id\ns3://b/new.jpg,3\n")
+    ingest(layout, str(listing))
+    found = discover(layout, "refcnn", set(), set())
+    assert found.new_shards == ["ingest-000000"]
+    assert (
+        "image_id 3 appears in manifest shards 'ingest-000000' and 'ingest-000001'"
+        in found.skipped["shard ingest-000001"]
+    )
