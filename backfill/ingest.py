@@ -409,7 +409,8 @@ def ingest(
     # segments (16 bytes per image, not a Python set), plus a set of the pending shard's only
     written = _Segments()
     pending_keys: set[tuple[int, int]] = set()
-    user_ids: set[int] = set()
+    user_ids: set[int] = set()  # ids a CSV/Parquet list gives, checked unique within the source
+    with_ids: bool | None = None
     pending: list[Candidate] = []
     next_id = ledger.next_id
 
@@ -454,7 +455,14 @@ def ingest(
             if skip:
                 result.skipped[skip] += 1
                 continue
-            _check_user_id(c, pending, user_ids, source)
+            if with_ids is None:
+                with_ids = c.image_id is not None
+            elif with_ids != (c.image_id is not None):
+                raise IngestError(f"{source}: image_id is given for some rows, not for {c.uri}; give it for all")
+            if c.image_id is not None:
+                if c.image_id in user_ids:
+                    raise IngestError(f"{source}: image_id {c.image_id} is given twice (second time for {c.uri})")
+                user_ids.add(c.image_id)
             pending.append(c)
             result.new += 1
             if len(pending) >= shard_size:
@@ -490,15 +498,6 @@ class _Segments:
         for part in self.parts:
             found |= part.contains(high, low)
         return found
-
-
-def _check_user_id(c: Candidate, pending: list[Candidate], user_ids: set[int], source: str) -> None:
-    if pending and (c.image_id is None) != (pending[0].image_id is None):
-        raise IngestError(f"{source}: image_id is given for some rows and not others ({c.uri}); give it for all")
-    if c.image_id is not None:
-        if c.image_id in user_ids:
-            raise IngestError(f"{source}: image_id {c.image_id} is given twice (second time for {c.uri})")
-        user_ids.add(c.image_id)
 
 
 def _uri_array(uris: list[str]) -> pa.Array:

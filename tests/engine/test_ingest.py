@@ -230,6 +230,7 @@ def test_img2dataset_webdataset_output_is_refused_with_the_fix(tmp_path):
         ),
         (lambda t: str(_put(t / "c.csv", b"uri,image_id\nx.jpg,1\ny.jpg,1\n")), {}, "image_id 1 is given twice"),
         (lambda t: str(_put(t / "p.parquet", b"garbage")), {}, "not readable"),
+        (lambda t: str(_put(t / "c.csv", b"uri,image_id\nx.jpg,1\ny.jpg,\n")), {}, "for some rows"),
         (lambda t: str(t), {"shard_size": 0}, "shard size must be in 1..10000000, got 0"),
         (lambda t: str(t), {"prefix": "a/b"}, "shard prefix 'a/b' may only use"),
     ],
@@ -360,3 +361,18 @@ def test_a_given_image_id_that_clashes_is_refused_by_discovery(tmp_path, photos)
         "image_id 3 appears in manifest shards 'ingest-000000' and 'ingest-000001'"
         in found.skipped["shard ingest-000001"]
     )
+
+
+def test_an_error_late_in_a_list_keeps_the_shards_before_it_and_a_fixed_rerun_continues(tmp_path):
+    listing = tmp_path / "c.csv"
+    rows = [f"s3://b/{i}.jpg" for i in range(5000)]
+    listing.write_text("uri\n" + "\n".join(rows[:4999]) + '\n""\n')  # the last row's uri is empty
+    layout = _root(tmp_path)
+    with pytest.raises(IngestError, match="line 5001: empty uri"):
+        ingest(layout, str(listing), shard_size=1000)
+    # the first listing batch (4,096 rows) was written as 4 complete shards; never half a shard
+    assert list_shards(layout) == [f"ingest-{n:06d}" for n in range(4)]
+    listing.write_text("uri\n" + "\n".join(rows) + "\n")
+    result = ingest(layout, str(listing), shard_size=1000)
+    assert (result.new, result.skipped) == (1000, {ALREADY: 4000})
+    assert result.shards == [("ingest-000004", 1000, 4000, 4999)]
