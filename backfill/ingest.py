@@ -8,8 +8,10 @@ import io
 import os
 import re
 import time
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import fsspec
@@ -27,6 +29,7 @@ DEFAULT_SHARD_SIZE = 100_000  # docs/performance.md: partitions long compared to
 MAX_SHARD_SIZE = 10_000_000
 # derived from the manifests (rebuilt from them when lost), kept out of corpus/ like manifest-index/
 LEDGER = "ingest-ledger"
+READ_WORKERS = 8  # ledger entries read at once
 
 # skip reasons, counted in the summary
 NOT_IMAGE = "not an image extension"
@@ -343,27 +346,36 @@ def _write_ledger_entry(layout: Layout, shard: str, uris: list[str], ids: np.nda
 
 
 def load_ledger(layout: Layout) -> Ledger:
-    """One small file per shard (16 bytes per image); a shard without one (not written by ingest, or a crash
-    between its manifest and its entry) is read once and gets its entry, so manifests are never re-read."""
+    """One small file per shard (16 bytes per image), READ_WORKERS at a time (a store's latency, not CPU,
+    bounds it); manifests are never re-read, except one that has no entry yet (see _ledger_entry)."""
     highs, lows, next_id = [], [], 0
-    for shard in list_shards(layout):
-        try:
-            with np.load(io.BytesIO(layout.store.read_bytes(ledger_path(layout, shard))), allow_pickle=False) as z:
-                high, low, span = z["high"], z["low"], z["span"]
-        except FileNotFoundError:
-            try:
-                manifest = read_shard(layout, shard)
-            except ManifestError:
-                continue  # discovery refuses it too; its URIs are not ingested
-            uris = [u for u in manifest.uris if u]
-            high, low, span = _write_ledger_entry(layout, shard, uris, manifest.image_ids)
-        highs.append(high)
-        lows.append(low)
-        next_id = max(next_id, int(span[1]) + 1)
+    with ThreadPoolExecutor(READ_WORKERS) as pool:
+        for entry in pool.map(lambda shard: _ledger_entry(layout, shard), list_shards(layout)):
+            if entry is None:
+                continue
+            high, low, span = entry
+            highs.append(high)
+            lows.append(low)
+            next_id = max(next_id, int(span[1]) + 1)
     high = np.concatenate(highs) if highs else np.zeros(0, np.uint64)
     low = np.concatenate(lows) if lows else np.zeros(0, np.uint64)
     order = np.lexsort((low, high))
     return Ledger(high[order], low[order], next_id)
+
+
+def _ledger_entry(layout: Layout, shard: str) -> tuple[np.ndarray, ...] | None:
+    """A shard's entry; built from its manifest (and written) when it has none: a shard not written by
+    ingest, a crash between a manifest and its entry, or an entry that does not load."""
+    try:
+        with np.load(io.BytesIO(layout.store.read_bytes(ledger_path(layout, shard))), allow_pickle=False) as z:
+            return z["high"], z["low"], z["span"]
+    except (FileNotFoundError, ValueError, KeyError, zipfile.BadZipFile):
+        pass
+    try:
+        manifest = read_shard(layout, shard)
+    except ManifestError:
+        return None  # discovery refuses it too; its URIs are not ingested
+    return _write_ledger_entry(layout, shard, [u for u in manifest.uris if u], manifest.image_ids)
 
 
 # ---- ingest ------------------------------------------------------------------------------------------------

@@ -133,8 +133,10 @@ def test_a_lost_ledger_entry_is_rebuilt_from_its_manifest(tmp_path, photos):
     layout = _root(tmp_path)
     ingest(layout, str(photos), shard_size=3)
     os.unlink(ledger_path(layout, "ingest-000001"))
+    Path(ledger_path(layout, "ingest-000002")).write_bytes(b"damaged")
     again = ingest(layout, str(photos), shard_size=3)
     assert again.new == 0 and os.path.exists(ledger_path(layout, "ingest-000001"))
+    assert ingest_mod._ledger_entry(layout, "ingest-000002")[2].tolist() == [6, 6, 1]  # rewritten whole
 
 
 def test_text_list_relative_paths_comments_and_duplicates(tmp_path):
