@@ -298,7 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
         "img2dataset output (only new images; ids never change; docs/ingest.md)",
     )
     p.add_argument("source", help="a folder, s3://bucket/prefix, a URI list file, or an img2dataset output folder")
-    p.add_argument("--shard-size", type=int, default=100_000, help="images per new shard (default %(default)s)")
+    from backfill.ingest import DEFAULT_SHARD_SIZE
+
+    p.add_argument(
+        "--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per new shard (default %(default)s)"
+    )
     p.add_argument("--prefix", default="ingest", help="new shards are named PREFIX-NNNNNN (default %(default)s)")
     p.set_defaults(fn=cmd_ingest)
     return parser
