@@ -240,6 +240,17 @@ def cmd_rejects(args: argparse.Namespace) -> None:
         print(f"  {count:8d}  {reason}")
 
 
+def cmd_ingest(args: argparse.Namespace) -> None:
+    from backfill.ingest import ingest
+
+    def show(result, elapsed_s: float) -> None:
+        print(f"ingest: {result.progress_line(elapsed_s)}", file=sys.stderr, flush=True)
+
+    print(f"ingest: listing {args.source} (an s3:// prefix is listed in full first)", file=sys.stderr, flush=True)
+    result = ingest(_layout(args.root), args.source, shard_size=args.shard_size, prefix=args.prefix, progress=show)
+    print(result.describe())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="backfill",
@@ -354,6 +365,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version")
     p.add_argument("-k", type=int, default=10)
     p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser(
+        "ingest",
+        help="write manifest shards for a folder, an s3:// prefix, a .txt/.csv/.parquet URI list or an "
+        "img2dataset output (only new images; ids never change; docs/ingest.md)",
+    )
+    p.add_argument("source", help="a folder, s3://bucket/prefix, a URI list file, or an img2dataset output folder")
+    from backfill.ingest import DEFAULT_SHARD_SIZE
+
+    p.add_argument(
+        "--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per new shard (default %(default)s)"
+    )
+    p.add_argument("--prefix", default="ingest", help="new shards are named PREFIX-NNNNNN (default %(default)s)")
+    p.set_defaults(fn=cmd_ingest)
     return parser
 
 
