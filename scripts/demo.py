@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO))
 from backfill.embed import MARKER  # noqa: E402
 from backfill.evaluate import near_duplicate_recall  # noqa: E402
 from backfill.manifest import list_shards  # noqa: E402
-from backfill.models import REFERENCE, torchscript_bytes  # noqa: E402
+from backfill.models import REFERENCE, export_artifact  # noqa: E402
 from backfill.publish import read_pointer  # noqa: E402
 from backfill.registry import register_version  # noqa: E402
 from backfill.sample import SampleSpec, make_sample_corpus  # noqa: E402
@@ -89,6 +89,22 @@ def show_search(layout: Layout, version: str) -> None:
     print(f"found {found} of the {len(members)} other members of the query's group in the top 10")
 
 
+def register_demo_version(layout: Layout, version: str):
+    """v1: the shipped small CNN (random weights, squashed input as before the contract); v2: the pretrained
+    EfficientNet-Lite0 with its declared preprocessing (shorter side, centre crop), a real upgrade. Both
+    are torch.export (.pt2) artifacts."""
+    if version == "v2":
+        from backfill.efficientnet import reference_artifact
+
+        blob, dim, preprocess = reference_artifact()  # needs the `models` extra that scripts/setup.sh installs
+        return register_version(layout, MODEL, version, blob, dim=dim, preprocess=preprocess, format="torch.export")
+    arch = REFERENCE[version]
+    blob = export_artifact(arch)
+    return register_version(
+        layout, MODEL, version, blob, dim=arch.dim, input_size=arch.input_size, format="torch.export"
+    )
+
+
 def show_backfills() -> None:
     import statistics
 
@@ -152,8 +168,8 @@ def main() -> None:
                 f"registering {MODEL} {version}: the registry sensor adds the partition, "
                 "automation launches the backfill"
             )
-            arch = REFERENCE[version]
-            register_version(layout, MODEL, version, torchscript_bytes(arch), dim=arch.dim, input_size=arch.input_size)
+            card = register_demo_version(layout, version)
+            print(f"{version}: {card.format} artifact, dim {card.dim}, preprocessing {card.preprocess.describe()}")
             timings[version] = wait_published(layout, version, daemon, log)
             pointer = read_pointer(layout, MODEL)
             swapped = f"{before['build_id']} -> " if before else ""
