@@ -182,7 +182,9 @@ def _list_prefix(prefix: str) -> Iterator[Candidate]:
 
 def _canonical(uri: str, base: str) -> str:
     """A URI as the manifest records it: local paths absolute (relative ones against the list's folder)."""
-    if "://" in uri:
+    if uri.startswith("file://"):  # the same file as its bare path, which a folder ingest records
+        uri = uri[len("file://") :]
+    elif "://" in uri:
         return uri
     return os.path.normpath(os.path.join(base, os.path.expanduser(uri)))
 
@@ -470,7 +472,11 @@ def ingest(
             if with_ids is None:
                 with_ids = c.image_id is not None
             elif with_ids != (c.image_id is not None):
-                raise IngestError(f"{source}: image_id is given for some rows, not for {c.uri}; give it for all")
+                has = "has" if c.image_id is not None else "has no"
+                raise IngestError(
+                    f"{source}: image_id is given for some rows and not others ({c.uri} {has} image_id, "
+                    "unlike the rows before it); give it for all rows or for none"
+                )
             if c.image_id is not None:
                 if c.image_id in user_ids:
                     raise IngestError(f"{source}: image_id {c.image_id} is given twice (second time for {c.uri})")
@@ -478,6 +484,9 @@ def ingest(
             pending.append(c)
             result.new += 1
             if len(pending) >= shard_size:
+                # `repeated` was looked up before this batch: the pending URIs of earlier batches that this
+                # flush moves into `written` must still count as seen for the rest of the batch
+                batch_keys |= pending_keys
                 flush()
         now = clock()
         if progress and (result.seen % progress_every < len(batch) or now - last_report >= progress_every_s):

@@ -315,6 +315,29 @@ def test_a_uri_repeated_after_its_shard_was_written_is_still_a_duplicate(tmp_pat
     assert (result.new, result.skipped, len(result.shards)) == (5, {DUPLICATE: 7}, 5)
 
 
+def test_a_uri_pending_in_an_earlier_batch_is_a_duplicate_after_its_shard_flushes_mid_batch(tmp_path):
+    # lookups run per batch of 4,096 rows: line 6000 repeats line 0, whose shard (rows 0..4999) is written
+    # in the middle of the second batch; the repeat must still be refused, not ingested with a second id
+    listing = tmp_path / "uris.txt"
+    lines = [f"s3://b/{i}.jpg" for i in range(8192)]
+    lines[6000] = lines[0]
+    listing.write_text("\n".join(lines) + "\n")
+    result = ingest(_root(tmp_path), str(listing), shard_size=5000)
+    assert (result.new, result.skipped) == (8191, {DUPLICATE: 1})
+    layout = _root(tmp_path)
+    uris = [u for name, *_ in result.shards for u in read_shard(layout, name).uris]
+    assert len(uris) == len(set(uris)) == 8191
+
+
+def test_a_file_uri_is_the_same_image_as_its_path(tmp_path):
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes(b"not read at ingest")
+    listing = tmp_path / "uris.txt"
+    listing.write_text(f"{photo}\nfile://{photo}\n")
+    result = ingest(_root(tmp_path), str(listing), shard_size=10)
+    assert (result.new, result.skipped) == (1, {DUPLICATE: 1})
+
+
 def test_an_ingested_folder_is_embedded_indexed_and_searchable(tmp_path):
     # the manifests ingest writes are ones the engine reads: embed every shard, build, publish, search
     from backfill.config import EmbedConfig, IndexConfig
