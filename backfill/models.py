@@ -117,10 +117,11 @@ def torchscript_bytes(arch: Architecture, calibration: int = 768) -> bytes:
     return trace_bytes(reference_model(arch, calibration), arch.input_size)
 
 
-def export_bytes(model: nn.Module, input_size: int, max_batch: int = 4096) -> bytes:
+def export_bytes(model: nn.Module, input_size: int, max_batch: int = 8192) -> bytes:
     """A model in eval mode exported on (N, 3, input_size, input_size), N dynamic, as torch.export.save bytes.
 
-    The batch dimension is dynamic (1..max_batch) so one artifact serves any batch size; the image
+    The batch dimension is dynamic (1..max_batch, the largest batch_size EmbedConfig allows) so one artifact
+    serves any batch size; the image
     size is fixed, as the preprocessing contract fixes it. Export fails (torch's error) for a model
     whose code specialises on the batch size.
     """

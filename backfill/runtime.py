@@ -171,11 +171,27 @@ def load_model(layout: Layout, card: ModelCard, device: str = "cpu") -> LoadedMo
     blob = read_artifact(layout, card)
     module = load_module(blob, card.format, device, f"model {card.name} version {card.version}")
     model = LoadedModel(card, module, device)
-    probe = np.random.default_rng(0).integers(0, 256, (2, card.input_size, card.input_size, 3), dtype=np.uint8)
-    vecs = model.embed(probe)
-    if not math.isfinite(float(vecs.sum())):
-        raise ModelError(f"model {card.name} version {card.version} produced non-finite output on a probe batch")
+    rng = np.random.default_rng(0)
+    # two batch sizes (2 and 3): an export whose batch dimension is not dynamic (specialised on its example
+    # batch, often 2) passes one size and would fail every partition on its first full or short last batch
+    for n in PROBE_BATCHES:
+        probe = rng.integers(0, 256, (n, card.input_size, card.input_size, 3), dtype=np.uint8)
+        try:
+            vecs = model.embed(probe)
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(
+                f"model {card.name} version {card.version} fails on a probe batch of {n} images "
+                f"({type(exc).__name__}: {str(exc)[:300]}); export it with a dynamic batch dimension "
+                "(docs/models.md)"
+            ) from None
+        if not math.isfinite(float(vecs.sum())):
+            raise ModelError(f"model {card.name} version {card.version} produced non-finite output on a probe batch")
     return model
+
+
+PROBE_BATCHES = (2, 3)
 
 
 def load_module(blob: bytes, fmt: str, device: str, what: str) -> torch.nn.Module:

@@ -46,6 +46,19 @@ def test_a_pt2_version_registers_loads_and_takes_any_batch_size(layout):
         np.testing.assert_allclose(vectors, expected, atol=1e-5)
 
 
+def test_a_pt2_exported_with_a_static_batch_is_refused_when_loaded(layout):
+    # exported without dynamic_shapes on an example batch of 2: it passed a probe of 2 and then failed
+    # every partition on its first batch of 64 with a bare guard error
+    model = reference_model(TINY["v1"], calibration=64).eval()
+    with torch.no_grad():
+        program = torch.export.export(model, (torch.zeros(2, 3, 32, 32),))
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    card = register_version(layout, MODEL, "v1", buf.getvalue(), dim=16, input_size=32)
+    with pytest.raises(ModelError, match=f"model {MODEL} version v1 fails on a probe batch of 3 images.*dynamic batch"):
+        load_model(layout, card)
+
+
 def test_an_existing_torchscript_version_still_loads_and_embeds(layout):
     # a model.json written before torch.export: no "format", no "artifact", no "preprocessing"
     from tests.conftest import register_tiny
