@@ -92,7 +92,9 @@ def decode(data: bytes, size: int | Preprocess, max_pixels: int) -> np.ndarray:
             # JPEG: decode at a reduced DCT scale (1/2..1/8: far less work), still >= the contract's margin
             # over the resize target (preprocess.DRAFT)
             img.draft("RGB", prep.draft_size(width, height))
-            return prep.apply_pil(_to_rgb(img))
+            # the geometry of the image as it is, not as drafted: a reduced decode rounds its size, and the
+            # GPU path and a plain full decode take the resize target and crop from the true size
+            return prep.apply_pil(_to_rgb(img), prep.geometry(width, height))
     except BadImage:
         raise
     except UnidentifiedImageError:

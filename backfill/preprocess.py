@@ -155,9 +155,10 @@ class Preprocess:
         margin = DRAFT[self.declared][0]
         return min(width, margin * w), min(height, margin * h)
 
-    def apply_pil(self, img: Image.Image) -> np.ndarray:
-        """An RGB PIL image -> (input_size, input_size, 3) uint8 RGB, by this contract's geometry."""
-        geo = self.geometry(*img.size)
+    def apply_pil(self, img: Image.Image, geo: Geometry | None = None) -> np.ndarray:
+        """An RGB PIL image -> (input_size, input_size, 3) uint8 RGB, by this contract's geometry (of the
+        image's own size, or `geo`: that of the original when `img` was decoded at a reduced scale)."""
+        geo = geo or self.geometry(*img.size)
         pil_filter = INTERPOLATIONS[self.interpolation][0]
         # reducing_gap: a large shrink starts with a cheap box reduction (PIL's own speed-up)
         out = img.resize(geo.size, pil_filter, reducing_gap=DRAFT[self.declared][1]) if img.size != geo.size else img

@@ -136,3 +136,20 @@ def test_the_gpu_batch_path_applies_the_contract_like_the_pil_path():
     pil = np.stack([decode(b, prep, 10**8) for b in blobs]).astype(np.int16)
     diff = np.abs(pixels.permute(0, 2, 3, 1).numpy().astype(np.int16) - pil)
     assert diff.mean() < 0.05 and diff.max() <= 1, (diff.mean(), diff.max())
+
+
+def test_a_jpeg_decoded_at_reduced_scale_takes_its_geometry_from_its_true_size(monkeypatch):
+    # 1538x1025 drafts to 769x513 (1/2 scale): the drafted aspect gives a 383-wide resize, the true one 384,
+    # which the GPU path and a plain full decode use; the PIL path took the drafted one (a pixel off)
+    prep = Preprocess(224, resize="resize_crop", resize_size=256, interpolation="bicubic")
+    assert prep.geometry(1538, 1025).size == (384, 256) and prep.geometry(769, 513).size == (383, 256)
+    buf = io.BytesIO()
+    Image.new("RGB", (1538, 1025), (90, 140, 200)).save(buf, "JPEG", quality=90)
+    targets = []
+    resize = Image.Image.resize
+    monkeypatch.setattr(
+        Image.Image, "resize", lambda img, size, *a, **k: targets.append(size) or resize(img, size, *a, **k)
+    )
+    out = decode(buf.getvalue(), prep, max_pixels=10**8)
+    assert out.shape == (224, 224, 3)
+    assert targets == [(384, 256)]
