@@ -26,3 +26,17 @@ def test_failed_write_leaves_nothing_visible(tmp_path, monkeypatch):
         store.write_bytes(store.url("x.bin"), b"new")
     assert store.read_bytes(store.url("x.bin")) == b"old"
     assert os.listdir(tmp_path) == ["x.bin"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_a_committed_file_has_the_mode_open_would_give_it(tmp_path, umask, mode):
+    # it was 0600 (the temporary file's), so a reader under another uid on a shared volume could not read it
+    old = os.umask(umask)
+    try:
+        store = Store.open(str(tmp_path))
+        store.write_bytes(store.url("embeddings", "rows-0-8.parquet"), b"rows")
+        store.write_json(store.url("indexes", "CURRENT"), {"build_id": "b"})
+    finally:
+        os.umask(old)
+    for name in ("embeddings/rows-0-8.parquet", "indexes/CURRENT"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
