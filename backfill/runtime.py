@@ -257,8 +257,11 @@ def check_pt2(blob: bytes, what: str) -> None:
         for config in ("data/weights/model_weights_config.json", "data/constants/model_constants_config.json"):
             if config not in files:
                 continue
-            entries = json.loads(archive.read(files[config])).get("config", {})
-            pickled = sorted(k for k, meta in entries.items() if meta.get("use_pickle"))
+            try:
+                entries = json.loads(archive.read(files[config])).get("config", {})
+                pickled = sorted(k for k, meta in entries.items() if meta.get("use_pickle"))
+            except (ValueError, AttributeError, TypeError):  # not JSON, or not the shape torch writes
+                raise ModelError(f"{what}: .pt2 {config} is malformed; re-export it with torch.export.save") from None
             if pickled:
                 raise ModelError(f"{what}: .pt2 stores {pickled[:3]} pickled (tensor subclasses); refusing to load it")
         if "data/sample_inputs/model.pt" in files:

@@ -157,6 +157,10 @@ def _pickled_sample(name: str, data: bytes) -> bytes:
         (_pickled_weight, r"stores \['.*'\] pickled"),
         (_aoti, r"holds \['data/aotinductor/model/model.so'\], which loading would unpickle or execute"),
         (_pickled_sample, "sample inputs are not a weights-only tensor file"),
+        (
+            lambda name, data: b"[1, 2]" if name == "data/weights/model_weights_config.json" else data,
+            "model_weights_config.json is malformed",
+        ),
         (lambda name, data: None if name == "archive_format" else data, "no archive_format 'pt2'"),
     ],
 )
