@@ -1,6 +1,12 @@
-"""Scale bench: prints tables of measured costs at corpus sizes; one subcommand per section (`discover`; `index` next).
+"""Scale bench: prints tables of measured costs at corpus sizes; one subcommand per section.
 
     python bench/scale_bench.py discover --shards 1000 3000 10000 --rows 1000 [--before /work/main]
+    python bench/scale_bench.py queue --shards 1000 10000 30000 --storage sqlite postgres --window 90
+    python bench/scale_bench.py index --n 1000000 --shards 10 --threads 1 --old main   (bench/index_bench.py)
+    python bench/scale_bench.py extrapolate --queue-json queue.json   (to 1B images; extrapolated, not measured)
+
+`queue` is bench/queue_bench.py: the real dagster-daemon and dagster-webserver over N shard partitions, queued
+runs never started; runs queued per second, automation tick seconds, the UI's partition-status query.
 
 `discover` writes N synthetic manifest shards (range-partitioned int64 ids, one URI per row), then times
 registry ticks (backfill.discovery.discover, as the sensor calls it) in a fresh process per case:
@@ -21,6 +27,10 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUEUE_HEADER = (
+    "storage", "shards", "add s", "backfill s", "1st run s", "runs", "window s", "runs/s 0-30s", "runs/s window",
+    "runs/s last 30s", "auto tick med/max s", "index tick med/max s", "UI status s", "backfills page s",
+)  # fmt: skip
 
 
 def write_corpus(root: str, shards: int, rows: int) -> None:
@@ -124,6 +134,44 @@ def _add_one_new(root: str, rows: int, n: int) -> None:
     pq.write_table(table, os.path.join(root, "corpus", "manifests", "zz-new.parquet"))
 
 
+def _med_max(stats: dict) -> str:
+    return f"{stats['median']:.2f}/{stats['max']:.2f}" if stats else "-"
+
+
+def queue_row(r: dict) -> str:
+    if r.get("error"):
+        return f"{r['storage']:<8} {r['shards']:>7}  error: {r['error']}"
+    cells = (
+        r["storage"], r["shards"], f"{r['add_partitions_s']:.1f}", f"{r['backfill_after_s']:.1f}",
+        f"{r['first_run_after_s']:.1f}", r["runs"], f"{r['window_s']:.0f}", f"{r['start_rate']:.2f}",
+        f"{r['window_rate']:.2f}", f"{r['end_rate']:.2f}", _med_max(r["ticks"].get("backfill_automation", {})),
+        _med_max(r["ticks"].get("index_automation", {})), _med_max(r["queries"].get("partition_status", {})),
+        _med_max(r["queries"].get("backfills_page", {})),
+    )  # fmt: skip
+    return " | ".join(str(c) for c in cells)
+
+
+def queue_section(args: argparse.Namespace) -> None:
+    sys.path.insert(0, HERE)
+    from bench.queue_bench import run_case
+
+    print(
+        f"queue: one backfill of image_embeddings over N shards x 1 version, real dagster-daemon, "
+        f"max_concurrent_runs 0, window {args.window:.0f} s after the first run, {os.cpu_count()} CPUs, "
+        f"load {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
+    print(" | ".join(QUEUE_HEADER))
+    results = []
+    for storage in args.storage:
+        for n in args.shards:
+            r = run_case(storage, n, window_s=args.window, max_runs=args.max_runs, interval_s=args.interval)
+            results.append(r)
+            print(queue_row(r), flush=True)
+            if args.json:
+                with open(args.json, "w") as f:  # rewritten after each case: a cut-short run keeps what it measured
+                    json.dump(results, f, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="section", required=True)
@@ -133,6 +181,13 @@ def main() -> None:
     d.add_argument("--before", default="", help="another checkout whose engine to compare with (e.g. /work/main)")
     d.add_argument("--before-max-first", type=int, default=1000, help="largest first deploy to run with --before")
     d.add_argument("--timeout", type=float, default=120.0, help="seconds per case")
+    q = sub.add_parser("queue", help="runs queued per second by the real backfill daemon; ticks; UI queries")
+    q.add_argument("--shards", type=int, nargs="+", default=[1000, 10000, 30000])
+    q.add_argument("--storage", nargs="+", choices=["sqlite", "postgres"], default=["sqlite", "postgres"])
+    q.add_argument("--window", type=float, default=90.0, help="seconds to sample the run count after the first run")
+    q.add_argument("--max-runs", type=int, default=0, help="stop sampling at this many runs (0: all partitions)")
+    q.add_argument("--interval", type=int, default=5, help="automation sensor interval (s)")
+    q.add_argument("--json", default="", help="write the results here too (input of `extrapolate`)")
     w = sub.add_parser("_tick")  # internal: one case in a fresh process
     w.add_argument("--repo", required=True)
     w.add_argument("--root", required=True)
@@ -140,6 +195,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.section == "_tick":
         _tick_worker(args.repo, args.root, args.case)
+    elif args.section == "queue":
+        queue_section(args)
     else:
         discover_section(args)
 
