@@ -62,6 +62,7 @@ class QueueResult:
     samples: list[tuple[float, int]] = field(default_factory=list)  # (s since the first run, runs queued)
     ticks: dict[str, list[float]] = field(default_factory=dict)  # sensor -> tick durations (s), oldest first
     queries: dict[str, list[float]] = field(default_factory=dict)  # query -> seconds per repeat
+    daemon_peak_mib: float = 0.0  # the daemon and its children (code server), summed, at the samples
     error: str = ""
 
     def rate(self, start: float, end: float) -> float:
@@ -84,6 +85,7 @@ class QueueResult:
             "start_rate": round(self.rate(0, early_s), 2),
             "window_rate": round(last_n / last_t, 2) if last_t else float("nan"),
             "end_rate": round(self.rate(max(0.0, last_t - early_s), last_t), 2),
+            "daemon_peak_mib": round(self.daemon_peak_mib),
             "ticks": {s: _stats(d) for s, d in self.ticks.items()},
             "queries": {q: _stats(d) for q, d in self.queries.items()},
             "error": self.error,
@@ -95,6 +97,28 @@ def _stats(values: list[float]) -> dict:
         return {}
     return {"n": len(values), "first": round(values[0], 2), "median": round(statistics.median(values), 2),
             "max": round(max(values), 2)}  # fmt: skip
+
+
+def tree_rss_mib(root_pid: int) -> float:
+    """Resident memory of a process and all its descendants (Linux /proc), in MiB."""
+    parents: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it ended while we looked
+        parents.setdefault(int(fields[1]), []).append(int(entry))
+        rss[int(entry)] = int(fields[21])  # pages
+    total, todo = 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo.extend(parents.get(pid, []))
+    return total * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def make_home(home: Path, postgres: Server | None) -> None:
@@ -205,6 +229,7 @@ def measure(
             while True:
                 count = instance.get_runs_count(mine)
                 result.samples.append((time.monotonic() - first, count))
+                result.daemon_peak_mib = max(result.daemon_peak_mib, tree_rss_mib(daemon.pid))
                 if count >= limit or time.monotonic() - first >= window_s:
                     break
                 time.sleep(1.0)

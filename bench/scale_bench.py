@@ -29,7 +29,7 @@ import time
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUEUE_HEADER = (
     "storage", "shards", "add s", "backfill s", "1st run s", "runs", "window s", "runs/s 0-30s", "runs/s window",
-    "runs/s last 30s", "auto tick med/max s", "index tick med/max s", "UI status s", "backfills page s",
+    "runs/s last 30s", "daemon MiB", "auto tick med/max s", "index tick med/max s", "UI status s", "backfills page s",
 )  # fmt: skip
 
 
@@ -144,8 +144,9 @@ def queue_row(r: dict) -> str:
     cells = (
         r["storage"], r["shards"], f"{r['add_partitions_s']:.1f}", f"{r['backfill_after_s']:.1f}",
         f"{r['first_run_after_s']:.1f}", r["runs"], f"{r['window_s']:.0f}", f"{r['start_rate']:.2f}",
-        f"{r['window_rate']:.2f}", f"{r['end_rate']:.2f}", _med_max(r["ticks"].get("backfill_automation", {})),
-        _med_max(r["ticks"].get("index_automation", {})), _med_max(r["queries"].get("partition_status", {})),
+        f"{r['window_rate']:.2f}", f"{r['end_rate']:.2f}", r["daemon_peak_mib"],
+        _med_max(r["ticks"].get("backfill_automation", {})), _med_max(r["ticks"].get("index_automation", {})),
+        _med_max(r["queries"].get("partition_status", {})),
         _med_max(r["queries"].get("backfills_page", {})),
     )  # fmt: skip
     return " | ".join(str(c) for c in cells)
@@ -172,7 +173,22 @@ def queue_section(args: argparse.Namespace) -> None:
                     json.dump(results, f, indent=1)
 
 
+def extrapolate_section(args: argparse.Namespace) -> None:
+    sys.path.insert(0, HERE)
+    from bench.extrapolate import Scenario, from_queue_json, table
+
+    given = {k: v for k, v in vars(args).items() if k in Scenario.__dataclass_fields__ and v is not None}
+    if args.queue_json:
+        given["runs_per_s"], given["backfill_created_s"] = from_queue_json(args.queue_json)
+    print(table(Scenario(**given)))
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["index"]:  # bench/index_bench.py, with its own flags
+        sys.path.insert(0, HERE)
+        from bench import index_bench
+
+        sys.exit(index_bench.main(sys.argv[2:]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="section", required=True)
     d = sub.add_parser("discover", help="registry ticks at first deploy and with one new shard")
@@ -188,6 +204,16 @@ def main() -> None:
     q.add_argument("--max-runs", type=int, default=0, help="stop sampling at this many runs (0: all partitions)")
     q.add_argument("--interval", type=int, default=5, help="automation sensor interval (s)")
     q.add_argument("--json", default="", help="write the results here too (input of `extrapolate`)")
+    sub.add_parser("index", help="the index build step by step (bench/index_bench.py; its flags follow)")
+    e = sub.add_parser("extrapolate", help="hours, memory and disk per step at 1B images (EXTRAPOLATED)")
+    e.add_argument("--queue-json", default="", help="`queue --json` output: its slowest rate at the largest size")
+    for name, kind in (
+        ("images", int), ("shards", int), ("versions", int), ("dim", int), ("runs_per_s", float),
+        ("backfill_created_s", float), ("gpu_pods", int), ("gpu_img_s", float), ("pod_start_s", float),
+        ("discover_s_per_mrow", float), ("index_pods", int), ("index_threads", int), ("index_memory_mb", int),
+        ("upload_mb_s", float),
+    ):  # fmt: skip
+        e.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None)
     w = sub.add_parser("_tick")  # internal: one case in a fresh process
     w.add_argument("--repo", required=True)
     w.add_argument("--root", required=True)
@@ -197,6 +223,8 @@ def main() -> None:
         _tick_worker(args.repo, args.root, args.case)
     elif args.section == "queue":
         queue_section(args)
+    elif args.section == "extrapolate":
+        extrapolate_section(args)
     else:
         discover_section(args)
 
