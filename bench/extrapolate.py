@@ -49,13 +49,13 @@ class Scenario:
     dim: int = 512
     runs_per_s: float = 2.0  # what the backfill daemon queues (scale_bench.py queue)
     backfill_created_s: float = 15.0  # daemon start -> backfill (one automation tick and the daemon loop)
-    gpu_pods: int = 16
+    gpu_pods: int = 32  # deploy/pools.yaml gpu-spot maxConcurrentRuns
     gpu_img_s: float = MEASURED["gpu_img_s_per_pod"]
     pod_start_s: float = 30.0  # ASSUMED: a k8s step Job's pod scheduled, image present, started (not measured)
     discover_s_per_mrow: float = MEASURED["discover_s_per_mrow"]  # per million manifest rows
-    index_pods: int = 8
-    index_threads: int = 32  # FAISS threads per index pod (linear scaling assumed: optimistic)
-    index_memory_mb: int = 65536  # BACKFILL_INDEX_MEMORY_MB on the index pool
+    index_pods: int = 4  # deploy/pools.yaml index maxConcurrentRuns (parts added in parallel)
+    index_threads: int = 8  # FAISS threads per index pod: the pool's 8 CPUs (linear scaling assumed: optimistic)
+    index_memory_mb: int = 57344  # BACKFILL_INDEX_MEMORY_MB on the index pool's 64 GiB, 8 GiB left to the process
     upload_mb_s: float = 200.0  # ASSUMED: index upload to the object store
 
 
@@ -86,10 +86,11 @@ def steps(s: Scenario) -> list[dict]:
              f"{s.shards:,} runs at {s.runs_per_s:.2f} runs/s"),
         _row("embed (one version)", f"gpu-spot x{s.gpu_pods}", s.shards * partition_s / s.gpu_pods,
              m["partition_peak_mib"] / 1024, embed_bytes,
-             f"{partition_s:.0f} s/partition: {rows(s):,} rows at {s.gpu_img_s:,.0f} img/s + start"),
+             f"{partition_s:.0f} s/partition: {rows(s):,} rows at {s.gpu_img_s:,.0f} img/s + start; mem: CPU-measured"),
         _row("index train", "index x1", train_s, (plan.train_size * s.dim * 4 + plan.nlist * s.dim * 4) / GiB, 0,
              f"{plan.train_size:,} x nlist {plan.nlist:,} x {s.dim}, {s.index_threads} threads"),
-        _row("index add + ground truth", f"index x{s.index_pods}", add_s, s.index_memory_mb / 1024, index_bytes,
+        _row("index add + ground truth", f"index x{s.index_pods}", add_s, f"<={s.index_memory_mb / 1024:.0f}",
+             index_bytes,
              f"{per_vector * 1e6:.0f} core-us/vector, {threads} threads"),
         _row("index merge", "index x1", merge_s, index_bytes / GiB, index_bytes,
              "lists on disk" if plan.ondisk else "in memory"),
@@ -99,7 +100,7 @@ def steps(s: Scenario) -> list[dict]:
     ] + [{"plan": plan.factory, "reason": plan.reason}]  # fmt: skip
 
 
-def _row(step: str, pool: str, seconds: float, mem_gib: float | None, disk: float, rule: str) -> dict:
+def _row(step: str, pool: str, seconds: float, mem_gib: float | str | None, disk: float, rule: str) -> dict:
     return {"step": step, "pool": pool, "hours": seconds / 3600, "mem_gib": mem_gib, "disk_gib": disk / GiB,
             "rule": rule}  # fmt: skip
 
@@ -140,11 +141,17 @@ def table(s: Scenario) -> str:
         "-" * 110,
     ]
     for r in out:
-        mem = "-" if r["mem_gib"] is None else f"{r['mem_gib']:.1f}"
+        mem = r["mem_gib"] if isinstance(r["mem_gib"], str) else "-" if r["mem_gib"] is None else f"{r['mem_gib']:.1f}"
         lines.append(f"{r['step']:26} {r['pool']:15} {r['hours']:7.2f} {mem:>12} {r['disk_gib']:9.0f}  {r['rule']}")
     embed = next(r for r in out if r["step"].startswith("embed"))
+    queue = next(r for r in out if r["step"].startswith("queue"))
+    # a version end to end: queueing and embedding overlap (runs start as they are queued), the rest is serial
+    serial = sum(r["hours"] for r in out if r["step"].startswith(("index", "publish")))
+    version_h = max(queue["hours"], embed["hours"]) + serial
     index = sum(r["disk_gib"] for r in out if r["step"] in ("index merge",))
     lines += [
+        f"one new version end to end: {version_h:.1f} h (queue and embed overlap: "
+        f"{max(queue['hours'], embed['hours']):.1f} h; index build and publish {serial:.1f} h)",
         f"live disk, {s.versions} versions: embeddings {s.versions * embed['disk_gib']:,.0f} GiB + indexes "
         f"{s.versions * index:,.0f} GiB (+ one build's parts and staging, {index:,.0f} GiB, while building)",
         f"feed: the GPU pool consumes {f['consumed_runs_s']:.2f} runs/s, the daemon queues {f['queued_runs_s']:.2f}: "
