@@ -62,6 +62,8 @@ class QueueResult:
     samples: list[tuple[float, int]] = field(default_factory=list)  # (s since the first run, runs queued)
     ticks: dict[str, list[float]] = field(default_factory=dict)  # sensor -> tick durations (s), oldest first
     queries: dict[str, list[float]] = field(default_factory=dict)  # query -> seconds per repeat
+    targeted: int = 0  # partitions the backfill targets (the UI's count): every shard, or the bench is wrong
+    load: float = 0.0  # 1-minute load average at the end of the window (this box is shared)
     daemon_peak_mib: float = 0.0  # the daemon and its children (code server), summed, at the samples
     error: str = ""
 
@@ -80,12 +82,14 @@ class QueueResult:
             "add_partitions_s": round(self.add_partitions_s, 2),
             "backfill_after_s": round(self.backfill_after_s, 1),
             "first_run_after_s": round(self.first_run_after_s, 1),
+            "targeted": self.targeted,
             "runs": last_n,
             "window_s": round(last_t, 1),
             "start_rate": round(self.rate(0, early_s), 2),
             "window_rate": round(last_n / last_t, 2) if last_t else float("nan"),
             "end_rate": round(self.rate(max(0.0, last_t - early_s), last_t), 2),
             "daemon_peak_mib": round(self.daemon_peak_mib),
+            "load": round(self.load, 1),
             "ticks": {s: _stats(d) for s, d in self.ticks.items()},
             "queries": {q: _stats(d) for q, d in self.queries.items()},
             "error": self.error,
@@ -231,6 +235,7 @@ def measure(
                 result.samples.append((time.monotonic() - first, count))
                 result.daemon_peak_mib = max(result.daemon_peak_mib, tree_rss_mib(daemon.pid))
                 if count >= limit or time.monotonic() - first >= window_s:
+                    result.load = os.getloadavg()[0]
                     break
                 time.sleep(1.0)
         for sensor in SENSORS:
@@ -240,6 +245,8 @@ def measure(
         daemon = None
         for name, query in (("partition_status", PARTITION_STATUS), ("backfills_page", BACKFILLS)):
             result.queries[name] = [graphql(query)[1] for _ in range(repeats)]
+        page, _ = graphql(BACKFILLS)
+        result.targeted = sum(b["numPartitions"] or 0 for b in page["partitionBackfillsOrError"]["results"])
     except (TimeoutError, RuntimeError, requests.RequestException) as exc:
         result.error = str(exc)[:200]
     finally:

@@ -28,9 +28,9 @@ import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUEUE_HEADER = (
-    "storage", "shards", "add s", "backfill s", "1st run s", "runs", "window s", "runs/s 0-30s", "runs/s window",
-    "runs/s last 30s", "daemon MiB", "auto tick 1st/med/max s", "index tick med/max s", "UI status s",
-    "backfills page s",
+    "storage", "shards", "targeted", "add s", "backfill s", "1st run s", "runs", "window s", "runs/s 0-30s",
+    "runs/s window", "runs/s last 30s", "daemon MiB", "auto tick 1st/med/max s", "index tick med/max s",
+    "UI status s", "backfills page s", "load",
 )  # fmt: skip
 
 
@@ -145,12 +145,12 @@ def queue_row(r: dict) -> str:
     if r.get("error"):
         return f"{r['storage']:<8} {r['shards']:>7}  error: {r['error']}"
     cells = (
-        r["storage"], r["shards"], f"{r['add_partitions_s']:.1f}", f"{r['backfill_after_s']:.1f}",
+        r["storage"], r["shards"], r["targeted"], f"{r['add_partitions_s']:.1f}", f"{r['backfill_after_s']:.1f}",
         f"{r['first_run_after_s']:.1f}", r["runs"], f"{r['window_s']:.0f}", f"{r['start_rate']:.2f}",
         f"{r['window_rate']:.2f}", f"{r['end_rate']:.2f}", r["daemon_peak_mib"],
         _med_max(r["ticks"].get("backfill_automation", {}), first=True),
         _med_max(r["ticks"].get("index_automation", {})), _med_max(r["queries"].get("partition_status", {})),
-        _med_max(r["queries"].get("backfills_page", {})),
+        _med_max(r["queries"].get("backfills_page", {})), r.get("load", "-"),
     )  # fmt: skip
     return " | ".join(str(c) for c in cells)
 
@@ -166,8 +166,8 @@ def queue_section(args: argparse.Namespace) -> None:
     )
     print(" | ".join(QUEUE_HEADER))
     results = []
-    for storage in args.storage:
-        for n in args.shards:
+    for n in args.shards:  # storages side by side at each size: the load of this shared box drifts
+        for storage in args.storage:
             r = run_case(storage, n, window_s=args.window, max_runs=args.max_runs, interval_s=args.interval)
             results.append(r)
             print(queue_row(r), flush=True)
