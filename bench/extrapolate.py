@@ -25,6 +25,9 @@ MEASURED = {
     "discover_s_per_mrow": (3.36 / 100 - 70.07 / 10_000) / 0.099,
     # docs/performance.md, gpu_check.sh on one H100: embed_shard end to end, ResNet-50 bf16, 256-d
     "gpu_img_s_per_pod": 5975,
+    # docs/performance.md, embed_bench.py on this 2-core box: embed_shard, ResNet-18 bf16; a 4-CPU cpu-tidal pod
+    # is taken as twice that (extrapolated)
+    "cpu_img_s_2_cores": 61.2,
     # docs/performance.md, overhead_bench.py: a run's cost beyond its compute (interpreter, imports, model load)
     "run_overhead_s": 3.6,
     # docs/performance.md, memory_bench.py: a partition process's peak RSS (CPU, refcnn, flat in shard size)
@@ -121,6 +124,34 @@ def feed(s: Scenario) -> dict:
     }
 
 
+def pools(s: Scenario) -> list[tuple[str, int, float]]:
+    """(pool, pods, img/s per pod) as deploy/pools.yaml sizes them (maxConcurrentRuns)."""
+    return [("gpu-spot", s.gpu_pods, s.gpu_img_s), ("cpu-tidal", 64, 2 * MEASURED["cpu_img_s_2_cores"])]
+
+
+def feed_table(s: Scenario, shard_rows: tuple[int, ...] = (100_000, 1_000_000, 2_000_000)) -> str:
+    """For each pool and shard size: runs/s consumed against the daemon's, start-up share, queue time at 1B."""
+    lines = [
+        f"EXTRAPOLATED feed check: the daemon queues R = {s.runs_per_s:.2f} runs/s; start-up per run "
+        f"{MEASURED['run_overhead_s']} s (measured) + {s.pod_start_s:.0f} s pod start (assumed)",
+        f"{'pool':10} {'pods':>5} {'img/s/pod':>9} {'rows/shard':>10} {'s/partition':>11} {'runs/s used':>11} "
+        f"{'fed (<=R/2)':>11} {'start-up':>8} {'shards at 1B':>12} {'queue h':>7} {'embed h':>7}",
+        "-" * 110,
+    ]
+    for pool, pods, img_s in pools(s):
+        for r in shard_rows:
+            one = Scenario(**{**s.__dict__, "gpu_pods": pods, "gpu_img_s": img_s, "shards": s.images // r})
+            f = feed(one)
+            partition_s = r / img_s + MEASURED["run_overhead_s"] + s.pod_start_s
+            lines.append(
+                f"{pool:10} {pods:5d} {img_s:9,.0f} {r:10,} {partition_s:11,.0f} {f['consumed_runs_s']:11.3f} "
+                f"{'yes' if f['fed'] else 'NO':>11} {f['start_share']:8.0%} {one.shards:12,} "
+                f"{(s.backfill_created_s + one.shards / s.runs_per_s) / 3600:7.2f} "
+                f"{one.shards * partition_s / pods / 3600:7.1f}"
+            )
+    return "\n".join(lines)
+
+
 def from_queue_json(path: str) -> tuple[float, float]:
     """The lowest window rate at the largest measured size (any storage), and its backfill creation time."""
     with open(path) as f:
@@ -159,4 +190,4 @@ def table(s: Scenario) -> str:
         f"{f['start_share']:.0%} of a partition",
         f"shard rows: >= {f['min_rows_queue']:,} for the queue, >= {f['min_rows_overhead']:,} for start-up <= 10%",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + feed_table(s)
