@@ -63,6 +63,7 @@ class QueueResult:
     ticks: dict[str, list[float]] = field(default_factory=dict)  # sensor -> tick durations (s), oldest first
     queries: dict[str, list[float]] = field(default_factory=dict)  # query -> seconds per repeat
     targeted: int = 0  # partitions the backfill targets (the UI's count): every shard, or the bench is wrong
+    started: int = 0  # runs that left the queue (must be 0: the window measures queueing alone)
     load: float = 0.0  # 1-minute load average at the end of the window (this box is shared)
     daemon_peak_mib: float = 0.0  # the daemon and its children (code server), summed, at the samples
     error: str = ""
@@ -83,6 +84,7 @@ class QueueResult:
             "backfill_after_s": round(self.backfill_after_s, 1),
             "first_run_after_s": round(self.first_run_after_s, 1),
             "targeted": self.targeted,
+            "started": self.started,
             "runs": last_n,
             "window_s": round(last_t, 1),
             "start_rate": round(self.rate(0, early_s), 2),
@@ -200,7 +202,7 @@ def measure(
     interval_s: int = 5,
 ) -> QueueResult:
     """One case: a fresh instance and root under `work`, the daemon and the webserver started and stopped here."""
-    from dagster import DagsterInstance, RunsFilter
+    from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
     result = QueueResult(storage, shards)
     home, root = work / "dagster_home", work / "root"
@@ -236,6 +238,10 @@ def measure(
                 result.daemon_peak_mib = max(result.daemon_peak_mib, tree_rss_mib(daemon.pid))
                 if count >= limit or time.monotonic() - first >= window_s:
                     result.load = os.getloadavg()[0]
+                    # NOT_STARTED: a run the daemon is submitting at this instant (created, not yet queued)
+                    waiting = (DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED)
+                    left = [status for status in DagsterRunStatus if status not in waiting]
+                    result.started = instance.get_runs_count(RunsFilter(tags=mine.tags, statuses=left))
                     break
                 time.sleep(1.0)
         for sensor in SENSORS:

@@ -28,7 +28,7 @@ import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUEUE_HEADER = (
-    "storage", "shards", "targeted", "add s", "backfill s", "1st run s", "runs", "window s", "runs/s 0-30s",
+    "storage", "shards", "targeted", "started", "add s", "backfill s", "1st run s", "runs", "window s", "runs/s 0-30s",
     "runs/s window", "runs/s last 30s", "daemon MiB", "auto tick 1st/med/max s", "index tick med/max s",
     "UI status s", "backfills page s", "load",
 )  # fmt: skip
@@ -145,9 +145,9 @@ def queue_row(r: dict) -> str:
     if r.get("error"):
         return f"{r['storage']:<8} {r['shards']:>7}  error: {r['error']}"
     cells = (
-        r["storage"], r["shards"], r["targeted"], f"{r['add_partitions_s']:.1f}", f"{r['backfill_after_s']:.1f}",
-        f"{r['first_run_after_s']:.1f}", r["runs"], f"{r['window_s']:.0f}", f"{r['start_rate']:.2f}",
-        f"{r['window_rate']:.2f}", f"{r['end_rate']:.2f}", r["daemon_peak_mib"],
+        r["storage"], r["shards"], r["targeted"], r["started"], f"{r['add_partitions_s']:.1f}",
+        f"{r['backfill_after_s']:.1f}", f"{r['first_run_after_s']:.1f}", r["runs"], f"{r['window_s']:.0f}",
+        f"{r['start_rate']:.2f}", f"{r['window_rate']:.2f}", f"{r['end_rate']:.2f}", r["daemon_peak_mib"],
         _med_max(r["ticks"].get("backfill_automation", {}), first=True),
         _med_max(r["ticks"].get("index_automation", {})), _med_max(r["queries"].get("partition_status", {})),
         _med_max(r["queries"].get("backfills_page", {})), r.get("load", "-"),
