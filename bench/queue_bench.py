@@ -199,7 +199,7 @@ def measure(
     max_runs: int = 0,
     startup_timeout_s: float = 300.0,
     repeats: int = 3,
-    interval_s: int = 5,
+    interval_s: int = 30,
 ) -> QueueResult:
     """One case: a fresh instance and root under `work`, the daemon and the webserver started and stopped here."""
     from dagster import DagsterInstance, DagsterRunStatus, RunsFilter

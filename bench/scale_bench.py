@@ -205,7 +205,7 @@ def main() -> None:
     q.add_argument("--storage", nargs="+", choices=["sqlite", "postgres"], default=["sqlite", "postgres"])
     q.add_argument("--window", type=float, default=90.0, help="seconds to sample the run count after the first run")
     q.add_argument("--max-runs", type=int, default=0, help="stop sampling at this many runs (0: all partitions)")
-    q.add_argument("--interval", type=int, default=5, help="automation sensor interval (s)")
+    q.add_argument("--interval", type=int, default=30, help="automation sensor interval (s; 30 is the product default)")
     q.add_argument("--json", default="", help="write the results here too (input of `extrapolate`)")
     sub.add_parser("index", help="the index build step by step (bench/index_bench.py; its flags follow)")
     e = sub.add_parser("extrapolate", help="hours, memory and disk per step at 1B images (EXTRAPOLATED)")
