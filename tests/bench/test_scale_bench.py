@@ -3,6 +3,7 @@
 import json
 import math
 import os
+from pathlib import Path
 
 import yaml
 
@@ -63,3 +64,17 @@ def test_queue_json_gives_the_slowest_rate_at_the_largest_size(tmp_path):
     path = tmp_path / "queue.json"
     path.write_text(json.dumps(results))
     assert from_queue_json(str(path)) == (1.5, 30)
+
+
+def test_a_queue_row_has_a_cell_per_column(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "bench"))  # a script, not a package
+    import scale_bench
+
+    r = QueueResult("postgres", 3, samples=[(0.0, 1), (2.0, 3)], targeted=3)
+    r.ticks = {"backfill_automation": [0.5, 0.7], "index_automation": [0.2]}
+    r.queries = {"partition_status": [0.1], "backfills_page": [0.05]}
+    row = scale_bench.queue_row(r.summary())
+    assert len(row.split(" | ")) == len(scale_bench.QUEUE_HEADER)
+    assert row.startswith("postgres | 3 | 3 | 0 |")
+    failed = scale_bench.queue_row(QueueResult("sqlite", 3, error="timed out").summary())
+    assert "error: timed out" in failed
