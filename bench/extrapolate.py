@@ -188,6 +188,7 @@ def table(s: Scenario) -> str:
         f"feed: the GPU pool consumes {f['consumed_runs_s']:.2f} runs/s, the daemon queues {f['queued_runs_s']:.2f}: "
         f"{'fed' if f['fed'] else 'STARVED'} (rule: consumed <= half the queue rate); start-up is "
         f"{f['start_share']:.0%} of a partition",
-        f"shard rows: >= {f['min_rows_queue']:,} for the queue, >= {f['min_rows_overhead']:,} for start-up <= 10%",
+        f"shard rows: >= {f['min_rows_queue']:,} for the queue even with no start-up at all, "
+        f">= {f['min_rows_overhead']:,} for start-up <= 10%",
     ]
     return "\n".join(lines) + "\n\n" + feed_table(s)
