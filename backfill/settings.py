@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backfill.config import EmbedConfig, IndexConfig
-from backfill.discovery import DiscoveryBudget
 from backfill.errors import ConfigError
+
+if TYPE_CHECKING:
+    from backfill.discovery import DiscoveryBudget
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: relative roots and the shipped pools file are under it
 DEFAULT_ROOT = str(REPO / "data")
@@ -151,6 +153,18 @@ VARIABLES: tuple[Variable, ...] = (
 BY_NAME = {v.name: v for v in VARIABLES}
 
 
+def _budget_class() -> type[DiscoveryBudget]:
+    # imported on use: backfill.discovery brings the engine (torch and faiss, through backfill.retire), and
+    # reading one setting (Store.open, the CLI's defaults) must stay as cheap as it was
+    from backfill.discovery import DiscoveryBudget
+
+    return DiscoveryBudget
+
+
+def _budget() -> DiscoveryBudget:
+    return _budget_class()()
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a deployment configures, validated once; the engine parts are the engine's own dataclasses."""
@@ -159,7 +173,7 @@ class Settings:
     model: str = DEFAULT_MODEL
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
-    discovery: DiscoveryBudget = field(default_factory=DiscoveryBudget)  # what one registry tick may read
+    discovery: DiscoveryBudget = field(default_factory=_budget)  # what one registry tick may read
     warn_reject_rate: float = 0.01
     s3_endpoint_url: str = ""  # empty: AWS S3 (botocore's own endpoint)
     cache_dir: str = ""  # empty: ~/.cache/backfill
@@ -178,7 +192,7 @@ class Settings:
         top = {v.target: value for v, value in chosen.items() if "." not in v.target}
         embed = _section(EmbedConfig, "embed", chosen)
         index = _section(IndexConfig, "index", chosen)
-        discovery = _section(DiscoveryBudget, "discovery", chosen)
+        discovery = _section(_budget_class(), "discovery", chosen)
         return cls(embed=embed, index=index, discovery=discovery, **top)
 
 
@@ -208,7 +222,9 @@ def _section(config: type, prefix: str, chosen: Mapping[Variable, Any]) -> Any:
 def default(variable: Variable) -> Any:
     """The default a variable overrides: the dataclass field it fills."""
     owner, _, name = variable.target.rpartition(".")
-    holder = {"": Settings(), "embed": EmbedConfig(), "index": IndexConfig(), "discovery": DiscoveryBudget()}[owner]
+    if owner == "":  # the field's own default: building Settings() would build every section
+        return next(f.default for f in fields(Settings) if f.name == name)
+    holder = {"embed": EmbedConfig, "index": IndexConfig, "discovery": _budget_class()}[owner]()
     return getattr(holder, name)
 
 

@@ -186,3 +186,14 @@ def test_the_readme_table_lists_every_variable():
     readme = (Path(REPO) / "README.md").read_text()
     missing = [v.name for v in VARIABLES if f"`{v.name}`" not in readme]
     assert missing == [], "document these in README.md's configuration table"
+
+
+def test_reading_one_setting_loads_no_engine():
+    """Store.open and the CLI's defaults read one setting: that must not import torch or faiss (the
+    discovery budget's class is imported only when Settings are built)."""
+    code = (
+        "import sys\nfrom backfill.settings import setting\nsetting('BACKFILL_ROOT'); setting('BACKFILL_POOL')\n"
+        "print(sorted(m for m in ('torch', 'faiss') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, capture_output=True, text=True)
+    assert proc.stdout.strip() == "[]"
