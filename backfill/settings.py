@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backfill.config import EmbedConfig, IndexConfig
 from backfill.errors import ConfigError
+
+if TYPE_CHECKING:
+    from backfill.discovery import DiscoveryBudget
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: relative roots and the shipped pools file are under it
 DEFAULT_ROOT = str(REPO / "data")
@@ -76,7 +79,8 @@ def _seconds(raw: str) -> int:
 
 @dataclass(frozen=True)
 class Variable:
-    """One environment variable: which setting it fills ("embed.<field>", "index.<field>" or a Settings field)."""
+    """One environment variable: which setting it fills ("embed.<field>", "index.<field>", "discovery.<field>" or a
+    Settings field)."""
 
     name: str
     target: str
@@ -129,6 +133,12 @@ VARIABLES: tuple[Variable, ...] = (
         "most IVF lists (a power of two; training cost grows with it)"),
     Variable("BACKFILL_WORK_LOG", "embed.work_log", _text,
         "a file every attempt appends its embedded-batch sizes to (the chaos harness)"),
+    Variable("BACKFILL_DISCOVERY_MAX_SHARDS", "discovery.max_shards", _int,
+        "new manifests one registry tick reads; the rest wait for the next tick"),
+    Variable("BACKFILL_DISCOVERY_MAX_SECONDS", "discovery.max_seconds", _float,
+        "seconds of manifest reading per registry tick (Dagster stops a tick at 60 s)"),
+    Variable("BACKFILL_DISCOVERY_MAX_OVERLAP_IDS", "discovery.max_overlap_ids", _int,
+        "ids of known shards one tick reads to check overlapping id ranges; beyond it, checked before publishing"),
     Variable("BACKFILL_SENSOR_INTERVAL", "sensor_interval_s", _seconds, "seconds between registry sensor ticks"),
     Variable("BACKFILL_AUTOMATION_INTERVAL", "automation_interval_s", _seconds,
         "seconds between automation sensor ticks"),
@@ -143,6 +153,18 @@ VARIABLES: tuple[Variable, ...] = (
 BY_NAME = {v.name: v for v in VARIABLES}
 
 
+def _budget_class() -> type[DiscoveryBudget]:
+    # imported on use: backfill.discovery brings the engine (torch and faiss, through backfill.retire), and
+    # reading one setting (Store.open, the CLI's defaults) must stay as cheap as it was
+    from backfill.discovery import DiscoveryBudget
+
+    return DiscoveryBudget
+
+
+def _budget() -> DiscoveryBudget:
+    return _budget_class()()
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a deployment configures, validated once; the engine parts are the engine's own dataclasses."""
@@ -151,6 +173,7 @@ class Settings:
     model: str = DEFAULT_MODEL
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    discovery: DiscoveryBudget = field(default_factory=_budget)  # what one registry tick may read
     warn_reject_rate: float = 0.01
     s3_endpoint_url: str = ""  # empty: AWS S3 (botocore's own endpoint)
     cache_dir: str = ""  # empty: ~/.cache/backfill
@@ -169,7 +192,8 @@ class Settings:
         top = {v.target: value for v, value in chosen.items() if "." not in v.target}
         embed = _section(EmbedConfig, "embed", chosen)
         index = _section(IndexConfig, "index", chosen)
-        return cls(embed=embed, index=index, **top)
+        discovery = _section(_budget_class(), "discovery", chosen)
+        return cls(embed=embed, index=index, discovery=discovery, **top)
 
 
 def parse(variable: Variable, raw: str) -> Any:
@@ -184,7 +208,7 @@ def parse(variable: Variable, raw: str) -> Any:
 
 
 def _section(config: type, prefix: str, chosen: Mapping[Variable, Any]) -> Any:
-    """An EmbedConfig or IndexConfig from the chosen variables; a refused value names its variable."""
+    """An EmbedConfig, IndexConfig or DiscoveryBudget from the chosen variables; a refused value names its variable."""
     values = {v.target.split(".", 1)[1]: (v, value) for v, value in chosen.items() if v.target.startswith(prefix + ".")}
     try:
         return config(**{name: value for name, (_, value) in values.items()})
@@ -198,7 +222,9 @@ def _section(config: type, prefix: str, chosen: Mapping[Variable, Any]) -> Any:
 def default(variable: Variable) -> Any:
     """The default a variable overrides: the dataclass field it fills."""
     owner, _, name = variable.target.rpartition(".")
-    holder = {"": Settings(), "embed": EmbedConfig(), "index": IndexConfig()}[owner]
+    if owner == "":  # the field's own default: building Settings() would build every section
+        return next(f.default for f in fields(Settings) if f.name == name)
+    holder = {"embed": EmbedConfig, "index": IndexConfig, "discovery": _budget_class()}[owner]()
     return getattr(holder, name)
 
 

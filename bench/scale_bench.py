@@ -1,6 +1,12 @@
-"""Scale bench: prints tables of measured costs at corpus sizes; one subcommand per section (`discover`; `index` next).
+"""Scale bench: prints tables of measured costs at corpus sizes; one subcommand per section.
 
     python bench/scale_bench.py discover --shards 1000 3000 10000 --rows 1000 [--before /work/main]
+    python bench/scale_bench.py queue --shards 1000 10000 30000 --storage sqlite postgres --window 90
+    python bench/scale_bench.py index --n 1000000 --shards 10 --threads 1 --old main   (bench/index_bench.py)
+    python bench/scale_bench.py extrapolate --queue-json queue.json   (to 1B images; extrapolated, not measured)
+
+`queue` is bench/queue_bench.py: the real dagster-daemon and dagster-webserver over N shard partitions, queued
+runs never started; runs queued per second, automation tick seconds, the UI's partition-status query.
 
 `discover` writes N synthetic manifest shards (range-partitioned int64 ids, one URI per row), then times
 registry ticks (backfill.discovery.discover, as the sensor calls it) in a fresh process per case:
@@ -21,6 +27,11 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUEUE_HEADER = (
+    "storage", "shards", "targeted", "started", "add s", "backfill s", "1st run s", "runs", "window s", "runs/s 0-30s",
+    "runs/s window", "runs/s last 30s", "daemon MiB", "auto tick 1st/med/max s", "index tick med/max s",
+    "UI status s", "backfills page s", "load",
+)  # fmt: skip
 
 
 def write_corpus(root: str, shards: int, rows: int) -> None:
@@ -124,7 +135,63 @@ def _add_one_new(root: str, rows: int, n: int) -> None:
     pq.write_table(table, os.path.join(root, "corpus", "manifests", "zz-new.parquet"))
 
 
+def _med_max(stats: dict, first: bool = False) -> str:
+    if not stats:
+        return "-"
+    return (f"{stats['first']:.2f}/" if first else "") + f"{stats['median']:.2f}/{stats['max']:.2f}"
+
+
+def queue_row(r: dict) -> str:
+    if r.get("error"):
+        return f"{r['storage']:<8} {r['shards']:>7}  error: {r['error']}"
+    cells = (
+        r["storage"], r["shards"], r["targeted"], r["started"], f"{r['add_partitions_s']:.1f}",
+        f"{r['backfill_after_s']:.1f}", f"{r['first_run_after_s']:.1f}", r["runs"], f"{r['window_s']:.0f}",
+        f"{r['start_rate']:.2f}", f"{r['window_rate']:.2f}", f"{r['end_rate']:.2f}", r["daemon_peak_mib"],
+        _med_max(r["ticks"].get("backfill_automation", {}), first=True),
+        _med_max(r["ticks"].get("index_automation", {})), _med_max(r["queries"].get("partition_status", {})),
+        _med_max(r["queries"].get("backfills_page", {})), r.get("load", "-"),
+    )  # fmt: skip
+    return " | ".join(str(c) for c in cells)
+
+
+def queue_section(args: argparse.Namespace) -> None:
+    sys.path.insert(0, HERE)
+    from bench.queue_bench import run_case
+
+    print(
+        f"queue: one backfill of image_embeddings over N shards x 1 version, real dagster-daemon, "
+        f"max_concurrent_runs 0, window {args.window:.0f} s after the first run, {os.cpu_count()} CPUs, "
+        f"load {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
+    print(" | ".join(QUEUE_HEADER))
+    results = []
+    for n in args.shards:  # storages side by side at each size: the load of this shared box drifts
+        for storage in args.storage:
+            r = run_case(storage, n, window_s=args.window, max_runs=args.max_runs, interval_s=args.interval)
+            results.append(r)
+            print(queue_row(r), flush=True)
+            if args.json:
+                with open(args.json, "w") as f:  # rewritten after each case: a cut-short run keeps what it measured
+                    json.dump(results, f, indent=1)
+
+
+def extrapolate_section(args: argparse.Namespace) -> None:
+    sys.path.insert(0, HERE)
+    from bench.extrapolate import Scenario, from_queue_json, table
+
+    given = {k: v for k, v in vars(args).items() if k in Scenario.__dataclass_fields__ and v is not None}
+    if args.queue_json:
+        given["runs_per_s"], given["backfill_created_s"] = from_queue_json(args.queue_json)
+    print(table(Scenario(**given)))
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["index"]:  # bench/index_bench.py, with its own flags
+        sys.path.insert(0, HERE)
+        from bench import index_bench
+
+        sys.exit(index_bench.main(sys.argv[2:]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="section", required=True)
     d = sub.add_parser("discover", help="registry ticks at first deploy and with one new shard")
@@ -133,6 +200,23 @@ def main() -> None:
     d.add_argument("--before", default="", help="another checkout whose engine to compare with (e.g. /work/main)")
     d.add_argument("--before-max-first", type=int, default=1000, help="largest first deploy to run with --before")
     d.add_argument("--timeout", type=float, default=120.0, help="seconds per case")
+    q = sub.add_parser("queue", help="runs queued per second by the real backfill daemon; ticks; UI queries")
+    q.add_argument("--shards", type=int, nargs="+", default=[1000, 10000, 30000])
+    q.add_argument("--storage", nargs="+", choices=["sqlite", "postgres"], default=["sqlite", "postgres"])
+    q.add_argument("--window", type=float, default=90.0, help="seconds to sample the run count after the first run")
+    q.add_argument("--max-runs", type=int, default=0, help="stop sampling at this many runs (0: all partitions)")
+    q.add_argument("--interval", type=int, default=30, help="automation sensor interval (s; 30 is the product default)")
+    q.add_argument("--json", default="", help="write the results here too (input of `extrapolate`)")
+    sub.add_parser("index", help="the index build step by step (bench/index_bench.py; its flags follow)")
+    e = sub.add_parser("extrapolate", help="hours, memory and disk per step at 1B images (EXTRAPOLATED)")
+    e.add_argument("--queue-json", default="", help="`queue --json` output: its slowest rate at the largest size")
+    for name, kind in (
+        ("images", int), ("shards", int), ("versions", int), ("dim", int), ("runs_per_s", float),
+        ("backfill_created_s", float), ("gpu_pods", int), ("gpu_img_s", float), ("pod_start_s", float),
+        ("discover_s_per_mrow", float), ("index_pods", int), ("index_threads", int), ("index_memory_mb", int),
+        ("upload_mb_s", float),
+    ):  # fmt: skip
+        e.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None)
     w = sub.add_parser("_tick")  # internal: one case in a fresh process
     w.add_argument("--repo", required=True)
     w.add_argument("--root", required=True)
@@ -140,6 +224,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.section == "_tick":
         _tick_worker(args.repo, args.root, args.case)
+    elif args.section == "queue":
+        queue_section(args)
+    elif args.section == "extrapolate":
+        extrapolate_section(args)
     else:
         discover_section(args)
 

@@ -27,7 +27,7 @@ def build_definitions(settings: Settings) -> Definitions:
         assets=[model_version, image_embeddings, faiss_index, search_index],
         jobs=[embed_job, index_job, retire_job],
         sensors=[
-            registry_sensor(settings.sensor_interval_s),
+            registry_sensor(settings.sensor_interval_s, settings.discovery),
             backfill_automation(settings.automation_interval_s, tags),
             index_automation(settings.automation_interval_s),
         ],

@@ -27,12 +27,17 @@ from backfill.settings import Settings
 DEFAULTS = Settings()
 
 
-# what one registry tick may read; the rest is found by the next tick (first deploy: 10,000 shards in ~10 ticks)
-DISCOVERY_BUDGET = DiscoveryBudget()
+def registry_sensor(
+    interval_s: int = DEFAULTS.sensor_interval_s, budget: DiscoveryBudget = DEFAULTS.discovery
+) -> SensorDefinition:
+    """model_registry_sensor, ticking every `interval_s` seconds (BACKFILL_SENSOR_INTERVAL), each tick reading at
+    most `budget` (BACKFILL_DISCOVERY_*; the rest is found by the next tick: 10,000 new shards in ~10 ticks)."""
 
+    def model_registry_sensor(
+        context: SensorEvaluationContext, backfill: BackfillResource
+    ) -> SensorResult | SkipReason:
+        return add_registry_partitions(context, backfill, budget)
 
-def registry_sensor(interval_s: int = DEFAULTS.sensor_interval_s) -> SensorDefinition:
-    """model_registry_sensor, ticking every `interval_s` seconds (BACKFILL_SENSOR_INTERVAL)."""
     return sensor(
         name="model_registry_sensor",
         minimum_interval_seconds=interval_s,
@@ -42,16 +47,18 @@ def registry_sensor(interval_s: int = DEFAULTS.sensor_interval_s) -> SensorDefin
         "only new manifests, at most a budget per tick; anything else is skipped with its reason in the tick log. "
         "Deletes the partitions of versions retired with `backfill retire`. "
         "The backfill_automation sensor then embeds the new partitions as one backfill.",
-    )(add_registry_partitions)
+    )(model_registry_sensor)
 
 
-def add_registry_partitions(context: SensorEvaluationContext, backfill: BackfillResource) -> SensorResult | SkipReason:
+def add_registry_partitions(
+    context: SensorEvaluationContext, backfill: BackfillResource, budget: DiscoveryBudget
+) -> SensorResult | SkipReason:
     found = discover(
         backfill.layout(),
         backfill.model,
         known_versions=set(context.instance.get_dynamic_partitions(model_versions.name)),
         known_shards=set(context.instance.get_dynamic_partitions(shards.name)),
-        budget=DISCOVERY_BUDGET,
+        budget=budget,
     )
     for what, why in found.skipped.items():
         context.log.warning(f"skipping {what}: {why}")

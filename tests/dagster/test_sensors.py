@@ -15,10 +15,11 @@ from dagster import (
 )
 
 from assets.resources import BackfillResource
-from backfill.discovery import DiscoveryBudget
 from backfill.manifest import read_shard, write_shard
 from backfill.registry import CARD, register_version
+from backfill.settings import Settings
 from backfill.storage import Store
+from ops.definitions import build_definitions
 from ops.schedules import refresh_schedule
 from ops.sensors import model_registry_sensor
 from tests.conftest import MODEL, register_tiny
@@ -26,11 +27,11 @@ from tests.conftest import MODEL, register_tiny
 SHARDS = ["shard-00000", "shard-00001", "shard-00002"]
 
 
-def tick(instance: DagsterInstance, root: str, cursor: str | None = None):
+def tick(instance: DagsterInstance, root: str, cursor: str | None = None, sensor=model_registry_sensor):
     context = build_sensor_context(
         instance=instance, cursor=cursor, resources={"backfill": BackfillResource(root=root)}
     )
-    return model_registry_sensor(context), context
+    return sensor(context), context
 
 
 def test_new_version_adds_its_partition_and_all_shards(registered):
@@ -191,13 +192,13 @@ def test_a_tick_with_one_new_shard_reads_that_manifest_and_no_other(registered, 
     assert not [p for p in read if p.endswith(".npy")]  # its id range overlaps no known shard: no sidecar read
 
 
-def test_first_deploy_is_spread_over_ticks_by_the_budget(registered, monkeypatch):
-    import ops.sensors
-
+def test_first_deploy_is_spread_over_ticks_by_the_budget(registered):
     layout, _ = registered
     for i in range(3, 50):
         write_ids(layout, f"shard-{i:05d}", range(1_000 * i, 1_000 * i + 5))
-    monkeypatch.setattr(ops.sensors, "DISCOVERY_BUDGET", DiscoveryBudget(max_shards=20))
+    # the budget comes from the settings, through the Definitions' own sensor
+    settings = Settings.from_env({"BACKFILL_DISCOVERY_MAX_SHARDS": "20", "BACKFILL_ROOT": layout.store.root})
+    sensor = next(s for s in build_definitions(settings).sensors if s.name == "model_registry_sensor")
     names = [f"shard-{i:05d}" for i in range(50)]
     expected = [
         (names[:20], {"versions": [], "shards": 20, "pending": 30, "skipped": []}),
@@ -208,7 +209,7 @@ def test_first_deploy_is_spread_over_ticks_by_the_budget(registered, monkeypatch
     with instance_for_test() as instance:
         cursor = None
         for added, state in expected:
-            result, _ = tick(instance, layout.store.root, cursor=cursor)
+            result, _ = tick(instance, layout.store.root, cursor=cursor, sensor=sensor)
             requests = [AddDynamicPartitionsRequest(partitions_def_name="shard", partition_keys=added)]
             if state["versions"]:
                 requests.append(AddDynamicPartitionsRequest(partitions_def_name="model_version", partition_keys=["v1"]))
@@ -216,5 +217,5 @@ def test_first_deploy_is_spread_over_ticks_by_the_budget(registered, monkeypatch
             assert json.loads(result.cursor) == state
             apply(instance, result)
             cursor = result.cursor
-        last, _ = tick(instance, layout.store.root, cursor=cursor)
+        last, _ = tick(instance, layout.store.root, cursor=cursor, sensor=sensor)
         assert isinstance(last, SkipReason) and "no new versions of refcnn or manifest shards" in last.skip_message

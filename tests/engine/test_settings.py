@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from backfill.config import EmbedConfig, IndexConfig
+from backfill.discovery import DiscoveryBudget
 from backfill.errors import ConfigError
 from backfill.settings import DEFAULT_MODEL, REPO, VARIABLES, Settings, default, setting
 
@@ -22,16 +23,17 @@ def test_no_variables_means_the_dataclass_defaults():
     settings = Settings.from_env({})
     assert settings == Settings()
     assert settings.embed == EmbedConfig() and settings.index == IndexConfig()
+    assert settings.discovery == DiscoveryBudget()
     assert settings.root == str(REPO / "data") and settings.model == DEFAULT_MODEL == "refcnn"
 
 
 def test_every_engine_field_has_one_variable():
     targets = [v.target for v in VARIABLES]
     assert len(targets) == len(set(targets)) and len({v.name for v in VARIABLES}) == len(VARIABLES)
-    for prefix, config in (("embed", EmbedConfig), ("index", IndexConfig)):
+    for prefix, config in (("embed", EmbedConfig), ("index", IndexConfig), ("discovery", DiscoveryBudget)):
         for field in dataclasses.fields(config):
             assert f"{prefix}.{field.name}" in targets, f"add a line for {config.__name__}.{field.name} to VARIABLES"
-    top = {f.name for f in dataclasses.fields(Settings)} - {"embed", "index"}
+    top = {f.name for f in dataclasses.fields(Settings)} - {"embed", "index", "discovery"}
     assert top <= set(targets), "every Settings field is set by a variable"
 
 
@@ -51,7 +53,7 @@ def test_each_variable_reaches_its_field(variable):
     samples = {int: 7, float: 0.5, bool: False, str: "s3://bucket/x"}
     value = VALID[variable.name] if variable.name in VALID else samples[type(default(variable))]
     settings = Settings.from_env({variable.name: str(value).lower()})
-    holder = {"": settings, "embed": settings.embed, "index": settings.index}[owner]
+    holder = {"": settings, "embed": settings.embed, "index": settings.index, "discovery": settings.discovery}[owner]
     assert getattr(holder, name) == value
 
 
@@ -105,6 +107,10 @@ def test_parsing():
         (
             {"BACKFILL_S3_ENDPOINT_URL": "minio:9000"},
             "BACKFILL_S3_ENDPOINT_URL='minio:9000' is not a URL; expected e.g. https://",
+        ),
+        (
+            {"BACKFILL_DISCOVERY_MAX_SHARDS": "0"},
+            "environment variable BACKFILL_DISCOVERY_MAX_SHARDS=0: DiscoveryBudget.max_shards must be positive",
         ),
         (
             {"BACKFILL_FLAT_BELOW": "100", "BACKFILL_PQ_FROM": "50", "BACKFILL_RECALL_K": "5"},
@@ -180,3 +186,14 @@ def test_the_readme_table_lists_every_variable():
     readme = (Path(REPO) / "README.md").read_text()
     missing = [v.name for v in VARIABLES if f"`{v.name}`" not in readme]
     assert missing == [], "document these in README.md's configuration table"
+
+
+def test_reading_one_setting_loads_no_engine():
+    """Store.open and the CLI's defaults read one setting: that must not import torch or faiss (the
+    discovery budget's class is imported only when Settings are built)."""
+    code = (
+        "import sys\nfrom backfill.settings import setting\nsetting('BACKFILL_ROOT'); setting('BACKFILL_POOL')\n"
+        "print(sorted(m for m in ('torch', 'faiss') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, capture_output=True, text=True)
+    assert proc.stdout.strip() == "[]"
