@@ -154,3 +154,16 @@ def test_the_cuda_image_installs_the_torchvision_built_for_its_torch():
     assert int(vision.group(1)) == int(torch.group(1)) + 15 and vision.group(2) == torch.group(
         2
     )  # torch 2.13.0 <-> 0.28.0
+
+
+def test_the_instance_storage_url_the_chart_renders_has_an_installed_driver():
+    # the chart renders postgres_db with `scheme` from postgresqlScheme; dagster-postgres builds the URL the
+    # same way; SQLAlchemy 2.1 took a bare postgresql:// for psycopg 3, absent from the image: every pod failed
+    import sqlalchemy
+    from dagster_postgres.utils import get_conn_string
+
+    pg = values()["postgresql"]
+    url = get_conn_string(
+        "dagster", "secret", "db.internal", pg["postgresqlDatabase"], "5432", scheme=pg["postgresqlScheme"]
+    )
+    sqlalchemy.create_engine(url)  # resolves the dialect and imports its driver; connects to nothing
