@@ -35,6 +35,7 @@ from backfill.feed import Preprocessor  # noqa: E402
 from backfill.images import decode  # noqa: E402
 from backfill.manifest import write_shard  # noqa: E402
 from backfill.pipeline import cpu_budget  # noqa: E402
+from backfill.preprocess import Preprocess  # noqa: E402
 from backfill.registry import register_version  # noqa: E402
 from backfill.runtime import load_model  # noqa: E402
 from backfill.storage import Layout, Store  # noqa: E402
@@ -44,6 +45,7 @@ MODELS = {  # name -> (dim, input size)
     "resnet50": (256, 224),
     "refcnn-v1": (128, 96),
     "refcnn-v2": (256, 128),
+    "efficientnet-lite0": (1280, 224),  # pretrained, .pt2, its own preprocessing (shorter side + centre crop)
 }
 
 
@@ -114,7 +116,7 @@ def model_only(model, pixels: torch.Tensor, batch: int, images: int) -> float:
     return done / (time.perf_counter() - began)
 
 
-def decode_cpu(blobs: list[bytes], size: int, workers: int) -> float:
+def decode_cpu(blobs: list[bytes], size: int | Preprocess, workers: int) -> float:
     began = time.perf_counter()
     if workers == 1:
         for b in blobs:
@@ -139,7 +141,7 @@ def decode_gpu(prep: Preprocessor, blobs: list[bytes], batch: int, images: int) 
     return done / (time.perf_counter() - began)
 
 
-def naive(model, uris: list[str], size: int, batch: int, out_dir: str) -> float:
+def naive(model, uris: list[str], size: int | Preprocess, batch: int, out_dir: str) -> float:
     """Read, decode, infer, write, one batch after the other, in one thread."""
     began = time.perf_counter()
     for b, start in enumerate(range(0, len(uris), batch)):
@@ -158,7 +160,7 @@ def ray_data(root: str, card, device: str, uris: list[str], batch: int, cores: i
         import ray
     except ImportError:
         return float("nan"), "not installed"
-    size = card.input_size
+    size = card.preprocess  # the version's contract, as the engine applies it
     ray.init(
         num_cpus=cores, num_gpus=1 if device.startswith("cuda") else 0, include_dashboard=False, log_to_driver=False
     )
@@ -240,15 +242,30 @@ def main(argv: list[str] | None = None) -> int:
         uris = [layout.store.url("corpus", "images", f"{i % unique:08d}.jpg") for i in range(args.images)]
         dim, size = MODELS[args.model]
         began = time.perf_counter()
-        card = register_version(
-            layout,
-            args.model,
-            "bench",
-            artifact(args.model),
-            dim=dim,
-            input_size=size,
-            extra={"precision": args.precision},
-        )
+        if args.model == "efficientnet-lite0":
+            from backfill.efficientnet import reference_artifact
+
+            blob, dim, size = reference_artifact()  # size: its Preprocess, which decode and the feeder take
+            card = register_version(
+                layout,
+                args.model,
+                "bench",
+                blob,
+                dim=dim,
+                preprocess=size,
+                format="torch.export",
+                extra={"precision": args.precision},
+            )
+        else:
+            card = register_version(
+                layout,
+                args.model,
+                "bench",
+                artifact(args.model),
+                dim=dim,
+                input_size=size,
+                extra={"precision": args.precision},
+            )
         register_s = time.perf_counter() - began
         began = time.perf_counter()
         model = load_model(layout, card, args.device)
@@ -400,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _agreement(model, prep: Preprocessor, blobs: list[bytes], size: int) -> float:
+def _agreement(model, prep: Preprocessor, blobs: list[bytes], size: int | Preprocess) -> float:
     if not prep.gpu_decode:
         return float("nan")
     gpu, failed = prep.batch([prep.stage(b) for b in blobs])
