@@ -104,7 +104,7 @@ class Preprocessor:
         """`size` is the model's preprocessing contract (a bare input size: squash). `decoder` stands in for
         torchvision.io.decode_jpeg (a test passes a CPU one); by default torchvision's is used on CUDA when
         it is installed, and PIL alone otherwise."""
-        self.prep = size if isinstance(size, Preprocess) else Preprocess(size, declared=False)
+        self.prep = Preprocess.of(size)
         self.size = self.prep.input_size
         self.max_pixels = max_pixels
         self.device = torch.device(device)

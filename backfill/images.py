@@ -77,7 +77,7 @@ def decode(data: bytes, size: int | Preprocess, max_pixels: int) -> np.ndarray:
     decoded as before the contract).
     BadImage on bad input.
     """
-    prep = size if isinstance(size, Preprocess) else Preprocess(size, declared=False)
+    prep = Preprocess.of(size)
     if not data:
         raise BadImage("empty file (0 bytes)")
     try:

@@ -134,6 +134,11 @@ class Preprocess:
         line = f"{self.resize} {geometry} {self.interpolation} {self.channels}"
         return line if self.declared else f"{line} (no contract in model.json: decoded as before it)"
 
+    @classmethod
+    def of(cls, size: int | Preprocess) -> Preprocess:
+        """A version's contract, or for a bare input size what a card without one means (squash, as before)."""
+        return size if isinstance(size, Preprocess) else cls(size, declared=False)
+
     def geometry(self, width: int, height: int) -> Geometry:
         """The resize target and crop or paste offset for an image of width x height (both >= 1)."""
         s = self.input_size
