@@ -27,11 +27,21 @@ from tests.conftest import MODEL, register_tiny
 SHARDS = ["shard-00000", "shard-00001", "shard-00002"]
 
 
+# Contexts are closed before their instance (`with`): a context builds a second instance from the first's ref,
+# and if garbage collection closes it later, it restores a closed instance as Dagster's current defs-state
+# storage, and a later Definitions load fails ("Attempted to resolve undefined DagsterInstance weakref").
 def tick(instance: DagsterInstance, root: str, cursor: str | None = None, sensor=model_registry_sensor):
-    context = build_sensor_context(
+    with build_sensor_context(
         instance=instance, cursor=cursor, resources={"backfill": BackfillResource(root=root)}
-    )
-    return sensor(context), context
+    ) as context:
+        return sensor(context), context
+
+
+def refresh(instance: DagsterInstance, root: str, when=None):
+    with build_schedule_context(
+        instance=instance, resources={"backfill": BackfillResource(root=root)}, scheduled_execution_time=when
+    ) as context:
+        return refresh_schedule(context)
 
 
 def test_new_version_adds_its_partition_and_all_shards(registered):
@@ -79,10 +89,7 @@ def test_invalid_version_is_skipped_with_its_reason(registered):
 def test_refresh_schedule_skips_until_something_is_published(registered):
     layout, _ = registered
     with instance_for_test() as instance:
-        context = build_schedule_context(
-            instance=instance, resources={"backfill": BackfillResource(root=layout.store.root)}
-        )
-        result = refresh_schedule(context)
+        result = refresh(instance, layout.store.root)
         assert isinstance(result, SkipReason) and "nothing is published" in result.skip_message
 
 
@@ -94,12 +101,7 @@ def test_refresh_schedule_requests_every_shard_of_the_serving_version(registered
         import datetime
 
         when = datetime.datetime(2026, 11, 29, 3, 0, tzinfo=datetime.timezone.utc)
-        context = build_schedule_context(
-            instance=instance,
-            resources={"backfill": BackfillResource(root=layout.store.root)},
-            scheduled_execution_time=when,
-        )
-        requests = refresh_schedule(context)
+        requests = refresh(instance, layout.store.root, when)
         assert [r.partition_key for r in requests] == [
             MultiPartitionKey({"model_version": "v1", "shard": s}) for s in SHARDS
         ]
