@@ -159,7 +159,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from backfill.search import Searcher
     from backfill.service import ServiceConfig, serve
 
-    config = ServiceConfig(max_upload_bytes=args.max_upload_bytes, max_k=args.max_k, poll_s=args.poll_s)
+    config = ServiceConfig(
+        max_upload_bytes=args.max_upload_bytes,
+        max_k=args.max_k,
+        poll_s=args.poll_s,
+        max_in_flight=args.max_in_flight,
+        max_queued=args.max_queued,
+        queue_wait_s=args.queue_wait_s,
+        request_timeout_s=args.request_timeout_s,
+        token=setting("BACKFILL_SERVICE_TOKEN"),  # from the environment only: a flag would show in `ps`
+    )
     # torch (query embedding) and FAISS threads follow the pod's CPU limit, not the node's core count
     ThreadBudget.resolve().apply()
     serve(Searcher(_layout(args.root), args.model), args.host, args.port, config)
@@ -340,6 +349,30 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=served.poll_s,
         help="seconds between checks of CURRENT for a new build (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=served.max_in_flight,
+        help="searches running at once (default %(default)s: one per CPU of the process's budget)",
+    )
+    p.add_argument(
+        "--max-queued",
+        type=int,
+        default=served.max_queued,
+        help="requests waiting for a search slot; beyond them 503 at once (default %(default)s)",
+    )
+    p.add_argument(
+        "--queue-wait-s",
+        type=float,
+        default=served.queue_wait_s,
+        help="longest wait for a search slot before 503 (default %(default)s)",
+    )
+    p.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=served.request_timeout_s,
+        help="longest upload (then 408) and longest search (then 504) (default %(default)s)",
     )
     p.set_defaults(fn=cmd_serve)
 

@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hmac
 import logging
+import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.datastructures import Headers, UploadFile
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from backfill.admission import Admission, DeadlineExceeded, Overloaded
 from backfill.errors import BackfillError, ConfigError, UnknownImageError
 from backfill.images import BadImage
+from backfill.pipeline import cpu_budget
 from backfill.search import Searcher, SearchResult
 
 log = logging.getLogger(__name__)
+PROBES = ("/healthz", "/livez")  # never behind the token or the queue: the kubelet must get an answer under load
+RETRY_AFTER_S = 1  # what a refused client is told to wait: slots free as fast as searches end
+TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]{16,}=*")  # RFC 6750 b64token, at least 16 characters
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,11 @@ class ServiceConfig:
     max_k: int = 100
     default_k: int = 10
     poll_s: float = 1.0  # how often CURRENT is checked, so a new build loads before a request needs it
+    max_in_flight: int = 0  # searches running at once (0: one per CPU of the process's budget)
+    max_queued: int = 64  # requests waiting for a search slot; one more gets 503 at once
+    queue_wait_s: float = 5.0  # the longest a request waits for a slot before it gets 503
+    request_timeout_s: float = 30.0  # the longest an upload may take to arrive (408) or a search to run (504)
+    token: str = field(default="", repr=False)  # BACKFILL_SERVICE_TOKEN: empty = no credential asked
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_upload_bytes <= 1 << 30:
@@ -37,6 +51,26 @@ class ServiceConfig:
             )
         if not 0.05 <= self.poll_s <= 3600:
             raise ConfigError(f"poll_s must be in 0.05..3600 seconds, got {self.poll_s}")
+        if not 0 <= self.max_in_flight <= 1024:
+            raise ConfigError(f"max_in_flight must be in 0..1024 (0: one per CPU), got {self.max_in_flight}")
+        if not 0 <= self.max_queued <= 100_000:
+            raise ConfigError(
+                f"max_queued must be in 0..100000 (0: refuse when every slot is busy), got {self.max_queued}"
+            )
+        if not 0.001 <= self.request_timeout_s <= 3600:
+            raise ConfigError(f"request_timeout_s must be in 0.001..3600 seconds, got {self.request_timeout_s}")
+        if not 0.001 <= self.queue_wait_s <= self.request_timeout_s:
+            raise ConfigError(
+                f"queue_wait_s must be in 0.001..request_timeout_s ({self.request_timeout_s:g}) seconds, "
+                f"got {self.queue_wait_s}"
+            )
+        if self.token and not TOKEN.fullmatch(self.token):
+            # the value itself is not repeated: it is a secret
+            raise ConfigError(
+                f"BACKFILL_SERVICE_TOKEN must be at least 16 characters of A-Z a-z 0-9 - . _ ~ + / "
+                f"(optionally ending in =), got {len(self.token)} characters that are not: "
+                "generate one with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            )
 
 
 class HTTPError(Exception):
@@ -45,7 +79,28 @@ class HTTPError(Exception):
         self.status = status
 
 
+class BearerToken:
+    """Every route but the probes needs `Authorization: Bearer <token>`, compared in constant time."""
+
+    def __init__(self, app, token: str) -> None:
+        self.app, self._token = app, token.encode("ascii")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in PROBES:
+            return await self.app(scope, receive, send)
+        scheme, _, given = Headers(scope=scope).get("authorization", "").partition(" ")
+        # latin-1 is how the header arrived; compare_digest's time depends on lengths only
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("latin-1"), self._token):
+            return await self.app(scope, receive, send)
+        challenge = 'Bearer realm="backfill"' + (', error="invalid_token"' if given.strip() else "")
+        message = "wrong bearer token" if given.strip() else "this service needs Authorization: Bearer <token>"
+        response = JSONResponse({"error": message}, status_code=401, headers={"WWW-Authenticate": challenge})
+        await response(scope, receive, send)
+
+
 def create_app(searcher: Searcher, config: ServiceConfig = ServiceConfig()) -> Starlette:
+    admission = Admission(config.max_in_flight or cpu_budget(), config.max_queued, config.queue_wait_s)
+
     def reply(result: SearchResult, query: dict) -> JSONResponse:
         return JSONResponse(
             {
@@ -77,10 +132,13 @@ def create_app(searcher: Searcher, config: ServiceConfig = ServiceConfig()) -> S
                 image_id = int(raw)
             except ValueError:
                 raise HTTPError(400, f"image_id must be an integer, got {raw!r}") from None
-            result = await run_in_threadpool(searcher.search_id, image_id, k)
+            result = await admission.run(config.request_timeout_s, searcher.search_id, image_id, k)
             return reply(result, {"image_id": image_id, "k": k})
-        data = await upload(request)
-        result = await run_in_threadpool(searcher.search_image, data, k)
+        try:  # a slow upload holds a connection and its bytes, never a search slot
+            data = await asyncio.wait_for(upload(request), config.request_timeout_s)
+        except TimeoutError:
+            raise HTTPError(408, f"the upload took longer than {config.request_timeout_s:g} s to arrive") from None
+        result = await admission.run(config.request_timeout_s, searcher.search_image, data, k)
         return reply(result, {"bytes": len(data), "k": k})
 
     async def upload(request: Request) -> bytes:
@@ -103,7 +161,11 @@ def create_app(searcher: Searcher, config: ServiceConfig = ServiceConfig()) -> S
             raise HTTPError(400, "empty upload: send the query image's bytes")
         return body
 
+    async def livez(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "alive"})  # the event loop answers: nothing else is asked of liveness
+
     async def healthz(request: Request) -> JSONResponse:
+        # on Starlette's own thread pool, not the searches' workers: probes answer while every slot is busy
         try:
             served = await run_in_threadpool(searcher.current)
         except BackfillError as exc:
@@ -123,6 +185,8 @@ def create_app(searcher: Searcher, config: ServiceConfig = ServiceConfig()) -> S
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        # the published build loads before uvicorn opens the port: the first probe or query never pays for it
+        await run_in_threadpool(_check, searcher)
         stop = threading.Event()
         poller = threading.Thread(
             target=_poll, args=(searcher, stop, config.poll_s), name="current-poller", daemon=True
@@ -133,14 +197,18 @@ def create_app(searcher: Searcher, config: ServiceConfig = ServiceConfig()) -> S
         finally:
             stop.set()
             poller.join(timeout=5)
+            admission.close()
 
     app = Starlette(
         routes=[
             Route("/search", _errors(search), methods=["GET", "POST"]),
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/livez", livez, methods=["GET"]),
         ],
+        middleware=[Middleware(BearerToken, token=config.token)] if config.token else [],
         lifespan=lifespan,
     )
+    app.state.admission = admission  # its counters, for tests and the load benchmark
     return app
 
 
@@ -179,8 +247,13 @@ def _errors(endpoint):
     """Map engine errors to HTTP statuses with a JSON body that says what is wrong."""
 
     async def wrapped(request: Request) -> JSONResponse:
+        headers = None
         try:
             return await endpoint(request)
+        except Overloaded as exc:
+            status, message, headers = 503, str(exc), {"Retry-After": str(RETRY_AFTER_S)}
+        except DeadlineExceeded as exc:
+            status, message = 504, str(exc)
         except HTTPError as exc:
             status, message = exc.status, str(exc)
         except BadImage as exc:
@@ -189,7 +262,7 @@ def _errors(endpoint):
             status, message = 404, str(exc)
         except BackfillError as exc:  # nothing published, or the published build cannot be loaded
             status, message = 503, str(exc)
-        return JSONResponse({"error": message}, status_code=status)
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
 
     return wrapped
 
@@ -197,13 +270,17 @@ def _errors(endpoint):
 def _poll(searcher: Searcher, stop: threading.Event, every_s: float) -> None:
     # loads a new build as soon as CURRENT moves; requests keep the old one until it is ready
     while not stop.wait(every_s):
-        try:
-            searcher.current()
-        except BackfillError:
-            pass  # nothing published yet, a broken build or storage down: /healthz and /search report it
-        except Exception:
-            # anything else is a bug, but the poller must outlive it or no new build ever loads
-            log.exception("polling CURRENT of %s failed", searcher.model_name)
+        _check(searcher)
+
+
+def _check(searcher: Searcher) -> None:
+    try:
+        searcher.current()
+    except BackfillError:
+        pass  # nothing published yet, a broken build or storage down: /healthz and /search report it
+    except Exception:
+        # anything else is a bug, but the poller must outlive it or no new build ever loads
+        log.exception("polling CURRENT of %s failed", searcher.model_name)
 
 
 def serve(searcher: Searcher, host: str, port: int, config: ServiceConfig = ServiceConfig()) -> None:

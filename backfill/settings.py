@@ -149,6 +149,8 @@ VARIABLES: tuple[Variable, ...] = (
         "the pools file (in the cluster: the `backfill-pools` ConfigMap)"),
     Variable("BACKFILL_POOL", "pool", _text,
         "pool of the runs that sensors and the schedule launch (else the file's default)"),
+    Variable("BACKFILL_SERVICE_TOKEN", "service_token", _text,
+        "`backfill serve` asks every request but the probes for `Authorization: Bearer <this>`"),
 )  # fmt: skip
 BY_NAME = {v.name: v for v in VARIABLES}
 
@@ -183,6 +185,7 @@ class Settings:
     deployment: str = "local"
     pools_file: str = str(DEFAULT_POOLS_FILE)
     pool: str = ""  # empty: the pools file's default
+    service_token: str = field(default="", repr=False)  # a secret: never in a repr or a log
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

@@ -167,3 +167,82 @@ def test_the_instance_storage_url_the_chart_renders_has_an_installed_driver():
         "dagster", "secret", "db.internal", pg["postgresqlDatabase"], "5432", scheme=pg["postgresqlScheme"]
     )
     sqlalchemy.create_engine(url)  # resolves the dialect and imports its driver; connects to nothing
+
+
+def search_pod():
+    deployment = manifest("Deployment")
+    return deployment, deployment["spec"]["template"]["spec"], deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_the_search_deployment_runs_backfill_serve_with_flags_the_cli_accepts():
+    from backfill.cli import build_parser, cmd_serve
+
+    _, _, container = search_pod()
+    assert container["command"][0] == "backfill"  # pyproject's console script, installed in the image
+    args = build_parser().parse_args(container["command"][1:])  # a renamed or dropped flag fails here
+    assert args.fn is cmd_serve and args.host == "0.0.0.0"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": args.port}
+    pyproject = (DEPLOY.parent / "pyproject.toml").read_text()
+    assert re.search(r'^backfill = "backfill\.cli:main"$', pyproject, re.M)
+    # the CPU limit sets torch and FAISS threads; searches in flight beyond it only queue inside torch
+    cpus = int(container["resources"]["limits"]["cpu"])
+    assert container["resources"]["requests"] == container["resources"]["limits"] and args.max_in_flight == cpus
+
+
+def test_the_search_probes_hit_real_routes_outside_the_token_and_the_queue():
+    from types import SimpleNamespace
+
+    from backfill.service import PROBES, ServiceConfig, create_app
+
+    app = create_app(SimpleNamespace(model_name="refcnn"), ServiceConfig())
+    routes = {route.path: route.methods for route in app.routes}
+    _, _, container = search_pod()
+    probes = {kind: container[kind]["httpGet"] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
+    for kind, probe in probes.items():
+        assert probe["path"] in routes and "GET" in routes[probe["path"]], f"{kind}: no route {probe['path']}"
+        assert probe["path"] in PROBES, f"{kind}: {probe['path']} would need the bearer token"
+        assert probe["port"] in {p["name"] for p in container["ports"]}
+    # readiness follows the served build (503 until one loads); liveness only the process, or an outage restarts it
+    assert probes["readinessProbe"]["path"] == "/healthz" and probes["livenessProbe"]["path"] == "/livez"
+
+
+def test_the_search_pod_gets_the_token_from_a_secret_and_the_root_like_the_code_location():
+    from backfill.settings import BY_NAME
+
+    _, pod, container = search_pod()
+    env = {e["name"]: e for e in container["env"]}
+    assert set(env) <= set(BY_NAME), set(env) - set(BY_NAME)  # every name is a variable the product reads
+    token = env["BACKFILL_SERVICE_TOKEN"]
+    assert "value" not in token and set(token["valueFrom"]) == {"secretKeyRef"}
+    code_location = {e["name"]: e.get("value") for e in values()["dagster-user-deployments"]["deployments"][0]["env"]}
+    assert env["BACKFILL_ROOT"]["value"] == code_location["BACKFILL_ROOT"]
+    assert env["BACKFILL_MODEL"]["value"] == code_location["BACKFILL_MODEL"]
+    repository = values()["dagster-user-deployments"]["deployments"][0]["image"]["repository"]
+    assert container["image"].rsplit(":", 1)[0] == repository
+    assert pod["serviceAccountName"] == manifest("ServiceAccount")["metadata"]["name"]
+
+
+def test_the_search_pod_is_read_only_non_root_and_writes_its_cache_to_an_empty_dir():
+    _, pod, container = search_pod()
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    user = re.findall(r"^USER (\S+)", dockerfile, re.M)[-1].split(":")[0]
+    assert pod["securityContext"]["runAsNonRoot"] and str(pod["securityContext"]["runAsUser"]) == user
+    assert container["securityContext"]["readOnlyRootFilesystem"]
+    empty = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+    writable = [m["mountPath"] for m in container["volumeMounts"] if m["name"] in empty]
+    cache = next(e["value"] for e in container["env"] if e["name"] == "BACKFILL_CACHE_DIR")
+    assert any(cache.startswith(path.rstrip("/") + "/") for path in writable), (cache, writable)
+
+
+def test_the_search_service_selects_the_search_pods_on_their_http_port():
+    deployment, _, container = search_pod()
+    service = manifest("Service")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= {p["name"] for p in container["ports"]}
+    assert (
+        service["metadata"]["namespace"]
+        == deployment["metadata"]["namespace"]
+        == manifest("Namespace")["metadata"]["name"]
+    )
