@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from backfill import reader as reader_module  # noqa: E402
 from backfill.config import EmbedConfig  # noqa: E402
 from backfill.feed import Preprocessor  # noqa: E402
-from backfill.images import make_fetcher  # noqa: E402
+from backfill.images import decode, make_fetcher  # noqa: E402
 from backfill.pipeline import StageClock, cpu_budget  # noqa: E402
 from backfill.preprocess import Preprocess  # noqa: E402
 from backfill.reader import BatchReader  # noqa: E402
@@ -134,6 +135,38 @@ def run(uris: list[str], contract: Preprocess, config: EmbedConfig, decode_worke
     }
 
 
+def _decode_chunk(args: tuple[list[bytes], int]) -> int:
+    blobs, size = args
+    for blob in blobs:
+        decode(blob, size, 64_000_000)
+    return len(blobs)
+
+
+def pool_probe(paths: list[str], size: int, workers: int, rounds: int = 3) -> None:
+    """Is the GIL visible? The same decode (groups of 16, like the reader's) on 1 thread, `workers` threads and
+    `workers` processes (bytes pickled over, as a process-pool decode stage would); best img/s of `rounds`."""
+    blobs = []
+    for path in paths:
+        with open(path, "rb") as f:
+            blobs.append(f.read())
+    groups = [(blobs[i : i + 16], size) for i in range(0, len(blobs), 16)]
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, pool in (
+            ("1 thread", None),
+            (f"{workers} threads", ThreadPoolExecutor(workers)),
+            (f"{workers} processes", ProcessPoolExecutor(workers)),
+        ):
+            if pool is not None:
+                list(pool.map(_decode_chunk, groups[:workers]))  # start the workers first
+            began = time.perf_counter()
+            done = sum(map(_decode_chunk, groups) if pool is None else pool.map(_decode_chunk, groups))
+            best[name] = max(best.get(name, 0.0), done / (time.perf_counter() - began))
+            if pool is not None:
+                pool.shutdown()
+    print(f"decode pool probe (img/s, best of {rounds}): " + "; ".join(f"{k} {v:.0f}" for k, v in best.items()))
+
+
 def _stage(row: dict, key: str) -> str:
     return f"{row['wall'].get(key, 0):6.2f}/{row['cpu'].get(key, 0):6.2f}"
 
@@ -151,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="passes per setting; each keeps its best images/s")
     p.add_argument("--no-gpu-decode", action="store_true")
     p.add_argument("--out", default="", help="folder for feeder_bench_<device>.json (default: none)")
+    p.add_argument("--pool-probe", type=int, default=0, metavar="N", help="also decode on N threads vs N processes")
     args = p.parse_args(argv)
     contract = Preprocess.of(args.size) if args.contract == "bare" else Preprocess(args.size, args.contract)
     folder = tempfile.mkdtemp(prefix="feeder-bench-")
@@ -192,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             if best["images"] + best["rejects"] != args.images:
                 print(f"  rows lost: {best['images']} + {best['rejects']} rejects != {args.images}")
                 return 1
+        if args.pool_probe:
+            pool_probe(files, args.size, args.pool_probe)
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, f"feeder_bench_{args.device.replace(':', '')}.json"), "w") as f:
