@@ -142,6 +142,13 @@ def _simplejpeg_scaled(data: bytes, scale: int) -> np.ndarray:
     )
 
 
+def pil_decode_only(data: bytes, prep: Preprocess) -> None:
+    """PIL's share of the PIL path: open, draft, decode; no colour conversion, no resize."""
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", prep.draft_size(*img.size))
+    img.load()
+
+
 def per_image_s(fns: dict[str, Callable], data: bytes, prep: Preprocess, seconds: float) -> dict[str, float]:
     """CPU seconds of this thread per call, each decoder's best of 5 interleaved rounds: thread CPU time,
     not wall time, so that the other sessions on this shared machine count as little as they can."""
@@ -199,14 +206,15 @@ def main(argv: list[str] | None = None) -> int:
         "CPU ms per image (thread time), "
         f"load {os.getloadavg()[0]:.1f}; " + "; ".join(f"{n}: {v}" for n, (_, v) in decoders.items())
     )
-    head = f"{'image':22} {'contract':24} " + " ".join(f"{n + ' ms':>16}" for n in names)
+    head = f"{'image':22} {'contract':24} {'PIL decode only':>16} " + " ".join(f"{n + ' ms':>16}" for n in names)
     print(head + f" {'x PIL':>14} {'max mean|d|':>11}")
     print("-" * len(head + " x PIL max mean|d|" + " " * 12))
     totals = dict.fromkeys(names, 0.0)
     worst = 0.0
     for image, data in blobs.items():
         for cname, prep in preps.items():
-            took, diff = per_image_s({n: decoders[n][0] for n in names}, data, prep, args.seconds), 0.0
+            timed = {"decode only": pil_decode_only, **{n: decoders[n][0] for n in names}}
+            took, diff = per_image_s(timed, data, prep, args.seconds), 0.0
             for n in names:
                 totals[n] += took[n]
                 out = decoders[n][0](data, prep)
@@ -214,14 +222,14 @@ def main(argv: list[str] | None = None) -> int:
                 diff = max(diff, float(np.abs(out.astype(np.int16) - ref).mean()))
             worst = max(worst, diff)
             ratios = "/".join(f"{took['PIL draft'] / took[n]:.2f}" for n in names[1:])
-            cols = " ".join(f"{1000 * took[n]:16.3f}" for n in names)
+            cols = " ".join(f"{1000 * took[n]:16.3f}" for n in ["decode only", *names])
             print(f"{image:22} {cname:24} {cols} {ratios:>14} {diff:11.3f}")
     n_runs = len(blobs) * len(preps)
     rates = {n: n_runs / totals[n] for n in names}
     print("-" * len(head + " x PIL max mean|d|" + " " * 12))
     line = " ".join(f"{rates[n]:16.1f}" for n in names)
     ratios = "/".join(f"{rates[n] / rates['PIL draft']:.2f}" for n in names[1:])
-    print(f"{'images/s, this mix':47} {line} {ratios:>14} {worst:11.3f}")
+    print(f"{'images/s, this mix':64} {line} {ratios:>14} {worst:11.3f}")
     if not args.no_cosine:
         model, note = cosine_model()
         if model is None:
