@@ -32,7 +32,7 @@ from backfill import reader as reader_module  # noqa: E402
 from backfill.config import EmbedConfig  # noqa: E402
 from backfill.feed import Preprocessor  # noqa: E402
 from backfill.images import decode, make_fetcher  # noqa: E402
-from backfill.pipeline import StageClock, cpu_budget  # noqa: E402
+from backfill.pipeline import StageClock, bounded_map, cpu_budget  # noqa: E402
 from backfill.preprocess import Preprocess  # noqa: E402
 from backfill.reader import BatchReader  # noqa: E402
 
@@ -58,9 +58,11 @@ class Clock:
 
 
 @contextmanager
-def timed_reader(clock: Clock) -> Iterator[type[BatchReader]]:
+def timed_reader(clock: Clock, assemble: int = 1) -> Iterator[type[BatchReader]]:
     """BatchReader with each stage's tasks timed; the fetch and the batch assembly are wrapped where the
-    reader builds them (its module's names, put back after), so the reader's own code runs unchanged."""
+    reader builds them (its module's names, put back after), so the reader's own code runs unchanged.
+    `assemble` > 1 runs the batch assembly on that many threads (each its own CUDA stream on a GPU), an
+    experiment the reader itself does not offer yet (it assembles on one thread)."""
 
     def timed_fetcher():
         fetch = make_fetcher()
@@ -81,12 +83,18 @@ def timed_reader(clock: Clock) -> Iterator[type[BatchReader]]:
             with clock("decode"):
                 return super().decode_rows(items)
 
-    saved = reader_module.make_fetcher, reader_module.Preprocessor
+    def stages(fn, items, workers: int, window: int):
+        if getattr(fn, "__func__", None) is TimedPreprocessor.prepare:  # the assembly stage: ordered, as before
+            return bounded_map(fn, items, assemble, window=max(window, 2 * assemble))
+        return bounded_map(fn, items, workers, window)
+
+    saved = reader_module.make_fetcher, reader_module.Preprocessor, reader_module.bounded_map
     reader_module.make_fetcher, reader_module.Preprocessor = timed_fetcher, TimedPreprocessor
+    reader_module.bounded_map = stages
     try:
         yield TimedReader
     finally:
-        reader_module.make_fetcher, reader_module.Preprocessor = saved
+        reader_module.make_fetcher, reader_module.Preprocessor, reader_module.bounded_map = saved
 
 
 def corpus(folder: str, unique: int, side: int) -> list[str]:
@@ -102,13 +110,13 @@ def corpus(folder: str, unique: int, side: int) -> list[str]:
     return paths
 
 
-def run(uris: list[str], contract: Preprocess, config: EmbedConfig, decode_workers: int) -> dict:
+def run(uris: list[str], contract: Preprocess, config: EmbedConfig, decode_workers: int, assemble: int = 1) -> dict:
     """One pass of the reader over every row into a no-op model; returns the row of the table."""
     clock = Clock()
     consumer = StageClock({})
     todo = [(s, min(s + config.chunk_size, len(uris))) for s in range(0, len(uris), config.chunk_size)]
     images = rejects = 0
-    with timed_reader(clock) as Reader:
+    with timed_reader(clock, assemble) as Reader:
         cpu, began = time.process_time(), time.perf_counter()
         reader = Reader(uris, todo, contract, config, decode_workers)
         try:
@@ -180,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=224, help="model input size")
     p.add_argument("--contract", choices=("bare", "squash", "resize_crop", "pad"), default="bare")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--grid", default="fetch=4,decode=1;fetch=4,decode=2;fetch=16,decode=4", help="';'-separated")
+    p.add_argument(
+        "--grid",
+        default="fetch=4,decode=1;fetch=4,decode=2;fetch=16,decode=4",
+        help="';'-separated settings of fetch, decode, prefetch and assemble (batch-assembly threads, default 1)",
+    )
     p.add_argument("--repeat", type=int, default=1, help="passes per setting; each keeps its best images/s")
     p.add_argument("--no-gpu-decode", action="store_true")
     p.add_argument("--out", default="", help="folder for feeder_bench_<device>.json (default: none)")
@@ -197,10 +209,10 @@ def main(argv: list[str] | None = None) -> int:
             f"contract={contract.describe()} batch={args.batch} no-op model"
         )
         head = (
-            f"{'setting':22} {'img/s':>8} {'CPU s/img':>10} {'fetch s':>13} {'decode s':>13} {'assemble s':>13} "
+            f"{'setting':30} {'img/s':>8} {'CPU s/img':>10} {'fetch s':>13} {'decode s':>13} {'assemble s':>13} "
             f"{'wait s':>7} {'rejects':>7}"
         )
-        print(head + "\n" + " " * 46 + "(wall / CPU, summed over threads)\n" + "-" * len(head))
+        print(head + "\n" + " " * 54 + "(wall / CPU, summed over threads)\n" + "-" * len(head))
         results = {}
         for setting in filter(None, args.grid.split(";")):
             knobs = dict(pair.split("=") for pair in setting.split(","))
@@ -215,11 +227,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             best = None
             for _ in range(args.repeat):
-                row = run(uris, contract, config, config.decode_workers)
+                row = run(uris, contract, config, config.decode_workers, int(knobs.get("assemble", 1)))
                 best = row if best is None or row["img_s"] > best["img_s"] else best
             assert best is not None
             print(
-                f"{setting:22} {best['img_s']:8.1f} {best['cpu_per_img'] * 1000:8.2f}ms {_stage(best, 'fetch'):>13} "
+                f"{setting:30} {best['img_s']:8.1f} {best['cpu_per_img'] * 1000:8.2f}ms {_stage(best, 'fetch'):>13} "
                 f"{_stage(best, 'decode'):>13} {_stage(best, 'assemble'):>13} {best['wait']:7.2f} {best['rejects']:7d}"
             )
             results[setting] = best

@@ -21,7 +21,7 @@ if [ "${SMALL:-0}" = 1 ]; then
 else
   IMAGES=${IMAGES:-32768} UNIQUE=${UNIQUE:-4096} BATCH=${BATCH:-256} MODELS=${MODELS:-"resnet50 resnet18"}
   SWEEP=${SWEEP-"prefetch=6,fetch=32;fetch=8"}
-  FEED=${FEED:-"--images 16384 --unique 1024 --batch $BATCH --grid fetch=16,decode=4;fetch=64,decode=16"}
+  FEED=${FEED:-"--images 16384 --unique 1024 --batch $BATCH --grid fetch=16,decode=4;fetch=64,decode=16;fetch=64,decode=16,assemble=4"}
   DECODE_S=${DECODE_S:-0.05}
 fi
 OUT=${OUT:-$(mktemp -d)}  # the benches' JSON, read by the summary

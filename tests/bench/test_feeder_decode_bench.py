@@ -31,17 +31,17 @@ def _jpeg(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
 
 
 def test_feeder_bench_reads_every_row_and_puts_the_reader_back(tmp_path, capsys):
-    before = reader_module.make_fetcher, reader_module.Preprocessor
+    before = reader_module.make_fetcher, reader_module.Preprocessor, reader_module.bounded_map
     argv = ["--images", "40", "--unique", "3", "--side", "48", "--size", "32", "--batch", "8"]
-    rc = feeder_bench.main([*argv, "--grid", "fetch=2,decode=1;fetch=3,decode=2", "--out", str(tmp_path)])
-    assert rc == 0
-    assert (reader_module.make_fetcher, reader_module.Preprocessor) == before
+    grid = "fetch=2,decode=1;fetch=3,decode=2,assemble=3"  # 3 assembly threads: still every row, in order
+    assert feeder_bench.main([*argv, "--grid", grid, "--out", str(tmp_path)]) == 0
+    assert (reader_module.make_fetcher, reader_module.Preprocessor, reader_module.bounded_map) == before
     rows = json.loads((tmp_path / "feeder_bench_cpu.json").read_text())
-    assert list(rows) == ["fetch=2,decode=1", "fetch=3,decode=2"]
+    assert list(rows) == ["fetch=2,decode=1", "fetch=3,decode=2,assemble=3"]
     for row in rows.values():
         assert row["images"] == 40 and row["rejects"] == 0
         assert row["cpu"]["decode"] > 0 and set(row["wall"]) == {"fetch", "decode", "assemble"}
-    assert "fetch=3,decode=2" in capsys.readouterr().out
+    assert "fetch=3,decode=2,assemble=3" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("size", [(640, 480), (1003, 701), (100, 60), (4000, 300)])
