@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -113,7 +114,7 @@ class Preprocessor:
         self._decode_jpeg = decoder
         self.gpu_decode = decoder is not None
         self.fallbacks = 0  # images nvjpeg could not decode, decoded by PIL in batch()
-        self._stream: Any = None
+        self._streams: dict[int, Any] = {}  # thread id -> the CUDA stream that thread assembles batches on
 
     def prepare(self, span: Any) -> tuple[Any, tuple[torch.Tensor | None, dict[int, str]]]:
         """(span, batch(span.items)) for a pipeline stage; complete on the device when it returns."""
@@ -121,20 +122,21 @@ class Preprocessor:
             return span, (None, {})
         if self.device.type != "cuda":
             return span, self.batch(span.items)
-        if self._stream is None:
-            # batches are prepared in a worker thread: on its own CUDA stream, so that nvjpeg and
-            # the copy overlap the model's kernels on the default stream
-            self._stream = torch.cuda.Stream(self.device)
-        with torch.cuda.stream(self._stream):
+        stream = self._streams.get(threading.get_ident())
+        if stream is None:
+            # batches are prepared in worker threads, each on its own CUDA stream, so that nvjpeg and the
+            # copy overlap the model's kernels on the default stream (and each other, with several workers)
+            stream = self._streams[threading.get_ident()] = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
             result = self.batch(span.items)
         # wait here (the worker thread), not in the consumer: the tensor is whole when handed over,
         # and the consumer's default stream is done with it before it is freed (embed ends in .cpu())
-        self._stream.synchronize()
+        stream.synchronize()
         return span, result
 
     def __getstate__(self) -> dict:
         # a CUDA stream does not pickle (Ray and process pools copy the preprocessor)
-        return {**self.__dict__, "_stream": None}
+        return {**self.__dict__, "_streams": {}}
 
     def stage(self, data: bytes) -> np.ndarray | Encoded:
         """Bytes -> pixels (or Encoded for the GPU); BadImage with a reason on bad input."""

@@ -1,0 +1,57 @@
+"""One table from a gpu_check.sh run: model-only vs embed_shard end to end per model, against issue 14's goals,
+the feeder alone, and the fallback check. Reads the JSON the benches wrote into a folder; prints; not a test.
+
+    python3 bench/gpu_summary.py "$OUT" [fallback_rc]
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+# issue 14: end to end >= 0.8x model-only (ResNet-50 >= 11k img/s on an H100/H200), ResNet-18 >= 20k img/s
+GOALS = {"resnet50": (0.8, 11_000.0), "resnet18": (0.0, 20_000.0)}
+MODEL_ONLY = "a model-only (preloaded pixels)"
+END_TO_END = "d embed_shard end to end"
+
+
+def rows(folder: str) -> list[tuple[str, str, str, str, str]]:
+    """(what, img/s, x model-only, goal, verdict) rows from the JSON files in `folder`."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(folder, "embed_bench_*.json"))):
+        with open(path) as f:
+            report = json.load(f)
+        env, got = report["env"], report["rows"]
+        model = env["model"]
+        m = got.get(MODEL_ONLY, {}).get("img_s", float("nan"))
+        d = got.get(END_TO_END, {}).get("img_s", float("nan"))
+        ratio, floor = GOALS.get(model, (0.0, 0.0))
+        label = f"{model} {env['precision']}{' PIL decode' if path.endswith('_pil.json') else ''}"
+        met = d >= floor and d >= ratio * m
+        goal = f">= {ratio:.1f}x and >= {floor:,.0f}" if ratio else f">= {floor:,.0f}" if floor else "(no goal)"
+        out.append((f"{label}: model-only", f"{m:,.0f}", "1.00", "", ""))
+        verdict = "met" if met else "MISSED"
+        out.append((f"{label}: embed_shard", f"{d:,.0f}", f"{d / m:.2f}" if m else "-", goal, verdict if floor else ""))
+    for path in sorted(glob.glob(os.path.join(folder, "feeder_bench_*.json"))):
+        with open(path) as f:
+            for setting, row in json.load(f).items():
+                cpu = f"{1000 * row['cpu_per_img']:.3f} ms CPU/img"
+                out.append((f"feeder only (no model) {setting}", f"{row['img_s']:,.0f}", "", cpu, ""))
+    return out
+
+
+def main(argv: list[str]) -> int:
+    folder = argv[0]
+    table = rows(folder)
+    if len(argv) > 1:
+        table.append(("nvjpeg fallback check", "", "", "same outcome as PIL", "passed" if argv[1] == "0" else "FAILED"))
+    print(f"{'':44} {'img/s':>9} {'x model':>8}  {'goal':28} verdict")
+    for what, rate, ratio, goal, verdict in table:
+        print(f"{what:44} {rate:>9} {ratio:>8}  {goal:28} {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

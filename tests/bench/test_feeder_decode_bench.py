@@ -1,0 +1,116 @@
+"""The feeder and decode benches and the GPU summary: they run, keep every row, compare like with like, and import
+on the device machine (torch, numpy, pyarrow, pillow, fsspec only)."""
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backfill import reader as reader_module
+from backfill.images import decode
+from backfill.preprocess import Preprocess
+from backfill.sample import synthetic_image
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+
+import decode_bench  # noqa: E402
+import feeder_bench  # noqa: E402
+import gpu_summary  # noqa: E402
+
+
+def _jpeg(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_feeder_bench_reads_every_row_and_puts_the_reader_back(tmp_path, capsys):
+    before = reader_module.make_fetcher, reader_module.Preprocessor, reader_module.bounded_map
+    argv = ["--images", "40", "--unique", "3", "--side", "48", "--size", "32", "--batch", "8"]
+    grid = "fetch=2,decode=1;fetch=3,decode=2,assemble=3"  # 3 assembly threads: still every row, in order
+    assert feeder_bench.main([*argv, "--grid", grid, "--out", str(tmp_path)]) == 0
+    assert (reader_module.make_fetcher, reader_module.Preprocessor, reader_module.bounded_map) == before
+    rows = json.loads((tmp_path / "feeder_bench_cpu.json").read_text())
+    assert list(rows) == ["fetch=2,decode=1", "fetch=3,decode=2,assemble=3"]
+    for row in rows.values():
+        assert row["images"] == 40 and row["rejects"] == 0
+        assert row["cpu"]["decode"] > 0 and set(row["wall"]) == {"fetch", "decode", "assemble"}
+    assert "fetch=3,decode=2,assemble=3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("size", [(640, 480), (1003, 701), (100, 60), (4000, 300)])
+def test_draft_scale_is_the_one_pil_picks(size):
+    data = _jpeg(synthetic_image(np.random.default_rng(1)).resize(size))
+    prep = Preprocess(64, "resize_crop")
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", prep.draft_size(*size))
+    scale = decode_bench.draft_scale(*size, prep.draft_size(*size))
+    assert img.size == (-(-size[0] // scale), -(-size[1] // scale))
+
+
+def test_the_libjpeg_turbo_path_matches_pil_and_leaves_the_rest_to_it():
+    simplejpeg = pytest.importorskip("simplejpeg")
+    rng = np.random.default_rng(5)
+    scene = synthetic_image(rng).resize((700, 500))
+    good = _jpeg(scene, quality=90)
+    clean = {
+        "baseline": good,
+        "progressive": _jpeg(scene, quality=90, progressive=True),
+        "grayscale": _jpeg(scene.convert("L"), quality=90),
+    }
+    left_to_pil = {
+        "cmyk": _jpeg(scene.convert("CMYK"), quality=90),
+        "png": _jpeg(scene, "PNG"),
+        "truncated": good[: len(good) // 3],
+        "cut, EOI kept": good[: len(good) // 3] + b"\xff\xd9",
+        "empty": b"",
+    }
+
+    def path(data: bytes, prep: Preprocess):
+        return decode_bench.turbo_path(data, prep, simplejpeg.decode_jpeg_header, decode_bench._simplejpeg_scaled)
+
+    for prep in decode_bench.contracts().values():
+        for name, data in clean.items():
+            got = path(data, prep)
+            assert got is not None, name
+            np.testing.assert_array_equal(got, decode(data, prep, 64_000_000), err_msg=name)
+        for name, data in left_to_pil.items():
+            assert path(data, prep) is None, name
+
+
+def test_gpu_summary_judges_end_to_end_against_model_only(tmp_path):
+    def report(model: str, a: float, d: float) -> dict:
+        rows = {gpu_summary.MODEL_ONLY: {"img_s": a}, gpu_summary.END_TO_END: {"img_s": d}}
+        return {"env": {"model": model, "precision": "bf16"}, "rows": rows}
+
+    (tmp_path / "embed_bench_cuda_resnet50_bf16.json").write_text(json.dumps(report("resnet50", 14000, 11500)))
+    (tmp_path / "embed_bench_cuda_resnet18_bf16.json").write_text(json.dumps(report("resnet18", 34000, 19000)))
+    table = {what: verdict for what, _, _, _, verdict in gpu_summary.rows(str(tmp_path))}
+    assert table["resnet50 bf16: embed_shard"] == "met"  # 0.82x and over 11k
+    assert table["resnet18 bf16: embed_shard"] == "MISSED"  # under 20k
+
+
+def test_the_new_benches_import_with_only_the_device_packages():
+    blocked = ("dagster", "faiss", "s3fs", "ray", "torchvision", "simplejpeg", "turbojpeg")
+    probe = f"""
+import importlib.abc, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError("not on the device machine: " + name)
+sys.meta_path.insert(0, Refuse())
+sys.path.insert(0, "bench")
+import decode_bench, feeder_bench, gpu_summary
+found = decode_bench.candidates()
+assert found["simplejpeg"][0] is None and found["PyTurboJPEG"][0] is None, found
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
