@@ -1,12 +1,16 @@
-"""`backfill ingest`: a folder, an s3:// prefix, WebDataset tars, a URI list or an img2dataset output into manifests."""
+"""`backfill ingest`: folders, s3:// prefixes, WebDataset tars, URI lists, img2dataset output -> manifest shards."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import datetime
 import hashlib
 import io
+import json
 import os
 import re
+import socket
 import tarfile
 import time
 import zipfile
@@ -20,6 +24,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from backfill.errors import ManifestError, PermanentError
 from backfill.manifest import list_shards, read_shard, write_shard
@@ -33,6 +38,7 @@ MAX_SHARD_SIZE = 10_000_000
 # derived from the manifests (rebuilt from them when lost), kept out of corpus/ like manifest-index/
 LEDGER = "ingest-ledger"
 READ_WORKERS = 8  # ledger entries read at once
+LOCK = "LOCK"  # ingest-ledger/LOCK: one ingest at a time per root (root_lock)
 
 # skip reasons, counted in the summary
 NOT_IMAGE = "not an image extension"
@@ -493,9 +499,23 @@ def ingest(
 
     Idempotent: a canonical URI already in any manifest shard is skipped, so a re-run writes nothing and a
     later run writes only the new files, as new shards (an existing shard is never rewritten or appended to).
-    One ingest at a time per root: a second one would pick the same ids (a shard name in use refuses it).
+    One ingest at a time per root (root_lock): a second one would pick the same ids.
     """
     _check_options(shard_size, prefix)
+    with root_lock(layout):
+        return _ingest(layout, source, shard_size, prefix, progress, progress_every, progress_every_s, clock)
+
+
+def _ingest(
+    layout: Layout,
+    source: str,
+    shard_size: int,
+    prefix: str,
+    progress: Callable[[IngestResult, float], None] | None,
+    progress_every: int,
+    progress_every_s: float,
+    clock: Callable[[], float],
+) -> IngestResult:
     listing: Counter = Counter()
     kind, candidates = open_source(source, listing)
     result = IngestResult(source=source, kind=kind, listing=listing)
@@ -587,6 +607,67 @@ def ingest(
     if progress and reported != (result.seen, len(result.shards)):
         progress(result, clock() - start)
     return result
+
+
+@contextlib.contextmanager
+def root_lock(layout: Layout) -> Iterator[None]:
+    """Hold ingest-ledger/LOCK (who holds it: host, pid, start time) for the body; IngestError naming the
+    holder if another ingest holds it. A lock left by a crashed ingest on this host (its pid is gone) is
+    taken over; one from another host must be deleted by hand (the error says which file).
+
+    On a local root the lock is an exclusive create (O_EXCL); an object store has no such create through
+    fsspec, so there it is a check then a PUT, which two ingests starting in the same second can both pass.
+    """
+    path = layout.store.url(LEDGER, LOCK)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": datetime.datetime.now(datetime.UTC).isoformat()}
+    data = json.dumps(me).encode()
+    local = isinstance(layout.store.fs, LocalFileSystem)
+    for _ in range(2):
+        try:
+            if local:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "xb") as f:
+                    f.write(data)
+            elif layout.store.exists(path):
+                raise FileExistsError(path)
+            else:
+                layout.store.write_bytes(path, data)
+            break
+        except FileExistsError:
+            holder = _lock_holder(layout, path)
+            if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                with contextlib.suppress(FileNotFoundError):
+                    layout.store.rm(path)  # its ingest is gone: every shard it wrote is whole
+                continue
+            raise IngestError(
+                f"another ingest is running on this root: {layout.store.display(path)} is held by "
+                f"{holder or 'an unreadable lock'}; wait for it, or delete that file if it is not running"
+            ) from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            layout.store.rm(path)
+
+
+def _lock_holder(layout: Layout, path: str) -> dict:
+    try:
+        holder = layout.store.read_json(path)
+        return holder if isinstance(holder, dict) else {}
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
 
 
 class _Segments:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import socket
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -549,3 +552,31 @@ def test_cli_ingest_of_a_tar_summarises_tars_and_member_skips(tmp_path, capsys):
     assert main(["--root", str(tmp_path / "root"), "ingest", str(tar)]) == 0
     out = capsys.readouterr().out
     assert "3 files and tar members seen (1 tars read), 1 new" in out and "2  tar member: not an image" in out
+
+
+# ---- one ingest at a time per root --------------------------------------------------------------------------
+
+
+def _lock(layout: Layout, **holder) -> str:
+    path = layout.store.url(ingest_mod.LEDGER, ingest_mod.LOCK)
+    layout.store.write_json(path, {"host": socket.gethostname(), "started": "2026-12-02T00:00:00", **holder})
+    return path
+
+
+def test_a_second_ingest_is_refused_naming_the_holder_and_writes_nothing(tmp_path, photos):
+    layout = _root(tmp_path)
+    path = _lock(layout, pid=os.getpid())  # a live process on this host holds it
+    with pytest.raises(IngestError, match=rf"another ingest is running on this root: {path} is held by .*'pid': "):
+        ingest(layout, str(photos))
+    assert list_shards(layout) == [] and layout.store.exists(path)  # the holder's lock is left alone
+
+
+def test_a_lock_left_by_a_crashed_ingest_on_this_host_is_taken_over_and_every_lock_is_released(tmp_path, photos):
+    layout = _root(tmp_path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    path = _lock(layout, pid=gone.pid)
+    assert ingest(layout, str(photos)).new == 7 and not layout.store.exists(path)
+    with pytest.raises(IngestError, match="does not exist"):
+        ingest(layout, str(tmp_path / "nope"))
+    assert not layout.store.exists(path)  # released on an error too
