@@ -61,7 +61,9 @@ class BatchReader(Iterator[Batch]):
         if self.prep.gpu_decode:
             # on the nvjpeg path staging is a header parse (microseconds): it runs in the fetch task,
             # saving a pool of threads that would wake per group while the main thread launches kernels
-            self._decoded = fetch_many(uris, rows, workers, then=self.decode_rows, ahead=2 * per_batch, members=members)
+            # (2 tar reads ahead, not 2 batches' worth: each one carries many rows and up to tar.READ_BYTES)
+            ahead = 2 * per_batch if members is None else 2
+            self._decoded = fetch_many(uris, rows, workers, then=self.decode_rows, ahead=ahead, members=members)
         else:
             # a tar read's members go on to the decode pool in groups, as plain rows do
             self._fetched = regrouped(fetch_many(uris, rows, workers, members=members), STAGE_GROUP)
