@@ -76,7 +76,7 @@ def list_members(fileobj: IO[bytes]) -> Iterator[Member]:
             yield Member(info.name, info.offset_data, info.size, info.isreg())
 
 
-@dataclass(frozen=True)
+@dataclass
 class TarRead:
     """One ranged read of a tar, [start, end), covering the members of `rows` (consecutive manifest rows)."""
 
@@ -94,7 +94,7 @@ def plan(
     `max_gap`), other rows lists of at most `group` rows fetched one request each."""
     cap = READ_BYTES if cap is None else cap
     plain: list[int] = []
-    read: TarRead | None = None
+    read: TarRead | None = None  # the read being extended (its rows list grows in place)
     for row in rows:
         parts = split_member_uri(uris[row]) if ranges.has(row) and isinstance(uris[row], str) else None
         if parts is None:
@@ -112,7 +112,8 @@ def plan(
         start = int(ranges.offsets[row]) - HEADER
         end = int(ranges.offsets[row]) + int(ranges.sizes[row])
         if read and read.tar == parts[0] and read.end <= start <= read.end + max_gap and end - read.start <= cap:
-            read = TarRead(read.tar, read.start, end, [*read.rows, row])
+            read.rows.append(row)
+            read.end = end
         else:
             if read:
                 yield read
