@@ -527,10 +527,13 @@ def test_a_tar_on_s3_is_listed_once_and_its_members_read_by_range(s3_root, tmp_p
     assert (span.offsets, span.rejects, failed, tuple(pixels.shape)) == ([0, 1, 2, 3, 4], [], {}, (5, 3, 8, 8))
 
 
-def test_an_ingested_tar_embeds_as_its_images_do_as_files(registered, tmp_path):
-    from backfill.config import EmbedConfig
+def test_an_ingested_tar_embeds_as_its_images_do_as_files_and_search_finds_both(registered, tmp_path):
+    from backfill.config import EmbedConfig, IndexConfig
     from backfill.embed import embed_shard, load_embeddings
+    from backfill.index import build_index
+    from backfill.publish import publish
     from backfill.runtime import load_model
+    from backfill.search import Searcher
     from tests.conftest import MODEL
 
     layout, card = registered
@@ -545,6 +548,12 @@ def test_an_ingested_tar_embeds_as_its_images_do_as_files(registered, tmp_path):
     _, from_files, _ = load_embeddings(layout, MODEL, "v1", "shard-00000")
     ids, from_tar, valid = load_embeddings(layout, MODEL, "v1", name)
     assert valid.all() and np.array_equal(ids, np.arange(60, 80)) and np.array_equal(from_tar, from_files)
+    # every vector is there twice: ties make the recall against exact search a matter of tie order
+    index_config = IndexConfig(target_recall=0.5)
+    publish(layout, MODEL, build_index(layout, MODEL, "v1", ["shard-00000", name], index_config).build_id)
+    query = members[7][1]
+    hits = Searcher(layout, MODEL, cache_dir=str(tmp_path / "cache")).search_image(query, k=2).hits
+    assert {h.uri for h in hits} == {plain.uris[7], f"{tmp_path / 'wds' / 'a.tar'}#000007.jpg"}
 
 
 def test_cli_ingest_of_a_tar_summarises_tars_and_member_skips(tmp_path, capsys):
