@@ -401,10 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "ingest",
-        help="write manifest shards for a folder, an s3:// prefix, a .txt/.csv/.parquet URI list or an "
-        "img2dataset output (only new images; ids never change; docs/ingest.md)",
+        help="write manifest shards for a folder, an s3:// prefix, WebDataset .tar shards, a .txt/.csv/.parquet URI "
+        "list or an img2dataset output (only new images; ids never change; docs/ingest.md)",
     )
-    p.add_argument("source", help="a folder, s3://bucket/prefix, a URI list file, or an img2dataset output folder")
+    p.add_argument(
+        "source", help="a folder, s3://bucket/prefix, a .tar, a URI list file, or an img2dataset output folder"
+    )
     from backfill.ingest import DEFAULT_SHARD_SIZE
 
     p.add_argument(

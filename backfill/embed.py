@@ -84,7 +84,7 @@ def embed_shard(
     threads = ThreadBudget.resolve(config.torch_threads, config.decode_workers).apply()
     clock = StageClock(stats.stage_s)
     grace = GraceBudget(shard_name, stop, config.grace_s, hooks)
-    reader = BatchReader(shard.uris, todo, card.preprocess, config, threads.decode)
+    reader = BatchReader(shard.uris, todo, card.preprocess, config, threads.decode, shard.members)
     writer = ChunkWriter(layout, out, shard.image_ids, config.chunk_size, clock, hooks)
     try:
         for start, end in todo:

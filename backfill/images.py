@@ -34,11 +34,15 @@ class BadImage(Exception):
     """
 
 
-def make_fetcher() -> Callable[[str | None], bytes]:
-    """A fetch function for URIs of any fsspec protocol (filesystems cached per protocol)."""
+def make_fetcher() -> Callable[..., bytes]:
+    """A fetch function for URIs of any fsspec protocol (filesystems cached per protocol).
+
+    fetch(uri) reads the whole object; fetch(uri, start=a, end=b) the bytes [a, b) in one ranged request
+    (members of a tar, backfill/tar.py), shorter if the object ends before b.
+    """
     filesystems: dict[str, fsspec.AbstractFileSystem] = {}
 
-    def fetch(uri: str | None) -> bytes:
+    def fetch(uri: str | None, start: int | None = None, end: int | None = None) -> bytes:
         if uri is None or not isinstance(uri, str) or not uri.strip():
             raise BadImage("manifest uri is null or empty")
         protocol = protocol_of(uri)
@@ -48,7 +52,7 @@ def make_fetcher() -> Callable[[str | None], bytes]:
             except (ValueError, ImportError) as exc:
                 raise BadImage(f"malformed uri: {uri!r} uses unsupported protocol {protocol!r}") from exc
         try:
-            return filesystems[protocol].cat_file(uri)
+            return filesystems[protocol].cat_file(uri, start=start, end=end)
         except HTTP_STATUS_ERRORS as exc:
             status = getattr(exc, "status", 0)
             if 400 <= status < 500 and status not in RETRYABLE_STATUSES:

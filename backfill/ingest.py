@@ -1,27 +1,35 @@
-"""`backfill ingest`: turn a folder, an s3:// prefix, a URI list or an img2dataset output into manifest shards."""
+"""`backfill ingest`: folders, s3:// prefixes, WebDataset tars, URI lists, img2dataset output -> manifest shards."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import datetime
 import hashlib
 import io
+import json
 import os
 import re
+import socket
+import tarfile
 import time
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import IO
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from backfill.errors import ManifestError, PermanentError
 from backfill.manifest import list_shards, read_shard, write_shard
 from backfill.storage import Layout, filesystem_options, protocol_of
+from backfill.tar import SEP, Member, is_tar, list_members, member_uri, split_member_uri
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 LIST_SUFFIXES = {".txt": "text", ".lst": "text", ".list": "text", ".csv": "csv", ".parquet": "parquet"}
@@ -30,6 +38,7 @@ MAX_SHARD_SIZE = 10_000_000
 # derived from the manifests (rebuilt from them when lost), kept out of corpus/ like manifest-index/
 LEDGER = "ingest-ledger"
 READ_WORKERS = 8  # ledger entries read at once
+LOCK = "LOCK"  # ingest-ledger/LOCK: one ingest at a time per root (root_lock)
 
 # skip reasons, counted in the summary
 NOT_IMAGE = "not an image extension"
@@ -40,6 +49,14 @@ ALREADY = "already ingested"
 DUPLICATE = "duplicate in source"
 NOT_DOWNLOADED = "img2dataset: not downloaded"
 MISSING = "img2dataset: image file missing"
+TAR_NOT_IMAGE = "tar member: not an image extension"  # a WebDataset sample's .json, .txt, .cls
+TAR_HIDDEN = "tar member: hidden file"
+TAR_EMPTY = "tar member: empty"
+TAR_NOT_FILE = "tar member: not a regular file"  # folders, links
+TAR_CUT = "tar member: cut off by the end of the tar"
+TAR_UNREADABLE = "tar: not an uncompressed tar"
+TAR_BAD_PATH = "tar: its own path contains '.tar#'"  # its members' URIs would name another tar
+TARS_READ = "tars read"  # IngestResult.listing
 
 
 class IngestError(PermanentError):
@@ -54,6 +71,8 @@ class Candidate:
     skip: str | None = None
     image_id: int | None = None
     source_url: str | None = None  # img2dataset: the URL the image was downloaded from
+    tar_offset: int | None = None  # a tar member: where its bytes are in the tar (manifest columns tar_*)
+    tar_size: int | None = None
 
 
 @dataclass
@@ -64,16 +83,26 @@ class IngestResult:
     new: int = 0
     skipped: Counter = field(default_factory=Counter)
     shards: list[tuple[str, int, int, int]] = field(default_factory=list)  # name, rows, first id, last id
+    listing: Counter = field(default_factory=Counter)  # what the listing opened: TARS_READ
+
+    @property
+    def tars(self) -> int:
+        return self.listing[TARS_READ]
+
+    def _seen(self) -> str:
+        if not self.tars:
+            return f"{self.seen} files seen"
+        return f"{self.seen} files and tar members seen ({self.tars} tars read)"
 
     def progress_line(self, elapsed_s: float) -> str:
         rate = self.seen / elapsed_s if elapsed_s > 0 else 0.0
         return (
-            f"{self.seen} files seen, {self.new} new, {sum(self.skipped.values())} skipped, "
+            f"{self._seen()}, {self.new} new, {sum(self.skipped.values())} skipped, "
             f"{len(self.shards)} shards written ({rate:.0f} files/s)"
         )
 
     def describe(self) -> str:
-        lines = [f"ingested {self.source} ({self.kind}): {self.seen} files seen, {self.new} new"]
+        lines = [f"ingested {self.source} ({self.kind}): {self._seen()}, {self.new} new"]
         for reason, count in sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0])):
             lines.append(f"  skipped {count:8d}  {reason}")
         if self.shards:
@@ -93,29 +122,35 @@ class IngestResult:
 # ---- sources ---------------------------------------------------------------------------------------------
 
 
-def open_source(source: str) -> tuple[str, Iterator[Candidate]]:
+def open_source(source: str, listing: Counter | None = None) -> tuple[str, Iterator[Candidate]]:
     """The kind of source and its candidates, in a deterministic order; IngestError if it is unusable.
 
     Problems that can be seen up front (missing path, unknown list format, missing column) are raised
-    here, before anything is written.
+    here, before anything is written. A `.tar` (alone, or in a folder or under a prefix) gives its members;
+    `listing` counts the tars read.
     """
+    listing = Counter() if listing is None else listing
     if protocol_of(source) != "file":
         if os.path.splitext(source)[1].lower() in LIST_SUFFIXES:
             raise IngestError(f"source {source!r}: URI lists are read from a local file; copy it here first")
-        return "prefix", _list_prefix(source)
+        return "tar" if is_tar(source) else "prefix", _list_prefix(source, listing)
     path = os.path.abspath(source.removeprefix("file://"))
     if os.path.isdir(path):
         metadata = _img2dataset_metadata(path)
         if metadata:
             return "img2dataset", _list_img2dataset(path, metadata)
-        return "folder", _list_folder(path)
+        return "folder", _list_folder(path, listing)
     if not os.path.exists(path):
-        raise IngestError(f"source {source!r} does not exist (a folder, an s3:// prefix or a .txt/.csv/.parquet list)")
+        raise IngestError(
+            f"source {source!r} does not exist (a folder, an s3:// prefix, a .tar or a .txt/.csv/.parquet list)"
+        )
+    if is_tar(path):
+        return "tar", _local_tar(path, os.path.basename(path), listing)
     kind = LIST_SUFFIXES.get(os.path.splitext(path)[1].lower())
     if kind is None:
         raise IngestError(
-            f"source {source!r} is a file but not a URI list: use .txt (one URI per line), "
-            ".csv (a 'uri' column, optional 'image_id') or .parquet (the same columns)"
+            f"source {source!r} is a file but not a URI list or a tar: use .tar (WebDataset), .txt (one URI per "
+            "line), .csv (a 'uri' column, optional 'image_id') or .parquet (the same columns)"
         )
     return kind, {"text": _list_text, "csv": _list_csv, "parquet": _list_parquet}[kind](path)
 
@@ -128,8 +163,8 @@ def _image_skip(name: str) -> str | None:
     return None
 
 
-def _list_folder(root: str) -> Iterator[Candidate]:
-    """Every file below root, recursively, in sorted order (symlinked folders are not followed)."""
+def _list_folder(root: str, listing: Counter) -> Iterator[Candidate]:
+    """Every file below root, recursively, in sorted order (symlinked folders are not followed); a tar's members."""
 
     def fail(exc: OSError) -> None:
         raise IngestError(f"source folder {root!r}: cannot list {exc.filename}: {exc.strerror}")
@@ -138,6 +173,9 @@ def _list_folder(root: str) -> Iterator[Candidate]:
         dirs.sort()
         for name in sorted(files):
             path = os.path.join(folder, name)
+            if is_tar(name) and not name.startswith("."):
+                yield from _local_tar(path, name, listing)
+                continue
             skip = _image_skip(name)
             if skip is None:
                 # cheap checks only: decoding is the embedding step's job, with a reject reason per image
@@ -151,8 +189,8 @@ def _list_folder(root: str) -> Iterator[Candidate]:
             yield Candidate(path, skip)
 
 
-def _list_prefix(prefix: str) -> Iterator[Candidate]:
-    """Every object under an s3:// (or other fsspec) prefix, listed once, now, in key order."""
+def _list_prefix(prefix: str, listing: Counter) -> Iterator[Candidate]:
+    """Every object under an s3:// (or other fsspec) prefix, listed once, now, in key order; a tar's members."""
     protocol = protocol_of(prefix)
     try:
         fs = fsspec.filesystem(protocol, **filesystem_options(protocol))
@@ -172,12 +210,62 @@ def _list_prefix(prefix: str) -> Iterator[Candidate]:
             info = found[key]
             if info.get("type") == "directory":
                 continue
-            skip = _image_skip(key.rsplit("/", 1)[-1])
+            name = key.rsplit("/", 1)[-1]
+            if is_tar(name) and not name.startswith(".") and info.get("size"):
+                # one sequential read of the tar's headers (fsspec's read-ahead: large ranged GETs)
+                yield from _tar(fs.unstrip_protocol(key), lambda k=key: fs.open(k, "rb"), info["size"], listing)
+                continue
+            skip = _image_skip(name)
             if skip is None and not info.get("size"):
                 skip = EMPTY
             yield Candidate(fs.unstrip_protocol(key), skip)
 
     return walk()
+
+
+def _local_tar(path: str, name: str, listing: Counter) -> Iterator[Candidate]:
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        yield Candidate(path, UNREADABLE)
+        return
+    if size == 0:
+        yield Candidate(path, EMPTY)
+    elif not os.access(path, os.R_OK):
+        yield Candidate(path, UNREADABLE)
+    else:
+        yield from _tar(path, lambda: open(path, "rb"), size, listing)
+
+
+def _tar(uri: str, opener: Callable[[], IO[bytes]], size: int, listing: Counter) -> Iterator[Candidate]:
+    """A WebDataset (any uncompressed) tar's image members, as `tar#member` URIs with their data's range."""
+    if split_member_uri(uri + SEP) != (uri, ""):
+        yield Candidate(uri, TAR_BAD_PATH)
+        return
+    with opener() as f:
+        try:
+            members = list_members(f)  # opened on the first next()
+            first = next(members, None)
+        except tarfile.ReadError:
+            yield Candidate(uri, TAR_UNREADABLE)
+            return
+        listing[TARS_READ] += 1
+        if first is not None:
+            yield _member(uri, first, size)
+        for m in members:
+            yield _member(uri, m, size)
+
+
+def _member(tar_uri: str, m: Member, tar_bytes: int) -> Candidate:
+    uri = member_uri(tar_uri, m.name)
+    skip = {NOT_IMAGE: TAR_NOT_IMAGE, HIDDEN: TAR_HIDDEN}.get(_image_skip(os.path.basename(m.name)) or "")
+    if not m.regular:
+        skip = TAR_NOT_FILE
+    elif skip is None and m.size == 0:
+        skip = TAR_EMPTY
+    elif skip is None and m.offset + m.size > tar_bytes:
+        skip = TAR_CUT
+    return Candidate(uri, skip, tar_offset=m.offset, tar_size=m.size)
 
 
 def _canonical(uri: str, base: str) -> str:
@@ -277,8 +365,9 @@ def _list_img2dataset(folder: str, metadata: list[str]) -> Iterator[Candidate]:
         if not os.path.isdir(images):
             if os.path.exists(images + ".tar"):
                 raise IngestError(
-                    f"img2dataset output {folder!r}: {stem}.tar is webdataset output, which ingest does not read "
-                    "yet; re-run img2dataset with --output_format files"
+                    f"img2dataset output {folder!r}: {stem}.tar is webdataset output, which ingest reads as tars "
+                    f"(without the source_url column): backfill ingest {os.path.join(folder, stem)}.tar, or re-run "
+                    "img2dataset with --output_format files"
                 )
             raise IngestError(f"img2dataset output {folder!r}: {name} has no image folder {stem}/ beside it")
         by_key = {}
@@ -410,11 +499,26 @@ def ingest(
 
     Idempotent: a canonical URI already in any manifest shard is skipped, so a re-run writes nothing and a
     later run writes only the new files, as new shards (an existing shard is never rewritten or appended to).
-    One ingest at a time per root: a second one would pick the same ids (a shard name in use refuses it).
+    One ingest at a time per root (root_lock): a second one would pick the same ids.
     """
     _check_options(shard_size, prefix)
-    kind, candidates = open_source(source)
-    result = IngestResult(source=source, kind=kind)
+    with root_lock(layout):
+        return _ingest(layout, source, shard_size, prefix, progress, progress_every, progress_every_s, clock)
+
+
+def _ingest(
+    layout: Layout,
+    source: str,
+    shard_size: int,
+    prefix: str,
+    progress: Callable[[IngestResult, float], None] | None,
+    progress_every: int,
+    progress_every_s: float,
+    clock: Callable[[], float],
+) -> IngestResult:
+    listing: Counter = Counter()
+    kind, candidates = open_source(source, listing)
+    result = IngestResult(source=source, kind=kind, listing=listing)
     ledger = load_ledger(layout)
     number = _next_shard_number(layout, prefix)
     start = last_report = clock()
@@ -443,9 +547,13 @@ def ingest(
         columns = {"image_id": pa.array(ids, pa.int64()), "uri": _uri_array([c.uri for c in pending])}
         if any(c.source_url for c in pending):
             columns["source_url"] = pa.array([c.source_url for c in pending], pa.string())
+        members = any(c.tar_offset is not None for c in pending)
+        if members:  # manifest.TAR_COLUMNS: null on plain-file rows
+            columns["tar_offset"] = pa.array([c.tar_offset for c in pending], pa.int64())
+            columns["tar_size"] = pa.array([c.tar_size for c in pending], pa.int64())
         write_shard(layout, name, pa.table(columns))  # the manifest first: it is the truth
         high, low, _ = _write_ledger_entry(layout, name, [c.uri for c in pending], ids)  # rebuilt if lost
-        if kind not in ("folder", "prefix"):
+        if kind not in ("folder", "prefix") or members:
             written.push(Ledger(high, low, 0))
         result.shards.append((name, len(ids), int(ids.min()), int(ids.max())))
         next_id = max(next_id, int(ids.max()) + 1)
@@ -461,7 +569,8 @@ def ingest(
         for c, h, lo, is_known, is_repeated in zip(batch, high.tolist(), low.tolist(), known, repeated):
             result.seen += 1
             skip = c.skip or (ALREADY if is_known else None)
-            if skip is None and kind not in ("folder", "prefix"):
+            # a tar may hold a name twice (an appended member): the first one is ingested
+            if skip is None and (kind not in ("folder", "prefix") or c.tar_offset is not None):
                 if is_repeated or (h, lo) in pending_keys or (h, lo) in batch_keys:
                     skip = DUPLICATE
                 pending_keys.add((h, lo))
@@ -498,6 +607,67 @@ def ingest(
     if progress and reported != (result.seen, len(result.shards)):
         progress(result, clock() - start)
     return result
+
+
+@contextlib.contextmanager
+def root_lock(layout: Layout) -> Iterator[None]:
+    """Hold ingest-ledger/LOCK (who holds it: host, pid, start time) for the body; IngestError naming the
+    holder if another ingest holds it. A lock left by a crashed ingest on this host (its pid is gone) is
+    taken over; one from another host must be deleted by hand (the error says which file).
+
+    On a local root the lock is an exclusive create (O_EXCL); an object store has no such create through
+    fsspec, so there it is a check then a PUT, which two ingests starting in the same second can both pass.
+    """
+    path = layout.store.url(LEDGER, LOCK)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": datetime.datetime.now(datetime.UTC).isoformat()}
+    data = json.dumps(me).encode()
+    local = isinstance(layout.store.fs, LocalFileSystem)
+    for _ in range(2):
+        try:
+            if local:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "xb") as f:
+                    f.write(data)
+            elif layout.store.exists(path):
+                raise FileExistsError(path)
+            else:
+                layout.store.write_bytes(path, data)
+            break
+        except FileExistsError:
+            holder = _lock_holder(layout, path)
+            if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                with contextlib.suppress(FileNotFoundError):
+                    layout.store.rm(path)  # its ingest is gone: every shard it wrote is whole
+                continue
+            raise IngestError(
+                f"another ingest is running on this root: {layout.store.display(path)} is held by "
+                f"{holder or 'an unreadable lock'}; wait for it, or delete that file if it is not running"
+            ) from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            layout.store.rm(path)
+
+
+def _lock_holder(layout: Layout, path: str) -> dict:
+    try:
+        holder = layout.store.read_json(path)
+        return holder if isinstance(holder, dict) else {}
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
 
 
 class _Segments:

@@ -11,6 +11,7 @@ from backfill.feed import Preprocessor
 from backfill.images import BadImage, make_fetcher
 from backfill.pipeline import Prefetched, bounded_map
 from backfill.preprocess import Preprocess
+from backfill.tar import READS_IN_FLIGHT, MemberRanges, TarRead, plan, read_members
 
 STAGE_GROUP = 16  # rows per fetch/decode task: amortises the thread hand-off (~20 us) at GPU rates
 
@@ -46,19 +47,26 @@ class BatchReader(Iterator[Batch]):
         contract: int | Preprocess,
         config: EmbedConfig,
         decode_workers: int,
+        members: MemberRanges | None = None,
     ) -> None:
-        """`contract`: the model's preprocessing (card.preprocess); a bare input size means squash."""
+        """`contract`: the model's preprocessing (card.preprocess); a bare input size means squash.
+        `members`: the shard's tar members (Shard.members), read many per request (backfill/tar.py)."""
         self.prep = Preprocessor(contract, config.max_image_pixels, config.device, config.gpu_decode)
         batch_size = config.images_per_batch
-        rows = grouped((r for s, e in todo for r in range(s, e)), STAGE_GROUP)
+        rows = fetch_tasks(uris, todo, members)
+        # a tar read carries up to tar.READ_BYTES: fewer of them in flight bound the memory they hold
+        workers = config.fetch_workers if members is None else min(config.fetch_workers, READS_IN_FLIGHT)
         per_batch = -(-batch_size // STAGE_GROUP)
         self._fetched: Iterator | None = None
         if self.prep.gpu_decode:
             # on the nvjpeg path staging is a header parse (microseconds): it runs in the fetch task,
             # saving a pool of threads that would wake per group while the main thread launches kernels
-            self._decoded = fetch_many(uris, rows, config.fetch_workers, then=self.decode_rows, ahead=2 * per_batch)
+            # (2 tar reads ahead, not 2 batches' worth: each one carries many rows and up to tar.READ_BYTES)
+            ahead = 2 * per_batch if members is None else 2
+            self._decoded = fetch_many(uris, rows, workers, then=self.decode_rows, ahead=ahead, members=members)
         else:
-            self._fetched = fetch_many(uris, rows, config.fetch_workers)
+            # a tar read's members go on to the decode pool in groups, as plain rows do
+            self._fetched = regrouped(fetch_many(uris, rows, workers, members=members), STAGE_GROUP)
             window = 2 * decode_workers + per_batch
             self._decoded = bounded_map(self.decode_rows, self._fetched, decode_workers, window=window)
         prepared = bounded_map(self.prep.prepare, spans(flattened(self._decoded), todo, batch_size), 1, window=2)
@@ -107,8 +115,23 @@ def spans(decoded: Iterator[tuple[int, object]], todo: list[tuple[int, int]], ba
         yield span
 
 
+def fetch_tasks(uris, todo: list[tuple[int, int]], members: MemberRanges | None) -> Iterator[list[int] | TarRead]:
+    """The fetch stage's tasks: groups of STAGE_GROUP rows, one request each; with tar members, one
+    ranged read per run of a tar's members in each chunk (tar.plan), so resuming a chunk reads no other."""
+    if members is None:
+        yield from grouped((r for s, e in todo for r in range(s, e)), STAGE_GROUP)
+        return
+    for start, end in todo:
+        yield from plan(list(range(start, end)), uris, members, STAGE_GROUP)
+
+
 def fetch_many(
-    uris, groups: Iterable[list[int]], workers: int, then: Callable[[list], list] | None = None, ahead: int = 2
+    uris,
+    groups: Iterable[list[int] | TarRead],
+    workers: int,
+    then: Callable[[list], list] | None = None,
+    ahead: int = 2,
+    members: MemberRanges | None = None,
 ) -> Iterator[list]:
     """Lists of (row, bytes) in row order, `workers` requests in flight; a bad image gives (row, reason).
 
@@ -116,11 +139,16 @@ def fetch_many(
     in flight / latency. Each task fetches one group of rows (fewer thread handoffs per image);
     at most workers + `ahead` groups wait for the consumer, which bounds memory. `then`, if
     given, runs on each fetched group inside the same task (a cheap next stage). Outages raise
-    RetryableError: an unreachable store is never taken for a missing image.
+    RetryableError: an unreachable store is never taken for a missing image. A TarRead task is one
+    ranged request for many tar members (`members` gives their ranges).
     """
     fetch = make_fetcher()
 
-    def fetch_rows(rows: list[int]) -> list[tuple[int, bytes | str]]:
+    def fetch_rows(rows: list[int] | TarRead) -> list[tuple[int, bytes | str]]:
+        if isinstance(rows, TarRead):
+            assert members is not None, "a TarRead needs the shard's member ranges"
+            members_read = read_members(fetch, rows, uris, members)
+            return then(members_read) if then else members_read
         out: list[tuple[int, bytes | str]] = []
         for row in rows:
             try:
@@ -142,6 +170,18 @@ def grouped(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
             group = []
     if group:
         yield group
+
+
+def regrouped(groups: Iterator[list[Any]], size: int) -> Iterator[list[Any]]:
+    """Each list cut into lists of at most `size` items, in order; closing it closes the source."""
+    try:
+        for group in groups:
+            for i in range(0, len(group), size):
+                yield group[i : i + size]
+    finally:
+        close = getattr(groups, "close", None)
+        if close:
+            close()
 
 
 def flattened(groups: Iterator[list[Any]]) -> Iterator[Any]:

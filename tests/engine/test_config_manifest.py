@@ -69,3 +69,40 @@ def test_fetch_workers_never_exceed_the_s3_connection_pool():
         rf"got {S3_CONNECTIONS + 1}",
     ):
         EmbedConfig(fetch_workers=S3_CONNECTIONS + 1)
+
+
+def test_a_manifest_without_tar_columns_reads_as_before(layout):
+    assert read_shard(layout, "shard-00000").members is None
+
+
+def _tar_table(offsets, sizes, uris=None, offset_type=None):
+    n = len(offsets)
+    columns = {"image_id": pa.array(range(n), pa.int64()), "uri": uris or [f"/t/a.tar#{i}.jpg" for i in range(n)]}
+    if offsets is not None:
+        columns["tar_offset"] = pa.array(offsets, offset_type or pa.int64())
+    if sizes is not None:
+        columns["tar_size"] = pa.array(sizes, pa.int64())
+    return pa.table(columns)
+
+
+def test_tar_columns_read_as_member_ranges_with_plain_rows_at_minus_one(layout):
+    write_shard(layout, "mixed", _tar_table([512, None], [10, None], uris=["/t/a.tar#0.jpg", "/t/p.jpg"]))
+    members = read_shard(layout, "mixed").members
+    assert members.offsets.tolist() == [512, -1] and members.sizes.tolist() == [10, -1]
+
+
+@pytest.mark.parametrize(
+    "table, words",
+    [
+        (_tar_table([512], None), "has 'tar_offset' but no 'tar_size': tar members need both columns"),
+        (_tar_table([512.0], [10], offset_type=pa.float64()), "tar_offset must be an integer column, got double"),
+        (_tar_table([512, None], [10, 10]), "tar_offset and tar_size must be null on the same rows"),
+        (_tar_table([100], [10]), r"tar_offset must be a member's data offset \(>= 512"),
+        (_tar_table([512], [-1]), "tar_size must be non-negative"),
+        (_tar_table([512], [10], uris=["/t/a.jpg"]), "a row has tar_offset but its uri names no tar member"),
+    ],
+)
+def test_bad_tar_columns_are_refused_naming_the_column_and_the_fix(layout, table, words):
+    with pytest.raises(ManifestError, match=words):
+        write_shard(layout, "bad-tar", table)
+    assert "bad-tar" not in list_shards(layout)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import socket
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +19,23 @@ from PIL import Image
 from backfill import ingest as ingest_mod
 from backfill.cli import main
 from backfill.discovery import discover
-from backfill.ingest import ALREADY, DUPLICATE, EMPTY, HIDDEN, NOT_IMAGE, IngestError, Ledger, ingest, ledger_path
+from backfill.ingest import (
+    ALREADY,
+    DUPLICATE,
+    EMPTY,
+    HIDDEN,
+    NOT_IMAGE,
+    TAR_CUT,
+    TAR_EMPTY,
+    TAR_HIDDEN,
+    TAR_NOT_FILE,
+    TAR_NOT_IMAGE,
+    TAR_UNREADABLE,
+    IngestError,
+    Ledger,
+    ingest,
+    ledger_path,
+)
 from backfill.manifest import list_shards, read_shard
 from backfill.storage import Layout, Store
 
@@ -401,3 +421,171 @@ def test_an_error_late_in_a_list_keeps_the_shards_before_it_and_a_fixed_rerun_co
     result = ingest(layout, str(listing), shard_size=1000)
     assert (result.new, result.skipped) == (1000, {ALREADY: 4000})
     assert result.shards == [("ingest-000004", 1000, 4000, 4999)]
+
+
+# ---- WebDataset tars ----------------------------------------------------------------------------------------
+
+
+def _tar(path: Path, members: list[tuple[str, bytes | None]]) -> Path:
+    """A tar of (name, data) members; data None makes a folder member."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _sample(key: str, seed: int) -> list[tuple[str, bytes | None]]:
+    return [(f"{key}.jpg", _jpeg(seed)), (f"{key}.json", b"{}"), (f"{key}.cls", b"1")]
+
+
+def test_tars_in_a_folder_give_a_row_per_image_member_with_its_range(tmp_path):
+    src = tmp_path / "wds"
+    _tar(src / "shard-000.tar", [("samples", None), *_sample("samples/000", 0), *_sample("samples/001", 1)])
+    _tar(src / "shard-001.tar", _sample("002", 2) + [("._002.jpg", b"x"), ("003.jpg", b"")])
+    _put(src / "loose.jpg")
+    layout = _root(tmp_path)
+    result = ingest(layout, str(src), shard_size=2)
+    assert (result.kind, result.tars, result.seen, result.new) == ("folder", 2, 13, 4)
+    assert result.skipped == {TAR_NOT_IMAGE: 6, TAR_NOT_FILE: 1, TAR_HIDDEN: 1, TAR_EMPTY: 1}
+    tar0 = str(src / "shard-000.tar")
+    assert _ids_by_uri(layout) == {  # listing order: loose.jpg sorts before the tars
+        str(src / "loose.jpg"): 0,
+        f"{tar0}#samples/000.jpg": 1,
+        f"{tar0}#samples/001.jpg": 2,
+        f"{src / 'shard-001.tar'}#002.jpg": 3,
+    }
+    first, second = (read_shard(layout, name) for name, *_ in result.shards)
+    assert first.members.offsets[0] == -1  # the loose file: a plain row in the same shard as members
+    blob = (src / "shard-000.tar").read_bytes()
+    for shard, row, seed in ((first, 1, 0), (second, 0, 1)):
+        offset, size = int(shard.members.offsets[row]), int(shard.members.sizes[row])
+        assert blob[offset : offset + size] == _jpeg(seed)
+    text = result.describe()
+    assert "13 files and tar members seen (2 tars read), 4 new" in text
+    assert "skipped        6  tar member: not an image extension" in text
+
+
+def test_tar_ingest_is_idempotent_and_a_new_tar_only_adds_its_members(tmp_path):
+    src = tmp_path / "wds"
+    _tar(src / "a.tar", _sample("0", 0) + _sample("1", 1))
+    layout = _root(tmp_path)
+    ingest(layout, str(src), shard_size=10)
+    before = _ids_by_uri(layout)
+    again = ingest(layout, str(src), shard_size=10)
+    assert (again.new, again.skipped[ALREADY], again.shards, again.tars) == (0, 2, [], 1)
+    _tar(src / "b.tar", _sample("0", 5))
+    more = ingest(layout, str(src), shard_size=10)
+    assert (more.new, more.skipped[ALREADY], [(n, lo, hi) for n, _, lo, hi in more.shards]) == (
+        1,
+        2,
+        [("ingest-000001", 2, 2)],
+    )
+    after = _ids_by_uri(layout)
+    assert {u: after[u] for u in before} == before and after[f"{src / 'b.tar'}#0.jpg"] == 2
+
+
+def test_a_single_tar_a_repeated_member_a_cut_tar_and_a_file_that_is_no_tar(tmp_path):
+    data = _jpeg(3)
+    one = _tar(tmp_path / "one.tar", [("a.jpg", data), ("b.jpg", data), ("a.jpg", _jpeg(4))])
+    result = ingest(_root(tmp_path), str(one))
+    assert (result.kind, result.new, result.skipped) == ("tar", 2, {DUPLICATE: 1})  # the first a.jpg is kept
+    cut = tmp_path / "src" / "cut.tar"
+    _tar(cut, [("a.jpg", data), ("b.jpg", data)])
+    cut.write_bytes(cut.read_bytes()[: 512 * 3 + len(data) // 2 + 512])  # b.jpg's data is cut short
+    (tmp_path / "src" / "fake.tar").write_bytes(b"not a tar at all" * 64)
+    folder = ingest(_root(tmp_path / "2"), str(tmp_path / "src"))
+    assert (folder.new, folder.tars, folder.skipped) == (1, 1, {TAR_CUT: 1, TAR_UNREADABLE: 1})
+
+
+def test_a_tar_on_s3_is_listed_once_and_its_members_read_by_range(s3_root, tmp_path):
+    from backfill.config import EmbedConfig
+    from backfill.reader import BatchReader
+
+    store = Store.open(s3_root.rsplit("/", 1)[0] + "/wds")
+    images = [_sample(f"{i:03d}", i) for i in range(5)]
+    blob = _tar(tmp_path / "x.tar", [m for sample in images for m in sample]).read_bytes()
+    store.write_bytes(store.url("x.tar"), blob)
+    layout = Layout(Store.open(s3_root))
+    tar_uri = store.fs.unstrip_protocol(store.url("x.tar"))
+    result = ingest(layout, tar_uri, shard_size=100)
+    assert (result.kind, result.new, result.tars, result.skipped) == ("tar", 5, 1, {TAR_NOT_IMAGE: 10})
+    shard = read_shard(layout, result.shards[0][0])
+    assert shard.uris[0] == f"{tar_uri}#000.jpg"
+    config = EmbedConfig(batch_size=5, chunk_size=5, fetch_workers=2, decode_workers=1, torch_threads=1)
+    reader = BatchReader(shard.uris, [(0, 5)], 8, config, decode_workers=1, members=shard.members)
+    try:
+        (span, (pixels, failed)), *_ = list(reader)
+    finally:
+        reader.close()
+    assert (span.offsets, span.rejects, failed, tuple(pixels.shape)) == ([0, 1, 2, 3, 4], [], {}, (5, 3, 8, 8))
+
+
+def test_an_ingested_tar_embeds_as_its_images_do_as_files_and_search_finds_both(registered, tmp_path):
+    from backfill.config import EmbedConfig, IndexConfig
+    from backfill.embed import embed_shard, load_embeddings
+    from backfill.index import build_index
+    from backfill.publish import publish
+    from backfill.runtime import load_model
+    from backfill.search import Searcher
+    from tests.conftest import MODEL
+
+    layout, card = registered
+    plain = read_shard(layout, "shard-00000")
+    members = [(f"{i:06d}.jpg", Path(u).read_bytes()) for i, u in enumerate(plain.uris)]
+    _tar(tmp_path / "wds" / "a.tar", [m for name, data in members for m in ((name, data), (name + ".json", b"{}"))])
+    ((name, *_),) = ingest(layout, str(tmp_path / "wds"), shard_size=100).shards
+    model = load_model(layout, card)
+    config = EmbedConfig(batch_size=4, chunk_size=6, fetch_workers=2, decode_workers=1, torch_threads=1)
+    for shard in ("shard-00000", name):
+        embed_shard(layout, shard, model, config)
+    _, from_files, _ = load_embeddings(layout, MODEL, "v1", "shard-00000")
+    ids, from_tar, valid = load_embeddings(layout, MODEL, "v1", name)
+    assert valid.all() and np.array_equal(ids, np.arange(60, 80)) and np.array_equal(from_tar, from_files)
+    # every vector is there twice: ties make the recall against exact search a matter of tie order
+    index_config = IndexConfig(target_recall=0.5)
+    publish(layout, MODEL, build_index(layout, MODEL, "v1", ["shard-00000", name], index_config).build_id)
+    query = members[7][1]
+    hits = Searcher(layout, MODEL, cache_dir=str(tmp_path / "cache")).search_image(query, k=2).hits
+    assert {h.uri for h in hits} == {plain.uris[7], f"{tmp_path / 'wds' / 'a.tar'}#000007.jpg"}
+
+
+def test_cli_ingest_of_a_tar_summarises_tars_and_member_skips(tmp_path, capsys):
+    tar = _tar(tmp_path / "a.tar", _sample("0", 0))
+    assert main(["--root", str(tmp_path / "root"), "ingest", str(tar)]) == 0
+    out = capsys.readouterr().out
+    assert "3 files and tar members seen (1 tars read), 1 new" in out and "2  tar member: not an image" in out
+
+
+# ---- one ingest at a time per root --------------------------------------------------------------------------
+
+
+def _lock(layout: Layout, **holder) -> str:
+    path = layout.store.url(ingest_mod.LEDGER, ingest_mod.LOCK)
+    layout.store.write_json(path, {"host": socket.gethostname(), "started": "2026-12-02T00:00:00", **holder})
+    return path
+
+
+def test_a_second_ingest_is_refused_naming_the_holder_and_writes_nothing(tmp_path, photos):
+    layout = _root(tmp_path)
+    path = _lock(layout, pid=os.getpid())  # a live process on this host holds it
+    with pytest.raises(IngestError, match=rf"another ingest is running on this root: {path} is held by .*'pid': "):
+        ingest(layout, str(photos))
+    assert list_shards(layout) == [] and layout.store.exists(path)  # the holder's lock is left alone
+
+
+def test_a_lock_left_by_a_crashed_ingest_on_this_host_is_taken_over_and_every_lock_is_released(tmp_path, photos):
+    layout = _root(tmp_path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    path = _lock(layout, pid=gone.pid)
+    assert ingest(layout, str(photos)).new == 7 and not layout.store.exists(path)
+    with pytest.raises(IngestError, match="does not exist"):
+        ingest(layout, str(tmp_path / "nope"))
+    assert not layout.store.exists(path)  # released on an error too
