@@ -127,3 +127,42 @@ def plan_for(
     inputs = PlanInputs(calibration.version, calibration.dim, tuple(rows.values()), rate, pods, pod,
                         index=index, index_threads=index_threads)  # fmt: skip
     return plan_backfill(inputs)
+
+
+def plan_version(
+    layout: Layout,
+    model: str,
+    version: str,
+    config: EmbedConfig,
+    index: IndexConfig,
+    pod: PodSpec | None,
+    pods: int,
+    images: int = 256,
+    img_s: float | None = None,
+    index_threads: int = 1,
+) -> tuple[Plan, Calibration | None]:
+    """Calibrate (unless img_s, one pod's rate, is given) and plan; pod None: the local default's run slots.
+
+    index_threads: the FAISS threads of the step that builds the index (the index pool's CPUs).
+    """
+    calibration = None
+    if img_s is None:
+        calibration = calibrate(layout, model, version, config, images)
+    pod = pod or local_pod(config.device, calibration.cpus if calibration else ThreadBudget.resolve().cpus)
+    if calibration is not None:
+        return plan_for(layout, calibration, pod, pods, index, index_threads), calibration
+    card = read_card(layout, model, version)
+    inputs = PlanInputs(version, card.dim, tuple(shard_rows(layout).values()), img_s, pods, pod, index=index,
+                        index_threads=index_threads)  # fmt: skip
+    return plan_backfill(inputs), None
+
+
+def calibration_rows(c: Calibration) -> list[tuple[str, str]]:
+    """(what, value) lines of a calibration, for the CLI and the asset's markdown."""
+    stages = ", ".join(f"{k} {v:.2f}" for k, v in sorted(c.stage_s.items(), key=lambda kv: -kv[1]))
+    return [
+        ("calibration", f"{c.images} sample images on {c.device} ({c.cpus} CPUs), batch {c.batch_size}: "
+                        f"{c.img_s:,.1f} img/s, {c.seconds:.2f} s, {c.rejects} rejects"),
+        ("calibration stages (s)", stages),
+        ("model load", f"{c.model_load_s:.2f} s"),
+    ]  # fmt: skip

@@ -203,3 +203,28 @@ def plan_rows(plan: Plan) -> list[tuple[str, str]]:
         ("index", f"{plan.index_factory}: {plan.index_bytes / 2**20:,.1f} MiB, build ~{hms(plan.index_build_s)} "
                   f"on {i.index_threads} threads"),
     ]  # fmt: skip
+
+
+def plan_summary(plan: Plan, **extra: object) -> dict:
+    """The figures a report puts beside its actuals (saved as JSON by `backfill plan` and backfill_plan)."""
+    i = plan.inputs
+    return {
+        "version": i.version,
+        "pool": i.pod.pool,
+        "pods": i.pods,
+        "shards": plan.shards,
+        "images": plan.images,
+        "img_s_per_pod": i.img_s_per_pod,
+        "startup_s": i.pod.startup_s,
+        "wall_s": plan.wall_s,
+        "pod_hours": plan.pod_hours,
+        "core_hours": plan.core_hours,
+        "gpu_hours": plan.gpu_hours,
+        "cost_spot": plan.cost_spot,
+        "cost_on_demand": plan.cost_on_demand,
+        "embedding_bytes": plan.embedding_bytes,
+        "index_factory": plan.index_factory,
+        "index_bytes": plan.index_bytes,
+        "index_build_s": plan.index_build_s,
+        **extra,
+    }

@@ -153,4 +153,6 @@ POOL_SCHEMA = {
     "maxConcurrentRuns": Key(that(lambda v: _is_int(v) and v >= 1, "must be a positive integer"), required=True),
     "description": Key(lambda value, path: value),
     "pricePerHour": Key(record(PRICE_SCHEMA)),
+    # preemptible capacity (spot, or tidal nodes reclaimed by day): the report's share on spot counts it
+    "spot": Key(that(lambda v: isinstance(v, bool), "must be true or false")),
 }

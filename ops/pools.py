@@ -40,6 +40,7 @@ class Pool:
     description: str = ""
     price_spot: float | None = None  # per pod-hour, on spot/preemptible capacity (pricePerHour.spot)
     price_on_demand: float | None = None  # per pod-hour, on demand (pricePerHour.onDemand)
+    spot: bool = False  # preemptible capacity: its pod-hours count as spot and are priced at pricePerHour.spot
 
     @property
     def cpus(self) -> float:
@@ -178,6 +179,7 @@ def _pool(name: Any, spec: Any, min_grace_s: float) -> Pool:
         description=str(spec.get("description", "")),
         price_spot=spec.get("pricePerHour", {}).get("spot"),
         price_on_demand=spec.get("pricePerHour", {}).get("onDemand"),
+        spot=spec.get("spot", False),
     )
 
 
