@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from backfill.config import EmbedConfig, IndexConfig
+from backfill.device import require_device
 from backfill.embed import embed_shard
 from backfill.errors import ConfigError
 from backfill.manifest import list_shards, read_shard, write_shard
@@ -147,6 +148,8 @@ def plan_version(
     """
     calibration = None
     if img_s is None:
+        require_device(config.device, f"the plan of {model} {version} calibrates", "run the plan where the pool's "
+                       "device is (a GPU machine for a cuda pool), or give one pod's measured rate (--img-s)")  # fmt: skip
         calibration = calibrate(layout, model, version, config, images)
     pod = pod or local_pod(config.device, calibration.cpus if calibration else ThreadBudget.resolve().cpus)
     if calibration is not None:
