@@ -148,8 +148,8 @@ def plan_version(
     """
     calibration = None
     if img_s is None:
-        require_device(config.device, f"the plan of {model} {version} calibrates", "run the plan where the pool's "
-                       "device is (a GPU machine for a cuda pool), or give one pod's measured rate (--img-s)")  # fmt: skip
+        fix = "run the plan where the pool's device is (a GPU machine for a cuda pool), or give a pod's rate (--img-s)"
+        require_device(config.device, f"the plan of {model} {version} calibrates", fix)
         calibration = calibrate(layout, model, version, config, images)
     pod = pod or local_pod(config.device, calibration.cpus if calibration else ThreadBudget.resolve().cpus)
     if calibration is not None:
