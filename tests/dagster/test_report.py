@@ -85,3 +85,13 @@ def test_report_of_a_version_with_nothing_embedded_yet(registered):
         assert instance.get_latest_materialization_event(AssetKey("backfill_report")) is not None
     assert meta["shards"] == 3 and meta["shards_complete"] == 0 and meta["runs"] == 0 and "cost" not in meta
     assert "| shards complete | 0 / 3 |" in meta["report"]
+
+
+def test_the_plan_never_blocks_a_backfill_and_the_report_follows_the_embeddings():
+    from ops.definitions import defs
+
+    graph = defs().resolve_asset_graph()
+    plan, report_node = graph.get(AssetKey("backfill_plan")), graph.get(AssetKey("backfill_report"))
+    assert plan.parent_keys == {AssetKey("model_version")} and plan.child_keys == set()
+    assert report_node.parent_keys == {AssetKey("image_embeddings")} and report_node.child_keys == set()
+    assert plan.automation_condition is None and report_node.automation_condition is None  # materialized by hand
