@@ -21,7 +21,7 @@ from backfill.pipeline import cpu_budget
 from backfill.plan import plan_rows, plan_summary
 from backfill.report import Report, build_report, read_plan, report_markdown, write_plan
 from ops.pools import Pools, load_pools, pod_spec
-from ops.runs import embedding_partitions, embedding_runs, local_slots, pool_facts
+from ops.runs import embedding_partitions, embedding_runs, local_slots, measured_startup, pool_facts
 
 
 class PlanConfig(Config):
@@ -49,10 +49,12 @@ def backfill_plan(context: AssetExecutionContext, config: PlanConfig, backfill: 
         device = pool.device
     else:
         pod, pods, device = None, config.pods or local_slots(context.instance), backfill.device
+    startup = None if config.pool else measured_startup(context.instance)
     index_threads = int(pools.get(pools.index_pool).cpus) if pools and pools.index_pool and config.pool else 0
     plan, calibration = run_engine(
         context, plan_version, layout, backfill.model, version, backfill.embed_config(device),
-        backfill.index_config(), pod, pods, config.sample_images, index_threads=index_threads or cpu_budget(),
+        backfill.index_config(), pod, pods, config.sample_images,
+        index_threads=index_threads or cpu_budget(), startup=startup,
     )  # fmt: skip
     where = write_plan(layout, backfill.model, version, plan_summary(plan, calibrated_img_s=calibration.img_s))
     lines = calibration_rows(calibration) + plan_rows(plan)

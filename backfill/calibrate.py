@@ -112,9 +112,16 @@ def calibrate(layout: Layout, model: str, version: str, config: EmbedConfig, ima
     )
 
 
-def local_pod(device: str, cpus: int) -> PodSpec:
-    """A run slot of the local default: every slot shares this machine; no pod start, no price."""
-    return PodSpec("local", device, cpus=cpus, shares_host=True)
+def local_pod(device: str, cpus: int, startup: tuple[float, int] | None = None) -> PodSpec:
+    """A run slot of the local default: every slot shares this machine; no pod start, no price.
+
+    startup: (seconds, runs) measured on this instance's earlier runs; else the bench's constants.
+    """
+    if startup is None:
+        return PodSpec("local", device, cpus=cpus, shares_host=True)
+    seconds, runs = startup
+    return PodSpec("local", device, cpus=cpus, shares_host=True, startup_s=seconds,
+                   startup_source=f"median of {runs} earlier runs on this instance")  # fmt: skip
 
 
 def plan_for(
@@ -141,17 +148,19 @@ def plan_version(
     images: int = 256,
     img_s: float | None = None,
     index_threads: int = 1,
+    startup: tuple[float, int] | None = None,
 ) -> tuple[Plan, Calibration | None]:
     """Calibrate (unless img_s, one pod's rate, is given) and plan; pod None: the local default's run slots.
 
-    index_threads: the FAISS threads of the step that builds the index (the index pool's CPUs).
+    index_threads: the FAISS threads of the step that builds the index (the index pool's CPUs);
+    startup: the local default's measured start-up per partition (ops.runs.measured_startup), if any.
     """
     calibration = None
     if img_s is None:
         fix = "run the plan where the pool's device is (a GPU machine for a cuda pool), or give a pod's rate (--img-s)"
         require_device(config.device, f"the plan of {model} {version} calibrates", fix)
         calibration = calibrate(layout, model, version, config, images)
-    pod = pod or local_pod(config.device, calibration.cpus if calibration else ThreadBudget.resolve().cpus)
+    pod = pod or local_pod(config.device, calibration.cpus if calibration else ThreadBudget.resolve().cpus, startup)
     if calibration is not None:
         return plan_for(layout, calibration, pod, pods, index, index_threads), calibration
     card = read_card(layout, model, version)

@@ -245,12 +245,13 @@ def cmd_plan(args: argparse.Namespace) -> None:
     settings = Settings.from_env()
     layout = _layout(args.root)
     pod, pods, device, index_threads = _plan_pool(args, settings)
+    startup = None if args.pool else _local_startup()
     if args.img_s is None:
         print(f"plan: calibrating {args.model} {args.version} on {args.images} sample images ({device})",
               file=sys.stderr, flush=True)  # fmt: skip
     plan, calibration = plan_version(
         layout, args.model, args.version, _replace(settings.embed, device=device), settings.index, pod, pods,
-        args.images, img_s=args.img_s, index_threads=index_threads,
+        args.images, img_s=args.img_s, index_threads=index_threads, startup=startup,
     )  # fmt: skip
     extra = {"calibrated_img_s": calibration.img_s} if calibration else {}
     where = write_plan(layout, args.model, args.version, plan_summary(plan, **extra))
@@ -279,6 +280,20 @@ def _plan_pool(args: argparse.Namespace, settings):
     pool = pools.get(args.pool)
     index = pools.get(pools.index_pool) if pools.index_pool else pool
     return pod_spec(pool), args.pods or pool.max_concurrent_runs, pool.device, int(index.cpus)
+
+
+def _local_startup() -> tuple[float, int] | None:
+    """Start-up per partition measured on the DAGSTER_HOME instance's earlier embedding runs, if any."""
+    import os
+
+    if not os.environ.get("DAGSTER_HOME"):
+        return None
+    from dagster import DagsterInstance
+
+    from ops.runs import measured_startup
+
+    with DagsterInstance.get() as instance:
+        return measured_startup(instance)
 
 
 def _local_slots() -> int:

@@ -42,6 +42,7 @@ class PodSpec:
     price_on_demand: float | None = None
     startup_s: float = RUN_OVERHEAD_S + RUN_LAUNCH_S  # per partition, beyond its compute
     shares_host: bool = False  # local: every run slot shares this machine's CPUs
+    startup_source: str = "bench/overhead_bench.py's constants"
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,7 @@ def plan_rows(plan: Plan) -> list[tuple[str, str]]:
         ("images", f"{plan.images:,} in {shards}"),
         ("pool", f"{pod.pool}: {i.pods} pods of {pod.cpus:g} CPUs, {pod.gpus} GPUs ({pod.device})"),
         ("img/s per pod", f"{i.img_s_per_pod:,.1f}"),
-        ("start-up per partition", f"{pod.startup_s:.1f} s"),
+        ("start-up per partition", f"{pod.startup_s:.1f} s ({pod.startup_source})"),
         ("partition", f"{hms(min(plan.partition_s))} - {hms(max(plan.partition_s))} (compute + start-up)"),
         ("wall time", f"{hms(plan.wall_s)} ({plan.waves} waves over {i.pods} pods"
                       f"{'; the queue rate bounds it' if plan.queue_bound else ''})"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dagster import AssetKey, AssetRecordsFilter, DagsterEventType, DagsterInstance, RunsFilter
+import statistics
+
+from dagster import AssetKey, AssetRecordsFilter, DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 
 from backfill.report import PartitionFacts, PoolFacts, RunFacts
 from ops.pools import POOL_TAG, Pools
@@ -102,3 +104,29 @@ def local_slots(instance: DagsterInstance) -> int:
     queue = instance.get_concurrency_config().run_queue_config
     limit = queue.max_concurrent_runs if queue is not None else 1
     return limit if limit and limit > 0 else 1
+
+
+def measured_startup(instance: DagsterInstance, limit: int = 100) -> tuple[float, int] | None:
+    """(median seconds per partition beyond its compute, runs measured) from this instance's finished runs.
+
+    Per run: its worker's launch (RUN_STARTING -> the run's start) plus its duration beyond the partition's
+    own wall_s (the step process, imports, model load, reporting). Waiting in the queue for a free slot is
+    not start-up and is left out. None before any embedding run has succeeded here.
+    """
+    per_run = []
+    for record in instance.get_run_records(RunsFilter(statuses=[DagsterRunStatus.SUCCESS]), limit=limit):
+        run = record.dagster_run
+        if VERSION_TAG not in run.tags or not (record.start_time and record.end_time):
+            continue
+        walls = [
+            e.asset_materialization.metadata["wall_s"].value
+            for e in instance.all_logs(run.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION)
+            if e.asset_materialization is not None and "wall_s" in e.asset_materialization.metadata
+        ]
+        if len(walls) != 1:
+            continue
+        # a launched run has RUN_STARTING (its worker being started); one executed in process has none
+        starting = instance.all_logs(run.run_id, of_type=DagsterEventType.RUN_STARTING)
+        launch = max(0.0, record.start_time - starting[0].timestamp) if starting else 0.0
+        per_run.append(launch + record.end_time - record.start_time - walls[0])
+    return (statistics.median(per_run), len(per_run)) if per_run else None

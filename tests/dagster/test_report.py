@@ -71,6 +71,8 @@ def test_report_numbers_match_the_markers_and_the_run_records(registered, monkey
     # the plan made before is beside the actuals, and was saved where the report found it
     assert meta["plan_wall_s"] == plan_meta["wall_s"] == round(read_plan(layout, MODEL, "v1")["wall_s"], 1)
     assert plan_meta["embedding_bytes"] == 60 * (16 * 2 + 8) and plan_meta["pods"] == slots
+    # the plan's start-up per partition was measured on this instance's three embedding runs
+    assert "median of 3 earlier runs on this instance" in plan_meta["plan"]
     assert "| images | 60 (60 embedded, 0 rejected) |" in meta["report"]
     assert "chunks redone" in meta["report"] and "img/s per partition" in meta["report"]
     assert all(layout.store.exists(f"{layout.embeddings(MODEL, 'v1', s)}/{MARKER}") for s in shards)
