@@ -98,7 +98,7 @@ def backfill_report(context: AssetExecutionContext, backfill: BackfillResource) 
     shards = list_shards(layout)
     runs = embedding_runs(context.instance, version)
     partitions = embedding_partitions(context.instance, version, shards)
-    pools = pool_facts(_pools(), max(1, cpu_budget() // local_slots(context.instance)))
+    pools = pool_facts(_pools(), cpu_budget() / local_slots(context.instance))  # a local run: its share
     plan = read_plan(layout, backfill.model, version)
     report = run_engine(context, build_report, layout, backfill.model, version, runs, partitions, pools, plan)
     return MaterializeResult(metadata={"report": MetadataValue.md(report_markdown(report)), **report_metadata(report)})

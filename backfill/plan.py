@@ -112,7 +112,8 @@ def plan_backfill(inputs: PlanInputs) -> Plan:
         queue_bound=queue_bound,
         waves=math.ceil(len(partition_s) / inputs.pods),
         pod_hours=pod_hours,
-        core_hours=pod_hours * pod.cpus,
+        # local run slots share this machine's CPUs: each holds its share of them
+        core_hours=pod_hours * (pod.cpus / inputs.pods if pod.shares_host else pod.cpus),
         gpu_hours=pod_hours * pod.gpus,
         cost_spot=None if pod.price_spot is None else pod_hours * pod.price_spot,
         cost_on_demand=None if pod.price_on_demand is None else pod_hours * pod.price_on_demand,

@@ -91,7 +91,7 @@ def _partition(shard: str, metadata: dict) -> PartitionFacts:
     )
 
 
-def pool_facts(pools: Pools | None, local_cpus: int) -> dict[str, PoolFacts]:
+def pool_facts(pools: Pools | None, local_cpus: float) -> dict[str, PoolFacts]:
     """Per pool tag: a pod's CPUs, GPUs, spot or not, prices; "" (no tag: the local default) is this machine."""
     facts = {"": PoolFacts(cpus=local_cpus)}
     for name, pool in (pools.pools if pools else {}).items():

@@ -44,6 +44,8 @@ def test_hours_and_cost_count_the_pods_busy_time():
     assert plan.cost_spot == pytest.approx(0.1 * 28 / 3600) and plan.cost_on_demand == pytest.approx(0.3 * 28 / 3600)
     gpu = plan_backfill(inputs(pod=GPU, img_s=1000.0))
     assert gpu.pod_hours == pytest.approx(4 * (0.2 + 10) / 3600) and gpu.gpu_hours == pytest.approx(gpu.pod_hours)
+    shared = plan_backfill(inputs(pod=PodSpec("local", "cpu", 2, startup_s=5.0, shares_host=True)))
+    assert shared.core_hours == pytest.approx(28 / 3600)  # 2 run slots on a 2-CPU machine: 1 CPU each
     unpriced = plan_backfill(inputs(pod=PodSpec("local", "cpu", 2)))
     assert unpriced.cost_spot is None and "no price" in dict(plan_rows(unpriced))["cost on spot"]
 
