@@ -92,17 +92,19 @@ def main(argv: list[str] | None = None) -> int:
     made = make_sample_corpus(layout, SampleSpec(images=800, shards=4))  # the demo's corpus
     print(f"corpus: {made['images']} images in {made['shards']} shards; load {os.getloadavg()[0]:.2f}", flush=True)
     init_instance(home)
+    rows = []
     for version in args.versions:
         register_demo_version(layout, version)  # the daemon is stopped: the plan runs alone
         plan(version, env)
         took = backfill(layout, version, env, home / "daemon.log", args.timeout)
         print(f"{version}: registered -> published in {took:.0f} s; load {os.getloadavg()[0]:.2f}", flush=True)
+        m = report(version)  # materialized after each version: a partial run still reports what it did
+        rows.append(f"{version:8} {m['plan_wall_s']:11.1f} {m['wall_s']:13.1f} {m['wall_vs_plan']:11.3f} "
+                    f"{_plan(layout, version)['pod_hours']:10.4f} {m['pod_hours']:12.4f}")  # fmt: skip
+        print(rows[-1], flush=True)
     print(f"\n{'version':8} {'plan wall s':>11} {'actual wall s':>13} {'actual/plan':>11} {'pod-h plan':>10} "
           f"{'pod-h actual':>12}")  # fmt: skip
-    for version in args.versions:
-        m = report(version)
-        print(f"{version:8} {m['plan_wall_s']:11.1f} {m['wall_s']:13.1f} {m['wall_vs_plan']:11.3f} "
-              f"{_plan(layout, version)['pod_hours']:10.4f} {m['pod_hours']:12.4f}")  # fmt: skip
+    print("\n".join(rows))
     print(f"\nDAGSTER_HOME={home} BACKFILL_ROOT={root} .venv/bin/dagster dev   # the report: Assets -> backfill_report")
     return 0
 
