@@ -75,3 +75,15 @@ def test_cli_status_and_plan(half_done, capsys, monkeypatch):
     assert main(["--root", root, "plan", "v1", "--pool", "gpu-spot", "--img-s", "5000"]) == 0
     out = capsys.readouterr().out
     assert "gpu-spot: 32 pods of 8 CPUs, 1 GPUs (cuda)" in out and "cost on spot:" in out
+
+
+def test_cli_status_reads_the_dagster_instance_when_there_is_one(half_done, tmp_path, capsys, monkeypatch):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    assert main(["--root", half_done.store.root, "status", "v1"]) == 0
+    out = capsys.readouterr().out
+    # no runs in that instance: shard-00001's committed chunk counts, but nothing is running
+    assert "1/3 shards done, 0 running, 2 left; 28/60 images committed" in out and "(nothing running now)" in out
+    assert f"runs from the Dagster instance in {home}" in out
