@@ -180,7 +180,7 @@ def hms(seconds: float) -> str:
 
 
 def money(value: float | None) -> str:
-    return "no price in the pools file" if value is None else f"{value:,.2f}"
+    return "no price (a pool's pricePerHour)" if value is None else f"{value:,.2f}"
 
 
 def plan_rows(plan: Plan) -> list[tuple[str, str]]:

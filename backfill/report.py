@@ -208,6 +208,8 @@ def _num(value: float | None) -> str | None:
 def _cost(plan: dict) -> str | None:
     if not plan:
         return None
+    if plan.get("cost_spot") is None and plan.get("cost_on_demand") is None:
+        return money(None)
     return f"spot {money(plan.get('cost_spot'))}, on demand {money(plan.get('cost_on_demand'))}"
 
 
