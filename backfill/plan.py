@@ -180,7 +180,9 @@ def hms(seconds: float) -> str:
 
 
 def money(value: float | None) -> str:
-    return "no price (a pool's pricePerHour)" if value is None else f"{value:,.2f}"
+    if value is None:
+        return "no price (a pool's pricePerHour)"
+    return f"{value:,.2f}" if value >= 10 else f"{value:.4f}"  # a small test backfill costs cents
 
 
 def plan_rows(plan: Plan) -> list[tuple[str, str]]:
