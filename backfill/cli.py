@@ -223,17 +223,23 @@ def _backfill_status(layout, model: str, version: str) -> None:
 
 def _dagster_runs(version: str):
     """(the version's runs, where they came from); (None, why) without a Dagster instance to read."""
-    import os
-
-    if not os.environ.get("DAGSTER_HOME"):
-        return None, "from storage only: set DAGSTER_HOME to see which shards are running"
-    # the Dagster side is optional here: the engine never needs it, this command reads it when it can
-    from dagster import DagsterInstance
-
     from ops.runs import embedding_runs
 
-    with DagsterInstance.get() as instance:
-        return embedding_runs(instance, version), f"runs from the Dagster instance in {os.environ['DAGSTER_HOME']}"
+    instance, why = _dagster_instance()
+    if instance is None:
+        return None, f"from storage only ({why}); set DAGSTER_HOME to see which shards are running"
+    with instance:
+        return embedding_runs(instance, version), f"runs from the Dagster instance in {instance.root_directory}"
+
+
+def _dagster_instance():
+    """(the DAGSTER_HOME instance, "") or (None, why): the Dagster side is optional here, read when it can be."""
+    from dagster import DagsterError, DagsterInstance
+
+    try:
+        return DagsterInstance.get(), ""
+    except DagsterError as exc:  # DAGSTER_HOME unset (DagsterHomeNotSetError) or its dagster.yaml unreadable
+        return None, str(exc).strip().splitlines()[0]
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -284,29 +290,23 @@ def _plan_pool(args: argparse.Namespace, settings):
 
 def _local_startup() -> tuple[float, int] | None:
     """Start-up per partition measured on the DAGSTER_HOME instance's earlier embedding runs, if any."""
-    import os
-
-    if not os.environ.get("DAGSTER_HOME"):
-        return None
-    from dagster import DagsterInstance
-
     from ops.runs import measured_startup
 
-    with DagsterInstance.get() as instance:
+    instance, _ = _dagster_instance()
+    if instance is None:
+        return None
+    with instance:
         return measured_startup(instance)
 
 
 def _local_slots() -> int:
     """The local instance's run slots (DAGSTER_HOME's max_concurrent_runs), else the shipped dagster.yaml's 2."""
-    import os
-
-    if not os.environ.get("DAGSTER_HOME"):
-        return 2
-    from dagster import DagsterInstance
-
     from ops.runs import local_slots
 
-    with DagsterInstance.get() as instance:
+    instance, _ = _dagster_instance()
+    if instance is None:
+        return 2
+    with instance:
         return local_slots(instance)
 
 

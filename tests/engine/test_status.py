@@ -60,7 +60,7 @@ def test_cli_status_and_plan(half_done, capsys, monkeypatch):
     root = half_done.store.root
     assert main(["--root", root, "status", "v1"]) == 0
     out = capsys.readouterr().out
-    assert "refcnn v1: 1/3 shards done, 1 running, 1 left; 28/60 images committed" in out and "storage only" in out
+    assert "refcnn v1: 1/3 shards done, 1 running, 1 left; 28/60 images committed" in out and "from storage only" in out
     assert main(["--root", root, "plan", "v1", "--images", "16", "--pods", "2"]) == 0
     out = capsys.readouterr().out
     assert "calibration:" in out and "16 sample images on cpu" in out and "wall time:" in out
