@@ -1,5 +1,7 @@
 """image_embeddings: one (model version, shard) partition per run, retried on its own."""
 
+import time
+
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
@@ -75,6 +77,7 @@ EMBED_WHEN_MISSING = (
 )
 def image_embeddings(context: AssetExecutionContext, backfill: BackfillResource) -> MaterializeResult:
     # a MultiPartitionKey from a backfill, a plain "v1|shard-00000" string from a tag or the CLI
+    step_started = time.time()
     keys = embedding_partitions.get_partition_key_from_str(str(context.partition_key)).keys_by_dimension
     version, shard = keys["model_version"], keys["shard"]
     layout = backfill.layout()
@@ -94,7 +97,8 @@ def image_embeddings(context: AssetExecutionContext, backfill: BackfillResource)
         f"{shard} x {version}: {stats.images} images, {stats.rejects} rejects, "
         f"{stats.chunks_resumed}/{stats.chunks} chunks resumed, {stats.images_per_s:.0f} img/s"
     )
-    return _result(stats, verdict, layout.store.display(layout.embeddings(backfill.model, version, shard)), backfill)
+    path = layout.store.display(layout.embeddings(backfill.model, version, shard))
+    return _result(stats, verdict, path, backfill, _attempt_metadata(context, step_started))
 
 
 def _progress(context: AssetExecutionContext, shard: str):
@@ -110,11 +114,39 @@ def _progress(context: AssetExecutionContext, shard: str):
     return progress
 
 
-def _result(stats: EmbedStats, verdict: Verdict, path: str, backfill: BackfillResource) -> MaterializeResult:
-    """The engine's stats and the re-verification as materialization metadata and check results."""
+def _attempt_metadata(context: AssetExecutionContext, step_started: float) -> dict[str, float | int]:
+    """Which attempt this is (step retries, run retries) and how long the partition queued before its step ran.
+
+    queue_wait_s: run created (queued by the backfill) -> run started (the daemon dequeued it, its worker
+    up); step_wait_s: run started -> this step's body (the step process's start, imports, resources).
+    """
+    record = context.instance.get_run_record_by_id(context.run.run_id)
+    meta: dict[str, float | int] = {
+        "attempt": context.retry_number + 1,
+        "run_attempt": int(context.run.tags.get("dagster/retry_number", "0")) + 1,
+    }
+    if record is not None and record.start_time:
+        meta["queue_wait_s"] = round(max(0.0, record.start_time - record.create_timestamp.timestamp()), 3)
+        meta["step_wait_s"] = round(max(0.0, step_started - record.start_time), 3)
+    return meta
+
+
+def _result(
+    stats: EmbedStats, verdict: Verdict, path: str, backfill: BackfillResource, attempt: dict[str, float | int]
+) -> MaterializeResult:
+    """The engine's stats and the re-verification as materialization metadata and check results.
+
+    Every number is a plain numeric entry (the UI plots numeric metadata across partitions): the stage
+    seconds as stage_<stage>_s (wait_batch is the model waiting on fetch + decode), the queue waits,
+    the attempt numbers.
+    """
     reject_rate = stats.rejects / stats.images if stats.images else 0.0
+    stages = {f"stage_{k}_s": MetadataValue.float(round(v, 3)) for k, v in sorted(stats.stage_s.items())}
     return MaterializeResult(
         metadata={
+            **stages,
+            **attempt,
+            "embedded_now": stats.images_embedded_now,
             "images": stats.images,
             "embedded": stats.embedded,
             "rejects": stats.rejects,

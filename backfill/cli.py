@@ -197,6 +197,9 @@ def cmd_status(args: argparse.Namespace) -> None:
     from backfill.registry import list_versions
 
     layout = _layout(args.root)
+    if args.version:
+        _backfill_status(layout, args.model, args.version)
+        return
     cards, skipped = list_versions(layout, args.model)
     print(f"registry {args.model}: {', '.join(c.version for c in cards) or 'no versions'}")
     for version, reason in skipped.items():
@@ -212,6 +215,108 @@ def cmd_status(args: argparse.Namespace) -> None:
                 f"recall@{pointer['k']}={pointer['recall_at_k']}, "
                 f"published {pointer['published_at']})"
             )
+
+
+def _backfill_status(layout, model: str, version: str) -> None:
+    """A version's backfill: storage says what is committed; the Dagster instance, when there is one, what runs."""
+    import time
+
+    from backfill.calibrate import shard_rows
+    from backfill.status import describe, progress
+
+    runs, source = _dagster_runs(version)
+    now = time.time()
+    print(describe(progress(layout, model, version, shard_rows(layout), runs, now), now))
+    print(f"  ({source})")
+
+
+def _dagster_runs(version: str):
+    """(the version's runs, where they came from); (None, why) without a Dagster instance to read."""
+    from ops.runs import embedding_runs
+
+    instance, why = _dagster_instance()
+    if instance is None:
+        return None, f"from storage only ({why}); set DAGSTER_HOME to see which shards are running"
+    with instance:
+        return embedding_runs(instance, version), f"runs from the Dagster instance in {instance.root_directory}"
+
+
+def _dagster_instance():
+    """(the DAGSTER_HOME instance, "") or (None, why): the Dagster side is optional here, read when it can be."""
+    from dagster import DagsterError, DagsterInstance
+
+    try:
+        return DagsterInstance.get(), ""
+    except DagsterError as exc:  # DAGSTER_HOME unset (DagsterHomeNotSetError) or its dagster.yaml unreadable
+        return None, str(exc).strip().splitlines()[0]
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from backfill.calibrate import calibration_rows, plan_version
+    from backfill.plan import plan_rows, plan_summary
+    from backfill.report import write_plan
+    from backfill.settings import Settings
+
+    settings = Settings.from_env()
+    layout = _layout(args.root)
+    pod, pods, device, index_threads = _plan_pool(args, settings)
+    startup = None if args.pool else _local_startup()
+    if args.img_s is None:
+        print(f"plan: calibrating {args.model} {args.version} on {args.images} sample images ({device})",
+              file=sys.stderr, flush=True)  # fmt: skip
+    plan, calibration = plan_version(
+        layout, args.model, args.version, _replace(settings.embed, device=device), settings.index, pod, pods,
+        args.images, img_s=args.img_s, index_threads=index_threads, startup=startup,
+    )  # fmt: skip
+    extra = {"calibrated_img_s": calibration.img_s} if calibration else {}
+    where = write_plan(layout, args.model, args.version, plan_summary(plan, **extra))
+    rows = (calibration_rows(calibration) if calibration else []) + plan_rows(plan)
+    print(f"plan for {args.model} {args.version}:")
+    for what, value in rows:
+        print(f"  {what + ':':24} {value}")
+    print(f"saved to {where} (the backfill_report asset puts it beside the actuals)")
+
+
+def _replace(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def _plan_pool(args: argparse.Namespace, settings):
+    """(pod spec or None for local, pods, device, index threads) for --pool / --pods."""
+    from backfill.pipeline import cpu_budget
+
+    if not args.pool:
+        return None, args.pods or _local_slots(), settings.embed.device, cpu_budget()
+    from ops.pools import load_pools, pod_spec  # the pools file is the deployment's: read through ops
+
+    pools = load_pools(settings.pools_file)
+    pool = pools.get(args.pool)
+    index = pools.get(pools.index_pool) if pools.index_pool else pool
+    return pod_spec(pool), args.pods or pool.max_concurrent_runs, pool.device, int(index.cpus)
+
+
+def _local_startup() -> tuple[float, int] | None:
+    """Start-up per partition measured on the DAGSTER_HOME instance's earlier embedding runs, if any."""
+    from ops.runs import measured_startup
+
+    instance, _ = _dagster_instance()
+    if instance is None:
+        return None
+    with instance:
+        return measured_startup(instance)
+
+
+def _local_slots() -> int:
+    """The local instance's run slots (DAGSTER_HOME's max_concurrent_runs), else the shipped dagster.yaml's 2."""
+    from ops.runs import local_slots
+
+    instance, _ = _dagster_instance()
+    if instance is None:
+        return 2
+    with instance:
+        return local_slots(instance)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -383,8 +488,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", action="store_true", help="carry it out; without it, only print what would be removed")
     p.set_defaults(fn=cmd_retire)
 
-    p = sub.add_parser("status", help="registered versions and what is published per model, with its recall")
+    p = sub.add_parser(
+        "status",
+        help="registered versions and what is published per model; with VERSION, that version's backfill: "
+        "shards done/running/left, images committed, img/s and ETA",
+    )
+    p.add_argument("version", nargs="?", help="a model version: show its backfill's progress")
     p.set_defaults(fn=cmd_status)
+
+    p = sub.add_parser(
+        "plan",
+        help="estimate a version's backfill before launch: calibrate on a corpus sample, then wall time, "
+        "pod/GPU-hours, cost, bytes, index (docs/plan.md)",
+    )
+    p.add_argument("version")
+    p.add_argument("--pool", help="a pool of the pools file (default: the local default's run slots)")
+    p.add_argument("--pods", type=int, default=0, help="pods (default: the pool's maxConcurrentRuns, or local slots)")
+    p.add_argument("--images", type=int, default=256, help="sample images to calibrate on (default %(default)s)")
+    p.add_argument("--img-s", type=float, help="one pod's img/s instead of calibrating (a GPU pool from a CPU box)")
+    p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser(
         "rejects", help="images a version could not embed, with the reason (from each shard's rejects table)"

@@ -7,6 +7,7 @@ from dagster import Definitions, define_asset_job, definitions
 from assets.embeddings import image_embeddings
 from assets.index import faiss_index, search_index
 from assets.models import model_version
+from assets.report import backfill_plan, backfill_report
 from assets.resources import BackfillResource
 from backfill.settings import Settings
 from ops.deployment import executor_for
@@ -24,7 +25,7 @@ def build_definitions(settings: Settings) -> Definitions:
         settings.pool, settings.pools_file
     )  # BACKFILL_POOL: the pool of what sensors and the schedule launch
     return Definitions(
-        assets=[model_version, image_embeddings, faiss_index, search_index],
+        assets=[model_version, image_embeddings, faiss_index, search_index, backfill_plan, backfill_report],
         jobs=[embed_job, index_job, retire_job],
         sensors=[
             registry_sensor(settings.sensor_interval_s, settings.discovery),

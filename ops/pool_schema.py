@@ -121,6 +121,12 @@ def _is_int(value: Any) -> bool:
 
 
 _STRING = that(lambda v: isinstance(v, str), "must be a string (quote 'true')")
+# an hourly price per pod (backfill plan and backfill_report multiply pod-hours by it)
+_PRICE = that(
+    lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e6,
+    "must be a non-negative number (the price of one pod for one hour, e.g. 0.35)",
+)
+PRICE_SCHEMA = {"spot": Key(_PRICE, required=True), "onDemand": Key(_PRICE, required=True)}
 TOLERATION_SCHEMA = {
     "key": Key(_STRING),
     "operator": Key(one_of(TOLERATION_OPERATORS)),
@@ -146,4 +152,7 @@ POOL_SCHEMA = {
     "terminationGracePeriodSeconds": Key(lambda value, path: value, required=True),
     "maxConcurrentRuns": Key(that(lambda v: _is_int(v) and v >= 1, "must be a positive integer"), required=True),
     "description": Key(lambda value, path: value),
+    "pricePerHour": Key(record(PRICE_SCHEMA)),
+    # preemptible capacity (spot, or tidal nodes reclaimed by day): the report's share on spot counts it
+    "spot": Key(that(lambda v: isinstance(v, bool), "must be true or false")),
 }

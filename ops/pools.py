@@ -12,6 +12,7 @@ import yaml
 
 from backfill.device import require_device
 from backfill.errors import ConfigError
+from backfill.plan import POD_START_S, RUN_LAUNCH_S, RUN_OVERHEAD_S, PodSpec
 from backfill.settings import DEFAULT_POOLS_FILE, setting  # noqa: F401 (DEFAULT_POOLS_FILE: for tools and tests)
 from ops.pool_schema import GPU, NAME, POOL_SCHEMA, Invalid, check_record, quantity
 
@@ -37,6 +38,17 @@ class Pool:
     grace_s: int
     max_concurrent_runs: int
     description: str = ""
+    price_spot: float | None = None  # per pod-hour, on spot/preemptible capacity (pricePerHour.spot)
+    price_on_demand: float | None = None  # per pod-hour, on demand (pricePerHour.onDemand)
+    spot: bool = False  # preemptible capacity: its pod-hours count as spot and are priced at pricePerHour.spot
+
+    @property
+    def cpus(self) -> float:
+        return quantity(self.limits["cpu"], "resources.limits.cpu")
+
+    @property
+    def gpus(self) -> int:
+        return int(quantity(self.limits.get(GPU, "0"), f"resources.limits.{GPU}"))
 
     def k8s_config(self) -> dict[str, Any]:
         """The step's `dagster-k8s/config` (UserDefinedDagsterK8sConfig as a dict).
@@ -165,6 +177,22 @@ def _pool(name: Any, spec: Any, min_grace_s: float) -> Pool:
         grace_s=grace,
         max_concurrent_runs=spec["maxConcurrentRuns"],
         description=str(spec.get("description", "")),
+        price_spot=spec.get("pricePerHour", {}).get("spot"),
+        price_on_demand=spec.get("pricePerHour", {}).get("onDemand"),
+        spot=spec.get("spot", False),
+    )
+
+
+def pod_spec(pool: Pool) -> PodSpec:
+    """One pod of the pool as the plan sees it: CPUs and GPUs (its limits), prices, start-up with a pod start."""
+    return PodSpec(
+        pool.name,
+        pool.device,
+        cpus=pool.cpus,
+        gpus=pool.gpus,
+        price_spot=pool.price_spot,
+        price_on_demand=pool.price_on_demand,
+        startup_s=RUN_OVERHEAD_S + RUN_LAUNCH_S + POD_START_S,
     )
 
 

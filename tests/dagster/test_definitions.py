@@ -24,6 +24,8 @@ def test_assets_checks_and_partitions():
         "image_embeddings",
         "faiss_index",
         "search_index",
+        "backfill_plan",
+        "backfill_report",
     }
     checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
     assert checks == {

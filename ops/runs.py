@@ -1,0 +1,132 @@
+"""A version's image_embeddings runs and materializations read from the Dagster instance, as the report's facts."""
+
+from __future__ import annotations
+
+import statistics
+
+from dagster import AssetKey, AssetRecordsFilter, DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+
+from backfill.report import PartitionFacts, PoolFacts, RunFacts
+from ops.pools import POOL_TAG, Pools
+
+VERSION_TAG = "dagster/partition/model_version"  # set on every run of one image_embeddings partition
+SHARD_TAG = "dagster/partition/shard"
+EMBEDDINGS = AssetKey("image_embeddings")
+PAGE = 1000
+
+
+def embedding_runs(instance: DagsterInstance, version: str) -> list[RunFacts]:
+    """Every run of the version's image_embeddings partitions: retries, failures and preempted ones included."""
+    facts = []
+    for record in instance.get_run_records(RunsFilter(tags={VERSION_TAG: version})):
+        run = record.dagster_run
+        retries, preempted, abandoned = _step_retries(instance, run.run_id)
+        facts.append(
+            RunFacts(
+                shard=run.tags.get(SHARD_TAG, ""),
+                status=run.status.value,
+                created=record.create_timestamp.timestamp(),
+                started=record.start_time,
+                ended=record.end_time,
+                pool=run.tags.get(POOL_TAG, ""),
+                retry_of=run.tags.get("dagster/parent_run_id", ""),
+                step_retries=retries,
+                preemptions=preempted,
+                chunks_abandoned=abandoned,
+            )
+        )
+    return facts
+
+
+def _step_retries(instance: DagsterInstance, run_id: str) -> tuple[int, int, int]:
+    """(step retries, preemptions among them, preemptions that abandoned a chunk) from the run's retry events."""
+    retries = preempted = abandoned = 0
+    for entry in instance.all_logs(run_id, of_type=DagsterEventType.STEP_UP_FOR_RETRY):
+        retries += 1
+        error = entry.dagster_event.event_specific_data.error if entry.dagster_event else None
+        text = _error_text(error)
+        preempted += "Preempted" in text
+        abandoned += "chunk abandoned" in text
+    return retries, preempted, abandoned
+
+
+def _error_text(error) -> str:
+    """The message of an error and of its causes (RetryRequested is raised from the engine's Preempted)."""
+    parts = []
+    while error is not None:
+        parts.append(f"{error.cls_name}: {error.message}")
+        error = error.cause or error.context
+    return "\n".join(parts)
+
+
+def embedding_partitions(instance: DagsterInstance, version: str, shards: list[str]) -> list[PartitionFacts]:
+    """The metadata of each shard's latest materialization by `version` (shards not materialized are left out)."""
+    keys = [f"{version}|{s}" for s in shards]
+    latest: dict[str, PartitionFacts] = {}
+    for start in range(0, len(keys), PAGE):
+        records_filter = AssetRecordsFilter(asset_key=EMBEDDINGS, asset_partitions=keys[start : start + PAGE])
+        cursor = None
+        while True:
+            page = instance.fetch_materializations(records_filter, limit=PAGE, cursor=cursor)
+            for record in page.records:
+                m = record.asset_materialization
+                if m is not None and m.partition not in latest:
+                    latest[m.partition] = _partition(m.partition.split("|", 1)[1], m.metadata)
+            if not page.has_more:
+                break
+            cursor = page.cursor
+    return list(latest.values())
+
+
+def _partition(shard: str, metadata: dict) -> PartitionFacts:
+    value = lambda key, default=0.0: metadata[key].value if key in metadata else default  # noqa: E731
+    stages = {k[len("stage_") : -len("_s")]: v.value for k, v in metadata.items() if k.startswith("stage_")}
+    return PartitionFacts(
+        shard=shard,
+        images_per_s=float(value("images_per_s")),
+        wall_s=float(value("wall_s")),
+        # before this field: a partition that reported a rate embedded rows
+        embedded_now=int(value("embedded_now", metadata["images"].value if value("images_per_s") else 0)),
+        stage_s=stages,
+    )
+
+
+def pool_facts(pools: Pools | None, local_cpus: float) -> dict[str, PoolFacts]:
+    """Per pool tag: a pod's CPUs, GPUs, spot or not, prices; "" (no tag: the local default) is this machine."""
+    facts = {"": PoolFacts(cpus=local_cpus)}
+    for name, pool in (pools.pools if pools else {}).items():
+        facts[name] = PoolFacts(pool.cpus, pool.gpus, pool.spot, pool.price_spot, pool.price_on_demand)
+    return facts
+
+
+def local_slots(instance: DagsterInstance) -> int:
+    """Runs the instance starts at once (the queued run coordinator's max_concurrent_runs; 1 without one)."""
+    queue = instance.get_concurrency_config().run_queue_config
+    limit = queue.max_concurrent_runs if queue is not None else 1
+    return limit if limit and limit > 0 else 1
+
+
+def measured_startup(instance: DagsterInstance, limit: int = 100) -> tuple[float, int] | None:
+    """(median seconds per partition beyond its compute, runs measured) from this instance's finished runs.
+
+    Per run: its worker's launch (RUN_STARTING -> the run's start) plus its duration beyond the partition's
+    own wall_s (the step process, imports, model load, reporting). Waiting in the queue for a free slot is
+    not start-up and is left out. None before any embedding run has succeeded here.
+    """
+    per_run = []
+    for record in instance.get_run_records(RunsFilter(statuses=[DagsterRunStatus.SUCCESS]), limit=limit):
+        run = record.dagster_run
+        if VERSION_TAG not in run.tags or not (record.start_time and record.end_time):
+            continue
+        walls = [
+            e.asset_materialization.metadata["wall_s"].value
+            for e in instance.all_logs(run.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION)
+            if e.asset_materialization is not None and "wall_s" in e.asset_materialization.metadata
+        ]
+        if len(walls) != 1:
+            continue
+        # a launched run has RUN_STARTING (its worker being started); one executed in process has none
+        starting = instance.all_logs(run.run_id, of_type=DagsterEventType.RUN_STARTING)
+        launch = max(0.0, record.start_time - starting[0].timestamp) if starting else 0.0
+        per_run.append(launch + record.end_time - record.start_time - walls[0])
+    return (statistics.median(per_run), len(per_run)) if per_run else None
