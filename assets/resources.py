@@ -52,6 +52,7 @@ class BackfillResource(ConfigurableResource):
     train_points_per_centroid: int = _INDEX.train_points_per_centroid
     memory_budget_mb: int = _INDEX.memory_budget_mb
     max_nlist: int = _INDEX.max_nlist
+    add_parallelism: int = _INDEX.add_parallelism
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BackfillResource:

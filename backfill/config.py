@@ -90,6 +90,7 @@ class IndexConfig:
     train_points_per_centroid: int = 64
     memory_budget_mb: int = 4096
     max_nlist: int = 65536
+    add_parallelism: int = 4  # faiss_index's add steps: the shards split into at most this many groups
 
     def __post_init__(self) -> None:
         _require(0.0 < self.target_recall <= 1.0, f"target_recall must be in (0, 1], got {self.target_recall}")
@@ -108,4 +109,7 @@ class IndexConfig:
         _require(
             self.max_nlist >= 1 and self.max_nlist & (self.max_nlist - 1) == 0,
             f"max_nlist must be a power of two, got {self.max_nlist}",
+        )
+        _require(
+            self.add_parallelism >= 1, f"add_parallelism must be a positive number of steps, got {self.add_parallelism}"
         )

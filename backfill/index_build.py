@@ -192,7 +192,9 @@ def prepare(
     spans, dim, rejects = scan_shards(layout, model, version, shards, ids_path)
     plan = plan_index(sum(s.vectors for s in spans), dim, config)
     markers = [layout.store.read_bytes(f"{layout.embeddings(model, version, s.name)}/{MARKER}") for s in spans]
-    key = hashlib.sha256(json.dumps([version, [asdict(s) for s in spans], asdict(config)]).encode())
+    # how many add steps run does not change a part: a retry with another add_parallelism reuses them
+    settings = {k: v for k, v in asdict(config).items() if k != "add_parallelism"}
+    key = hashlib.sha256(json.dumps([version, [asdict(s) for s in spans], settings]).encode())
     for marker in markers:
         key.update(marker)
     folder = layout.store.url("indexes", model, "work", f"{version}-{key.hexdigest()[:16]}")

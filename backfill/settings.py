@@ -131,6 +131,8 @@ VARIABLES: tuple[Variable, ...] = (
         "peak memory of each index build step but merge and tune (MiB); it also picks the index type"),
     Variable("BACKFILL_MAX_NLIST", "index.max_nlist", _int,
         "most IVF lists (a power of two; training cost grows with it)"),
+    Variable("BACKFILL_INDEX_ADD_PARALLELISM", "index.add_parallelism", _int,
+        "faiss_index add steps per build (the shards split into this many groups; at most one per shard)"),
     Variable("BACKFILL_WORK_LOG", "embed.work_log", _text,
         "a file every attempt appends its embedded-batch sizes to (the chaos harness)"),
     Variable("BACKFILL_DISCOVERY_MAX_SHARDS", "discovery.max_shards", _int,

@@ -1,0 +1,106 @@
+"""faiss_index as steps: plan, parallel add groups, finish; values between them go through the backfill root."""
+
+import os
+
+from dagster import (
+    Definitions,
+    define_asset_job,
+    execute_job,
+    instance_for_test,
+    materialize,
+    multiprocess_executor,
+    reconstructable,
+)
+
+import backfill.index
+from assets.index import INDEX_STEP_OPS, faiss_index, search_index
+from assets.io import IO_FOLDER
+from assets.resources import BackfillResource
+from tests.conftest import MODEL
+from tests.dagster.test_assets import embed_all, latest_metadata, resources
+
+ROOT_ENV = "INDEX_STEPS_TEST_ROOT"  # where the step processes of the multiprocess test find the corpus
+
+
+def add_steps(result) -> set[str]:
+    return {e.step_key for e in result.all_events if e.is_step_success and ".faiss_index_add[" in e.step_key}
+
+
+def test_a_build_adds_its_shards_in_parallel_steps_and_a_retry_reuses_committed_parts(registered, monkeypatch):
+    layout, _ = registered  # 3 shards: 3 groups under add_parallelism 4
+    real, failed = backfill.index.add_part, []
+
+    def add_part_failing_once(layout, work, shard, reader):
+        if shard == "shard-00001" and not failed:
+            failed.append(shard)
+            raise OSError("the step's pod was lost")  # a retryable fault, in one add step only
+        return real(layout, work, shard, reader)
+
+    monkeypatch.setattr(backfill.index, "add_part", add_part_failing_once)
+    with instance_for_test() as instance:
+        embed_all(instance, layout)
+        first = materialize([faiss_index], partition_key="v1", instance=instance, resources=resources(layout),
+                            raise_on_error=False)  # fmt: skip
+        assert not first.success and len(add_steps(first)) == 2  # the other two groups committed their parts
+        steps = {(e.step_key, e.event_type_value) for e in first.all_events if e.step_key}
+        assert ("faiss_index.faiss_index_finish", "STEP_START") not in steps
+        assert not layout.store.exists(layout.index_builds(MODEL))  # nothing half-built is visible
+
+        retry = materialize(
+            [faiss_index, search_index], partition_key="v1", instance=instance, resources=resources(layout)
+        )
+        assert retry.success and len(add_steps(retry)) == 3
+        meta = latest_metadata(instance, "faiss_index", "v1")
+        assert meta["mode"] == "full" and meta["vectors"] == 60 and meta["recall_at_10"] == 1.0
+        assert (meta["parts"]["parts_built"], meta["parts"]["parts_reused"]) == (1, 2)
+        checks = {c.check_name: c.passed for c in retry.get_asset_check_evaluations()}
+        assert checks == {"recall_at_10": True}
+        # the values the steps passed are JSON files under the backfill root, not pickles on one machine's disk
+        assert layout.store.ls(layout.store.url(IO_FOLDER, first.run_id))
+
+
+def test_the_near_line_update_is_one_plan_step_and_an_empty_group(registered):
+    layout, _ = registered
+    with instance_for_test() as instance:
+        embed_all(instance, layout)
+        assert materialize([faiss_index], partition_key="v1", instance=instance, resources=resources(layout)).success
+        # no new shard: a full rebuild; then with one group per shard capped at 1, a single add step
+        again = materialize(
+            [faiss_index], partition_key="v1", instance=instance, resources=resources(layout, add_parallelism=1)
+        )
+        assert again.success and len(add_steps(again)) == 1
+        assert latest_metadata(instance, "faiss_index", "v1")["parts"]["parts_built"] == 3
+
+
+def test_every_step_of_the_index_build_is_a_step_job_with_backoff_limit_zero():
+    ops = {node.name: node.definition for node in faiss_index.node_def.nodes}
+    assert set(ops) == set(INDEX_STEP_OPS)
+    from dagster_k8s.job import get_user_defined_k8s_config
+
+    for name, definition in ops.items():
+        assert get_user_defined_k8s_config(definition.tags).job_spec_config == {"backoff_limit": 0}, name
+
+
+def index_steps_job():
+    """faiss_index on the multiprocess executor (module level: each step process reconstructs it from here)."""
+    defs = Definitions(
+        assets=[faiss_index],
+        jobs=[define_asset_job("index_steps", selection=[faiss_index])],
+        resources={"backfill": BackfillResource(root=os.environ[ROOT_ENV], batch_size=8, chunk_size=8)},
+        executor=multiprocess_executor,
+    )
+    return defs.resolve_job_def("index_steps")
+
+
+def test_the_steps_run_as_separate_processes_and_pass_values_through_the_root(registered, monkeypatch):
+    layout, _ = registered
+    monkeypatch.setenv(ROOT_ENV, layout.store.root)
+    with instance_for_test() as instance:
+        embed_all(instance, layout)
+        result = execute_job(
+            reconstructable(index_steps_job), instance=instance, tags={"dagster/partition": "v1"}, raise_on_error=False
+        )
+        assert result.success, [e.message for e in result.all_events if e.is_failure]
+        pids = {e.pid for e in result.all_events if e.is_step_start}
+        assert len(add_steps(result)) == 3 and len(pids) == 5  # plan, 3 adds, finish: each its own process
+        assert latest_metadata(instance, "faiss_index", "v1")["vectors"] == 60
