@@ -127,6 +127,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("BACKFILL_PQ_M", "index.pq_m", _int, "PQ sub-quantizers (0: dim / 4)"),
     Variable("BACKFILL_TRAIN_POINTS_PER_CENTROID", "index.train_points_per_centroid", _int,
         "training sample per IVF centroid (39..256)"),
+    Variable("BACKFILL_TRAIN_ITERATIONS", "index.train_iterations", _int,
+        "k-means iterations of the IVF quantizer (1..100; FAISS's default is 25)"),
     Variable("BACKFILL_INDEX_MEMORY_MB", "index.memory_budget_mb", _int,
         "peak memory of each index build step but merge and tune (MiB); it also picks the index type"),
     Variable("BACKFILL_MAX_NLIST", "index.max_nlist", _int,
