@@ -59,19 +59,6 @@ def test_a_build_adds_its_shards_in_parallel_steps_and_a_retry_reuses_committed_
         assert layout.store.ls(layout.store.url(IO_FOLDER, first.run_id))
 
 
-def test_the_near_line_update_is_one_plan_step_and_an_empty_group(registered):
-    layout, _ = registered
-    with instance_for_test() as instance:
-        embed_all(instance, layout)
-        assert materialize([faiss_index], partition_key="v1", instance=instance, resources=resources(layout)).success
-        # no new shard: a full rebuild; then with one group per shard capped at 1, a single add step
-        again = materialize(
-            [faiss_index], partition_key="v1", instance=instance, resources=resources(layout, add_parallelism=1)
-        )
-        assert again.success and len(add_steps(again)) == 1
-        assert latest_metadata(instance, "faiss_index", "v1")["parts"]["parts_built"] == 3
-
-
 def test_every_step_of_the_index_build_is_a_step_job_with_backoff_limit_zero():
     ops = {node.name: node.definition for node in faiss_index.node_def.nodes}
     assert set(ops) == set(INDEX_STEP_OPS)
@@ -86,13 +73,13 @@ def index_steps_job():
     defs = Definitions(
         assets=[faiss_index],
         jobs=[define_asset_job("index_steps", selection=[faiss_index])],
-        resources={"backfill": BackfillResource(root=os.environ[ROOT_ENV], batch_size=8, chunk_size=8)},
+        resources={"backfill": BackfillResource(root=os.environ[ROOT_ENV], add_parallelism=2)},
         executor=multiprocess_executor,
     )
     return defs.resolve_job_def("index_steps")
 
 
-def test_the_steps_run_as_separate_processes_and_pass_values_through_the_root(registered, monkeypatch):
+def test_the_steps_run_as_separate_processes_bounded_by_add_parallelism(registered, monkeypatch):
     layout, _ = registered
     monkeypatch.setenv(ROOT_ENV, layout.store.root)
     with instance_for_test() as instance:
@@ -102,5 +89,7 @@ def test_the_steps_run_as_separate_processes_and_pass_values_through_the_root(re
         )
         assert result.success, [e.message for e in result.all_events if e.is_failure]
         pids = {e.pid for e in result.all_events if e.is_step_start}
-        assert len(add_steps(result)) == 3 and len(pids) == 5  # plan, 3 adds, finish: each its own process
-        assert latest_metadata(instance, "faiss_index", "v1")["vectors"] == 60
+        # 3 shards in at most add_parallelism=2 groups: plan, 2 adds, finish, each its own process
+        assert len(add_steps(result)) == 2 and len(pids) == 4
+        meta = latest_metadata(instance, "faiss_index", "v1")
+        assert meta["vectors"] == 60 and meta["parts"]["parts_built"] == 3 and meta["recall_at_10"] == 1.0
