@@ -1,32 +1,20 @@
 """faiss_index as steps: plan, parallel add groups, finish; values between them go through the backfill root."""
 
-import os
-
-from dagster import (
-    Definitions,
-    define_asset_job,
-    execute_job,
-    instance_for_test,
-    materialize,
-    multiprocess_executor,
-    reconstructable,
-)
+from dagster import build_input_context, build_output_context, instance_for_test, materialize
 
 import backfill.index
 from assets.index import INDEX_STEP_OPS, faiss_index, search_index
-from assets.io import IO_FOLDER
-from assets.resources import BackfillResource
+from assets.io import IO_FOLDER, StoreIOManager
+from backfill.storage import Store
 from tests.conftest import MODEL
 from tests.dagster.test_assets import embed_all, latest_metadata, resources
-
-ROOT_ENV = "INDEX_STEPS_TEST_ROOT"  # where the step processes of the multiprocess test find the corpus
 
 
 def add_steps(result) -> set[str]:
     return {e.step_key for e in result.all_events if e.is_step_success and ".faiss_index_add[" in e.step_key}
 
 
-def test_a_build_adds_its_shards_in_parallel_steps_and_a_retry_reuses_committed_parts(registered, monkeypatch):
+def test_a_build_adds_its_shards_in_one_step_per_group_and_a_retry_reuses_committed_parts(registered, monkeypatch):
     layout, _ = registered  # 3 shards: 3 groups under add_parallelism 4
     real, failed = backfill.index.add_part, []
 
@@ -68,28 +56,18 @@ def test_every_step_of_the_index_build_is_a_step_job_with_backoff_limit_zero():
         assert get_user_defined_k8s_config(definition.tags).job_spec_config == {"backoff_limit": 0}, name
 
 
-def index_steps_job():
-    """faiss_index on the multiprocess executor (module level: each step process reconstructs it from here)."""
-    defs = Definitions(
-        assets=[faiss_index],
-        jobs=[define_asset_job("index_steps", selection=[faiss_index])],
-        resources={"backfill": BackfillResource(root=os.environ[ROOT_ENV], add_parallelism=2)},
-        executor=multiprocess_executor,
+def test_step_values_are_json_on_the_store_that_another_process_reads(tmp_path):
+    # what a step pod writes, a fresh manager on the same root (another pod) reads back; no local pickle
+    store = Store.open(str(tmp_path / "root"))
+    value = {"folder": "s3://bucket/indexes/m/work/v1-ab", "shards": ["shard-00000", "shard-00001"]}
+    out = build_output_context(step_key="faiss_index.faiss_index_plan", name="groups", run_id="run-1", mapping_key="g0")
+    StoreIOManager(store).handle_output(out, value)
+    path = store.url(IO_FOLDER, "run-1", "faiss_index.faiss_index_plan", "groups", "g0") + ".json"
+    assert store.read_json(path) == value
+    upstream = build_output_context(
+        step_key="faiss_index.faiss_index_plan", name="groups", run_id="run-1", mapping_key="g0"
     )
-    return defs.resolve_job_def("index_steps")
-
-
-def test_the_steps_run_as_separate_processes_bounded_by_add_parallelism(registered, monkeypatch):
-    layout, _ = registered
-    monkeypatch.setenv(ROOT_ENV, layout.store.root)
-    with instance_for_test() as instance:
-        embed_all(instance, layout)
-        result = execute_job(
-            reconstructable(index_steps_job), instance=instance, tags={"dagster/partition": "v1"}, raise_on_error=False
-        )
-        assert result.success, [e.message for e in result.all_events if e.is_failure]
-        pids = {e.pid for e in result.all_events if e.is_step_start}
-        # 3 shards in at most add_parallelism=2 groups: plan, 2 adds, finish, each its own process
-        assert len(add_steps(result)) == 2 and len(pids) == 4
-        meta = latest_metadata(instance, "faiss_index", "v1")
-        assert meta["vectors"] == 60 and meta["parts"]["parts_built"] == 3 and meta["recall_at_10"] == 1.0
+    assert (
+        StoreIOManager(Store.open(str(tmp_path / "root"))).load_input(build_input_context(upstream_output=upstream))
+        == value
+    )
