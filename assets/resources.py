@@ -50,8 +50,10 @@ class BackfillResource(ConfigurableResource):
     pq_from: int = _INDEX.pq_from
     pq_m: int = _INDEX.pq_m
     train_points_per_centroid: int = _INDEX.train_points_per_centroid
+    train_iterations: int = _INDEX.train_iterations
     memory_budget_mb: int = _INDEX.memory_budget_mb
     max_nlist: int = _INDEX.max_nlist
+    add_parallelism: int = _INDEX.add_parallelism
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BackfillResource:

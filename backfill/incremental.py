@@ -38,6 +38,15 @@ class IndexOutcome:
     added_shards: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class UpdateAttempt:
+    """What try_update did: an incremental outcome, or why a full build is needed instead."""
+
+    outcome: IndexOutcome | None
+    reason: str  # why a full build (empty when outcome is set)
+    ids_checked: bool  # check_unique already ran over exactly these shards: a full build need not repeat it
+
+
 def build_or_update(
     layout: Layout,
     model: str,
@@ -48,46 +57,61 @@ def build_or_update(
     model_created: str = "",
     log: Callable[[str], None] = lambda msg: None,
 ) -> IndexOutcome:
-    """An index build of `version` that covers exactly `shards`.
+    """An index build of `version` that covers exactly `shards`: try_update, else a full build_index.
 
-    When the version's latest build passed its gate and covers a subset of `shards`, only the new
-    shards are embedded into a copy of it (the IVF quantizer is already trained: `add` is enough);
-    otherwise, or when the grown index would call for another index type (plan_index: for IVF, another
-    nlist, about every doubling of N), the whole index is rebuilt. Either way the result is a new
-    immutable build with its own recall check, published by the same pointer swap.
+    Either way the result is a new immutable build with its own recall check, published by the same
+    pointer swap. faiss_index runs the same rule with the full build's stages as separate steps.
+    """
+    attempt = try_update(layout, model, version, shards, config, log=log)
+    if attempt.outcome is not None:
+        return attempt.outcome
+    log(f"full build: {attempt.reason}")
+    build = build_index(
+        layout, model, version, shards, config, model_created=model_created, log=log, ids_checked=attempt.ids_checked
+    )
+    return IndexOutcome(build, "full", attempt.reason)
+
+
+def try_update(
+    layout: Layout,
+    model: str,
+    version: str,
+    shards: list[str],
+    config: IndexConfig,
+    *,
+    log: Callable[[str], None] = lambda msg: None,
+) -> UpdateAttempt:
+    """The near-line path: when the version's latest build passed its gate and covers a subset of `shards`,
+    only the new shards are embedded into a copy of it (the IVF quantizer is already trained: `add` is
+    enough). Otherwise, or when the grown index would call for another index type (plan_index: for IVF,
+    another nlist, about every doubling of N), or the base is damaged, it returns why a full build is needed.
     """
     base = latest_build(layout, model, version)
     new = sorted(set(shards) - set(base.shard_names)) if base else []
     reason = _why_full(base, shards, new)
-    ids_checked = False
-    if reason is None:
-        with tempfile.TemporaryDirectory(prefix="index-update-") as tmp:
-            # no id of a new shard may be in any other shard, old or new (the registry sensor's tick check
-            # can be skipped for non-range ids: this one cannot)
-            check_unique(layout, shards)
-            ids_checked = True  # a fall back to a full build below need not read every shard's ids again
-            # the new shards must be complete; their positions continue after the base's
-            spans, _, rejects = scan_shards(layout, model, version, new, f"{tmp}/{IDS_FILE}")
-            spans = [replace(s, first=s.first + base.vectors) for s in spans]
-            total = base.vectors + sum(s.vectors for s in spans)
-            wanted = plan_index(total, base.dim, config).factory
-            if wanted != base.index_type:
-                reason = f"{total} vectors call for {wanted}, the latest build is {base.index_type}"
-            else:
-                log(f"incremental: adding {len(new)} shards ({total - base.vectors} vectors) to {base.build_id}")
-                try:
-                    build = update_index(layout, base, spans, f"{tmp}/{IDS_FILE}", rejects, config)
-                except BaseBuildDamaged as exc:
-                    # the base is unusable, the embeddings are not: a full build from them still works
-                    reason = f"the latest build {base.build_id} cannot be extended: {exc}"
-                else:
-                    why = f"added {len(new)} new shards to {base.build_id}"
-                    return IndexOutcome(build, "incremental", why, base.build_id, tuple(new))
-    log(f"full build: {reason}")
-    build = build_index(
-        layout, model, version, shards, config, model_created=model_created, log=log, ids_checked=ids_checked
-    )
-    return IndexOutcome(build, "full", reason)
+    if reason is not None:
+        return UpdateAttempt(None, reason, False)
+    with tempfile.TemporaryDirectory(prefix="index-update-") as tmp:
+        # no id of a new shard may be in any other shard, old or new (the registry sensor's tick check
+        # can be skipped for non-range ids: this one cannot)
+        check_unique(layout, shards)
+        # the new shards must be complete; their positions continue after the base's
+        spans, _, rejects = scan_shards(layout, model, version, new, f"{tmp}/{IDS_FILE}")
+        spans = [replace(s, first=s.first + base.vectors) for s in spans]
+        total = base.vectors + sum(s.vectors for s in spans)
+        wanted = plan_index(total, base.dim, config).factory
+        if wanted != base.index_type:
+            return UpdateAttempt(
+                None, f"{total} vectors call for {wanted}, the latest build is {base.index_type}", True
+            )
+        log(f"incremental: adding {len(new)} shards ({total - base.vectors} vectors) to {base.build_id}")
+        try:
+            build = update_index(layout, base, spans, f"{tmp}/{IDS_FILE}", rejects, config)
+        except BaseBuildDamaged as exc:
+            # the base is unusable, the embeddings are not: a full build from them still works
+            return UpdateAttempt(None, f"the latest build {base.build_id} cannot be extended: {exc}", True)
+    why = f"added {len(new)} new shards to {base.build_id}"
+    return UpdateAttempt(IndexOutcome(build, "incremental", why, base.build_id, tuple(new)), "", True)
 
 
 def _why_full(base: IndexBuild | None, shards: list[str], new: list[str]) -> str | None:

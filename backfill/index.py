@@ -19,9 +19,11 @@ from backfill.config import IndexConfig
 from backfill.errors import ConfigError, IncompleteError, RetryableError
 from backfill.index_build import (
     BlockReader,
+    BuildWork,
     add_part,
     load_queries,
     merge_parts,
+    part_is_valid,
     part_truth,
     prepare,
     train,
@@ -92,6 +94,9 @@ def timed(steps: dict[str, float], name: str) -> Iterator[None]:
     steps[f"{name}_s"] = round(time.perf_counter() - began, 3)
 
 
+STEPS_FILE = "steps.json"  # in the work folder: what start_build measured, read by finish_build
+
+
 def build_index(
     layout: Layout,
     model: str,
@@ -105,69 +110,133 @@ def build_index(
 ) -> IndexBuild:
     """Build an immutable, checked index for one model version; build.json is written last.
 
-    Every step streams the shards in blocks sized by config.memory_budget_mb; only merge and tune hold
-    the filled index. Parts committed by an interrupted attempt are reused. Recall@k is measured on
-    held-out queries (indexed vectors never trained on, their own position dropped from both answers)
-    against exact search streamed over the shards.
+    The three stages in one process: start_build (scan, plan, train), add_parts over every shard, and
+    finish_build (merge, ground truth, tune, write). faiss_index runs them as separate steps, the adds in
+    parallel groups (shard_groups). Parts committed by an interrupted attempt are reused.
     """
-    started, steps = time.perf_counter(), {}
+    work = start_build(layout, model, version, shards, config, log=log, ids_checked=ids_checked)
+    added = add_parts(layout, work, [s.name for s in work.spans])
+    return finish_build(layout, work, [added], model_created=model_created, log=log)
+
+
+def start_build(
+    layout: Layout,
+    model: str,
+    version: str,
+    shards: list[str],
+    config: IndexConfig,
+    *,
+    log: Callable[[str], None] = lambda msg: None,
+    ids_checked: bool = False,
+) -> BuildWork:
+    """Scan (completeness, unique ids), plan and train; the work folder then holds everything the add and
+    finish stages need (work.json, the ids file, the trained index, the queries, steps.json), so each can
+    run in another process or pod. A retry finds the same folder and skips a committed training."""
+    started, steps = time.time(), {}
     with tempfile.TemporaryDirectory(prefix="index-build-") as tmp:
         with timed(steps, "scan"):
             work = prepare(layout, model, version, sorted(shards), config, f"{tmp}/{IDS_FILE}", ids_checked=ids_checked)
-        plan = work.plan
-        log(
-            f"{work.vectors} vectors of dim {work.dim} from {len(shards)} shards ({work.rejects} rejects): "
-            f"{plan.factory}, {plan.reason}"
+            put_file(layout.store, f"{tmp}/{IDS_FILE}", f"{work.folder}/{IDS_FILE}")
+    plan = work.plan
+    log(
+        f"{work.vectors} vectors of dim {work.dim} from {len(shards)} shards ({work.rejects} rejects): "
+        f"{plan.factory}, {plan.reason}"
+    )
+    reader = BlockReader(layout, model, version, plan.block_rows)
+    with timed(steps, "train"):
+        train(layout, work, reader)
+    steps["largest_block"] = reader.largest_block
+    layout.store.write_json(f"{work.folder}/{STEPS_FILE}", {"started": started, "steps": steps})
+    return work
+
+
+def shard_groups(work: BuildWork, parallelism: int) -> list[list[str]]:
+    """The shards in at most `parallelism` contiguous groups of about equal vectors, one add step each
+    (a bounded number of steps whatever the number of shards)."""
+    total, groups = max(1, work.vectors), [[] for _ in range(max(1, min(parallelism, len(work.spans))))]
+    for span in work.spans:
+        # a shard goes to the group its middle vector falls in
+        groups[min(len(groups) - 1, (2 * span.first + span.vectors) * len(groups) // (2 * total))].append(span.name)
+    return [g for g in groups if g]
+
+
+def add_parts(layout: Layout, work: BuildWork, shards: list[str]) -> dict[str, float]:
+    """add_part for each shard (valid committed parts reused); returns what it did, for finish_build."""
+    reader = BlockReader(layout, work.model, work.version, work.plan.block_rows)
+    began = time.perf_counter()
+    built = sum(add_part(layout, work, shard, reader) for shard in shards)
+    return {
+        "add_s": round(time.perf_counter() - began, 3),
+        "parts_built": built,
+        "parts_reused": len(shards) - built,
+        "largest_block": reader.largest_block,
+    }
+
+
+def finish_build(
+    layout: Layout,
+    work: BuildWork,
+    added: list[dict[str, float]],
+    *,
+    model_created: str = "",
+    log: Callable[[str], None] = lambda msg: None,
+) -> IndexBuild:
+    """Merge the parts (every shard's must be committed), merge their ground truth, tune nprobe and write
+    the build; then remove the work folder. `added`: what each add_parts call returned."""
+    missing = [s.name for s in work.spans if not part_is_valid(layout, work, s.name)]
+    if missing:
+        raise IncompleteError(
+            f"index build {work.folder}: no valid part for shards {missing[:5]} ({len(missing)}): run their add step"
         )
-        reader = BlockReader(layout, model, version, plan.block_rows)
-        with timed(steps, "train"):
-            train(layout, work, reader)
-        with timed(steps, "add"):
-            built = sum(add_part(layout, work, span.name, reader) for span in work.spans)
-        steps.update(parts_built=built, parts_reused=len(work.spans) - built)
-        k = work.k
-        build = new_build(
-            version,
-            model,
-            layout,
-            index_type=plan.factory,
-            vectors=work.vectors,
-            rejects=work.rejects,
-            dim=work.dim,
-            nlist=plan.nlist,
-            nprobe=0,
-            recall_at_k=0.0,
-            k=k,
-            target_recall=config.target_recall,
-            passed=False,
-            recall_by_nprobe={},
-            shards=len(shards),
-            model_created=model_created,
-            shard_names=sorted(shards),
-            plan=plan.reason,
-            memory_budget_mb=config.memory_budget_mb,
-            steps=steps,
-        )
-        with timed(steps, "merge"):
-            lists = _lists_path(layout, build) if plan.ondisk else None
-            index = merge_parts(
-                trained_index(layout, work), [work.part(s.name) for s in work.spans], layout.store, lists
-            )
-        with timed(steps, "ground_truth"):
-            own, queries = load_queries(layout, work)
-            # each part holds its shard's exact top-(k+1): merged here, no second pass over the vectors
-            found = merge_results((part_truth(layout, work, s.name) for s in work.spans), len(own), k + 1)
-            truth = drop_self(found, own, k)
-        with timed(steps, "tune"):
-            tuning = tune_nprobe(index, queries, truth, config.target_recall, own)
-        steps["largest_block"] = reader.largest_block
-        build.nprobe, build.recall_at_k, build.recall_by_nprobe = (
-            tuning.nprobe,
-            round(tuning.recall, 4),
-            tuning.recall_by_nprobe,
-        )
-        build.passed = tuning.recall >= config.target_recall
-        build.build_s = round(time.perf_counter() - started, 3)
+    record = layout.store.read_json(f"{work.folder}/{STEPS_FILE}")
+    steps, plan, config, k = dict(record["steps"]), work.plan, work.config, work.k
+    # parallel add steps: add_s is the longest one (the stage's wall time when they overlap)
+    steps["add_s"] = max((a["add_s"] for a in added), default=0.0)
+    for key in ("parts_built", "parts_reused"):
+        steps[key] = int(sum(a[key] for a in added))
+    steps["largest_block"] = max([steps.get("largest_block", 0), *(a["largest_block"] for a in added)])
+    shards = [s.name for s in work.spans]
+    build = new_build(
+        work.version,
+        work.model,
+        layout,
+        index_type=plan.factory,
+        vectors=work.vectors,
+        rejects=work.rejects,
+        dim=work.dim,
+        nlist=plan.nlist,
+        nprobe=0,
+        recall_at_k=0.0,
+        k=k,
+        target_recall=config.target_recall,
+        passed=False,
+        recall_by_nprobe={},
+        shards=len(shards),
+        model_created=model_created,
+        shard_names=shards,
+        plan=plan.reason,
+        memory_budget_mb=config.memory_budget_mb,
+        steps=steps,
+    )
+    with timed(steps, "merge"):
+        lists = _lists_path(layout, build) if plan.ondisk else None
+        index = merge_parts(trained_index(layout, work), [work.part(s) for s in shards], layout.store, lists)
+    with timed(steps, "ground_truth"):
+        own, queries = load_queries(layout, work)
+        # each part holds its shard's exact top-(k+1): merged here, no second pass over the vectors
+        found = merge_results((part_truth(layout, work, s) for s in shards), len(own), k + 1)
+        truth = drop_self(found, own, k)
+    with timed(steps, "tune"):
+        tuning = tune_nprobe(index, queries, truth, config.target_recall, own)
+    build.nprobe, build.recall_at_k, build.recall_by_nprobe = (
+        tuning.nprobe,
+        round(tuning.recall, 4),
+        tuning.recall_by_nprobe,
+    )
+    build.passed = tuning.recall >= config.target_recall
+    with tempfile.TemporaryDirectory(prefix="index-build-") as tmp:
+        layout.store.get_file(f"{work.folder}/{IDS_FILE}", f"{tmp}/{IDS_FILE}")
+        build.build_s = round(time.time() - record["started"], 3)
         write_build(layout, build, index, f"{tmp}/{IDS_FILE}")
     layout.store.rm(work.folder, recursive=True)  # the parts are in the build now; a retry before this reuses them
     log(

@@ -21,7 +21,7 @@ from backfill.errors import ConfigError, IncompleteError
 from backfill.finalise import MARKER
 from backfill.id_check import check_unique
 from backfill.index_plan import IndexPlan, plan_index
-from backfill.index_quality import exact_search
+from backfill.index_quality import blas_distances, exact_search
 from backfill.manifest import read_shard
 from backfill.storage import Layout, Store
 from backfill.writer import is_chunk, read_chunks
@@ -192,7 +192,9 @@ def prepare(
     spans, dim, rejects = scan_shards(layout, model, version, shards, ids_path)
     plan = plan_index(sum(s.vectors for s in spans), dim, config)
     markers = [layout.store.read_bytes(f"{layout.embeddings(model, version, s.name)}/{MARKER}") for s in spans]
-    key = hashlib.sha256(json.dumps([version, [asdict(s) for s in spans], asdict(config)]).encode())
+    # how many add steps run does not change a part: a retry with another add_parallelism reuses them
+    settings = {k: v for k, v in asdict(config).items() if k != "add_parallelism"}
+    key = hashlib.sha256(json.dumps([version, [asdict(s) for s in spans], settings]).encode())
     for marker in markers:
         key.update(marker)
     folder = layout.store.url("indexes", model, "work", f"{version}-{key.hexdigest()[:16]}")
@@ -230,6 +232,7 @@ def train(layout: Layout, work: BuildWork, reader: BlockReader) -> None:
     vectors[order] = gather(reader.blocks(work.spans), picked[order], work.dim)
     index = faiss.index_factory(work.dim, work.plan.factory, faiss.METRIC_INNER_PRODUCT)
     if work.plan.is_ivf:
+        faiss.extract_index_ivf(index).cp.niter = work.config.train_iterations
         index.train(vectors[len(queries_at) :])
     buf = io.BytesIO()
     np.savez(buf, positions=queries_at, vectors=vectors[: len(queries_at)])
@@ -269,7 +272,8 @@ def add_part(layout: Layout, work: BuildWork, shard: str, reader: BlockReader) -
                 index.add(block)  # Flat parts are concatenated in shard order: positions by construction
             yield first, block
 
-    scores, found = exact_search(added(reader.shard_blocks(span)), queries, work.k + 1)
+    with blas_distances():  # the IVF add assigns each block to its lists: a distance computation
+        scores, found = exact_search(added(reader.shard_blocks(span)), queries, work.k + 1)
     buf = io.BytesIO()
     np.savez(buf, scores=scores, positions=found)
     layout.store.write_bytes(work.part(shard) + ".truth.npz", buf.getvalue())

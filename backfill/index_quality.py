@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import faiss
@@ -12,8 +13,24 @@ import numpy as np
 Knn = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
+@contextlib.contextmanager
+def blas_distances() -> Iterator[None]:
+    """FAISS by BLAS from 20 queries on (its default before 1.15), inside the block only.
+
+    FAISS 1.15 computes distances by BLAS only from distance_compute_blas_threshold (128,000) queries; its
+    direct kernel took 13x longer for 200 queries against 100,000 vectors (k=11) and 1.3x longer to assign
+    20,000 vectors to 4,096 centroids on one AVX2 core, with the same neighbours."""
+    saved = faiss.cvar.distance_compute_blas_threshold
+    faiss.cvar.distance_compute_blas_threshold = min(saved, 20)
+    try:
+        yield
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = saved
+
+
 def _cpu_knn(queries: np.ndarray, block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    return faiss.knn(queries, block, k, metric=faiss.METRIC_INNER_PRODUCT)
+    with blas_distances():
+        return faiss.knn(queries, block, k, metric=faiss.METRIC_INNER_PRODUCT)
 
 
 def exact_search(

@@ -2,13 +2,14 @@
 own), and today's in-memory build (git ref --old) against the new one end to end, on synthetic embeddings
 written in the engine's format. Prints tables; not a test.
 
-    .venv/bin/python bench/index_bench.py --n 1000000 --shards 10 --threads 1 --old main
+    .venv/bin/python bench/index_bench.py --n 1000000 --shards 10 --threads 1 --old 89b604c --compare-only
     .venv/bin/python bench/index_bench.py --n 10000000 --shards 100 --threads 1 --max-nlist 4096 --old ''
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
@@ -89,10 +90,13 @@ def run_step(step: str, args: argparse.Namespace) -> dict:
         }
     else:
         out = _budgeted_step(step, layout, state, args)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     out.update(
         step=step,
         s=round(time.perf_counter() - began, 2),
-        rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # CPU seconds of the process (imports included): on a shared machine less noisy than wall seconds
+        cpu_s=round(usage.ru_utime + usage.ru_stime, 1),
+        rss_mib=usage.ru_maxrss / 1024,
     )
     return out
 
@@ -129,16 +133,35 @@ def _budgeted_step(step: str, layout: Layout, state: str, args: argparse.Namespa
 
 
 def old_build_index(ref: str):
-    """build_index as it is at git `ref` (today's in-memory build), loaded from git without checking it out."""
-    source = subprocess.run(
-        ["git", "-C", REPO, "show", f"{ref}:backfill/index.py"], capture_output=True, text=True, check=True
-    ).stdout
+    """build_index as it is at git `ref` (today's in-memory build), loaded from git without checking it out.
+
+    A name it imports from backfill.* that the current tree no longer has (find_cross_shard_duplicates,
+    since the bounded id check) is taken from the same module at `ref`."""
+    source = _git_show(ref, "backfill/index.py")
     spec = importlib.util.spec_from_loader("old_index", loader=None)
     module = importlib.util.module_from_spec(spec)
     sys.modules["old_index"] = module  # dataclasses look their module up
-    # our own repository's code at another commit, run to compare against it
-    exec(compile(source, f"{ref}:backfill/index.py", "exec"), module.__dict__)  # noqa: S102
+    tree = ast.parse(source)
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("backfill."):
+            current = importlib.import_module(node.module)
+            gone = [a.name for a in node.names if not hasattr(current, a.name)]
+            node.names = [a for a in node.names if a.name not in gone]
+            if gone:
+                old = ast.parse(_git_show(ref, node.module.replace(".", "/") + ".py"))
+                defs = [d for d in old.body if isinstance(d, ast.FunctionDef) and d.name in gone]
+                module.__dict__["np"] = np
+                # our own repository's code at another commit, run to compare against it
+                exec(compile(ast.Module(defs, []), f"{ref}:{node.module}", "exec"), module.__dict__)  # noqa: S102
+    tree.body = [n for n in tree.body if not (isinstance(n, ast.ImportFrom) and not n.names)]
+    exec(compile(tree, f"{ref}:backfill/index.py", "exec"), module.__dict__)  # noqa: S102
     return module.build_index
+
+
+def _git_show(ref: str, path: str) -> str:
+    return subprocess.run(
+        ["git", "-C", REPO, "show", f"{ref}:{path}"], capture_output=True, text=True, check=True
+    ).stdout
 
 
 def in_subprocess(step: str, argv: list[str]) -> dict:
@@ -166,7 +189,7 @@ def table(args: argparse.Namespace, rows: list[dict], compare: list[dict]) -> st
         "-" * 90,
     ]
     for r in rows:
-        detail = {k: v for k, v in r.items() if k not in ("step", "s", "rss_mib", "by_nprobe", "reason")}
+        detail = {k: v for k, v in r.items() if k not in ("step", "s", "cpu_s", "rss_mib", "by_nprobe", "reason")}
         within = "yes" if r["rss_mib"] <= args.budget_mb else "NO"
         lines.append(f"{r['step']:14} {r['s']:8.1f} {r['rss_mib']:12.0f} {within:>13}  {json.dumps(detail)}")
     if tune:
@@ -177,12 +200,13 @@ def table(args: argparse.Namespace, rows: list[dict], compare: list[dict]) -> st
     if compare:
         lines += [
             "",
-            f"{'end to end':14} {'seconds':>8} {'peak RSS MiB':>12}  {'index':16} {'recall@10':>9} {'nprobe':>6}",
-            "-" * 70,
+            f"{'end to end':14} {'seconds':>8} {'CPU s':>7} {'peak RSS MiB':>12}  {'index':16} {'recall@10':>9} "
+            f"{'nprobe':>6}",
+            "-" * 78,
         ]
         for r in compare:
             lines.append(
-                f"{r['step']:14} {r['s']:8.1f} {r['rss_mib']:12.0f}  "
+                f"{r['step']:14} {r['s']:8.1f} {r.get('cpu_s', 0):7.1f} {r['rss_mib']:12.0f}  "
                 f"{r['index']:16} {r['recall']:9.4f} {r['nprobe']:6d}  {json.dumps(r['steps']) if r['steps'] else ''}"
             )
     return "\n".join(lines)

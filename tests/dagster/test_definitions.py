@@ -167,8 +167,13 @@ def test_step_jobs_render_with_backoff_limit_zero():
     config = DagsterK8sJobConfig(
         job_image="backfill:test", dagster_home="/opt/dagster/dagster_home", instance_config_map="dagster-instance"
     )
-    for asset in (image_embeddings, faiss_index, search_index):
-        user = get_user_defined_k8s_config(asset.op.tags)
-        assert user.job_spec_config == {"backoff_limit": 0}, asset.key
+    # faiss_index is a graph of steps: every op of it is a step Job
+    ops = [
+        op_def for asset in (image_embeddings, faiss_index, search_index) for op_def in asset.node_def.iterate_op_defs()
+    ]
+    assert len(ops) == 5
+    for op_def in ops:
+        user = get_user_defined_k8s_config(op_def.tags)
+        assert user.job_spec_config == {"backoff_limit": 0}, op_def.name
         job = construct_dagster_k8s_job(config, ["dagster", "api", "execute_step"], "dagster-step-test", user)
         assert job.spec.backoff_limit == 0

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from backfill.config import IndexConfig
-from backfill.errors import ConfigError
-from backfill.index import build_index
+from backfill.errors import ConfigError, IncompleteError
+from backfill.index import add_parts, build_index, finish_build, shard_groups, start_build
 from backfill.index_build import merge_parts
 from backfill.index_plan import block_rows, plan_index
 from backfill.index_quality import exact_neighbours
@@ -165,3 +165,47 @@ def test_an_index_larger_than_the_budget_is_merged_on_disk_and_searchable(tmp_pa
     faiss.extract_index_ivf(index).nprobe = build.nprobe
     _, found = index.search(x[:5], 2)
     assert set(found[:, 0]) <= set(range(80_000)) and build.recall_at_k > 0
+
+
+def test_shard_groups_are_bounded_contiguous_and_cover_every_shard(tmp_path):
+    layout = synthetic_layout(tmp_path, n=2_000, dim=8, shards=4, chunk_rows=250)
+    work = start_build(layout, MODEL, "v1", SHARDS, IndexConfig())
+    assert shard_groups(work, 2) == [SHARDS[:2], SHARDS[2:]]
+    assert shard_groups(work, 4) == [[s] for s in SHARDS] == shard_groups(work, 100)  # never more than shards
+    assert shard_groups(work, 1) == [SHARDS]
+    # split by vectors, so 10,000 shards become at most add_parallelism steps; none is empty
+    groups = shard_groups(work, 3)
+    assert len(groups) == 3 and [s for g in groups for s in g] == SHARDS and all(groups)
+
+
+def test_the_stages_in_separate_calls_build_what_build_index_builds(tmp_path):
+    layout = synthetic_layout(tmp_path)
+    reference = build_index(layout, MODEL, "v1", SHARDS, IndexConfig())
+    # add_parallelism does not name the work folder: a retry with another value finds the same parts
+    work = start_build(layout, MODEL, "v1", SHARDS, IndexConfig(add_parallelism=2))
+    assert work.folder == start_build(layout, MODEL, "v1", SHARDS, IndexConfig(add_parallelism=3)).folder
+    added = [add_parts(layout, work, group) for group in shard_groups(work, 2)]
+    with pytest.raises(IncompleteError, match="no valid part for shards"):
+        _finish_without(layout, work, added, SHARDS[3])
+    build = finish_build(layout, work, added + [add_parts(layout, work, SHARDS)])
+    assert build.steps["parts_built"] == 5 and build.steps["parts_reused"] == 3  # the deleted part, rebuilt
+    assert (build.vectors, build.recall_at_k, build.nprobe) == (
+        reference.vectors,
+        reference.recall_at_k,
+        reference.nprobe,
+    )
+
+
+def _finish_without(layout: Layout, work, added, shard: str):
+    layout.store.rm(work.part(shard) + ".json")  # its marker gone: the part does not count
+    return finish_build(layout, work, added)
+
+
+def test_exact_search_by_blas_leaves_faiss_settings_as_they_were():
+    before = faiss.cvar.distance_compute_blas_threshold
+    x = clustered(2_000, 16, 10, seed=4)
+    found = exact_neighbours(iter([(0, x)]), x[:50], 5)
+    exact = faiss.IndexFlatIP(16)
+    exact.add(x)
+    assert np.array_equal(found, exact.search(x[:50], 5)[1])
+    assert faiss.cvar.distance_compute_blas_threshold == before
