@@ -14,6 +14,7 @@ from dagster import (
     multiprocess_executor,
 )
 
+from assets.index import INDEX_STEP_OPS
 from backfill.errors import ConfigError
 from backfill.settings import Settings
 from backfill.storage import OBJECT_STORES, protocol_of
@@ -21,7 +22,9 @@ from ops.pools import POOL_TAG, Pools, load_pools
 
 DEPLOYMENT_ENV = "BACKFILL_DEPLOYMENT"
 EMBED_OPS = ("image_embeddings",)  # the steps that run on the backfill's pool
-INDEX_OPS = ("faiss_index", "search_index")  # on indexPool if the pools file names one
+# on indexPool if the pools file names one: per_step_k8s_config is keyed by op name, so every op of the
+# faiss_index graph (plan, the mapped add steps, finish) is listed, not the asset's name
+INDEX_OPS = (*INDEX_STEP_OPS, "search_index")
 
 
 def _k8s_job_executor() -> ExecutorDefinition:
