@@ -13,7 +13,7 @@ from dagster._core.launcher.base import CheckRunHealthResult, WorkerStatus
 # run stays STARTED and its backfill waits for ever. Here every run worker is a process on this
 # host that reported its pid ("Started process for run (pid: N)"), so the check is a /proc look-up.
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-_PID_REUSE_SLACK_S = 120.0  # a reported worker started at most this long before its report
+_PID_REUSE_SLACK_S = 900.0  # a worker starts at most this long before its report (its imports, on a loaded host)
 
 
 class LocalRunLauncher(DefaultRunLauncher):
@@ -30,7 +30,10 @@ class LocalRunLauncher(DefaultRunLauncher):
             return CheckRunHealthResult(WorkerStatus.RUNNING, "no run worker pid reported yet")
         pid, reported_at = reported
         started = _process_start(pid)
-        if started is not None and reported_at - _PID_REUSE_SLACK_S <= started <= reported_at + 1:
+        # the same process, not a reused pid (pid_max may be 32768): a Python that started before its report
+        # (btime is whole seconds, hence the 5 s)
+        same = started is not None and reported_at - _PID_REUSE_SLACK_S <= started <= reported_at + 5
+        if same and b"python" in _cmdline(pid):
             return CheckRunHealthResult(WorkerStatus.RUNNING, f"run worker pid {pid} is alive")
         return CheckRunHealthResult(WorkerStatus.FAILED, f"run worker pid {pid} is gone (its node or parent died)")
 
@@ -44,6 +47,14 @@ def _reported_pid(instance, run_id: str) -> tuple[int, float] | None:
         if "pid" in metadata and "Started process for run" in (record.event_log_entry.message or ""):
             return int(metadata["pid"].value), record.event_log_entry.timestamp
     return None
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def _process_start(pid: int) -> float | None:

@@ -2,6 +2,7 @@
 
 import argparse
 import contextlib
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -14,6 +15,8 @@ from harness.chaos_kill import TARGETS  # noqa: E402
 
 def main() -> int:
     warnings.filterwarnings("ignore")
+    # a SIGTERM (e.g. from `timeout`) unwinds like an exception, so the daemon and servers are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--kills", type=int, default=3, help="kills per round")
@@ -31,6 +34,7 @@ def main() -> int:
         "--crash-after-shards", type=int, default=0, help="first kill: SIGKILL to the daemon's group after N shards"
     )
     parser.add_argument("--restart-s", type=float, default=2.0, help="a killed daemon starts again after this")
+    parser.add_argument("--round-timeout", type=float, default=420.0, help="seconds a round may take to publish")
     args = parser.parse_args()
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     unknown = set(targets) - set(TARGETS)
@@ -46,6 +50,7 @@ def main() -> int:
         shards=args.shards,
         crash_after_shards=args.crash_after_shards,
         daemon_restart_s=args.restart_s,
+        round_timeout_s=args.round_timeout,
     )
     workdir = Path(args.workdir)
     with contextlib.ExitStack() as stack:
