@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from dagster import instance_for_test
 from dagster._core.events import EngineEventData
 from dagster._core.launcher.base import WorkerStatus
@@ -22,27 +23,30 @@ def _started_run(instance, pid: int | None):
     return run
 
 
-def test_a_live_worker_is_running_and_a_dead_one_failed():
+@pytest.fixture(scope="module")
+def instance():
     with instance_for_test(overrides=LAUNCHER) as instance:
-        launcher = instance.run_launcher
-        assert isinstance(launcher, LocalRunLauncher) and launcher.supports_check_run_worker_health
-        alive = _started_run(instance, os.getpid())
-        assert launcher.check_run_worker_health(alive).status == WorkerStatus.RUNNING
-
-        gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-        dead = _started_run(instance, int(gone.stdout))
-        result = launcher.check_run_worker_health(dead)
-        assert result.status == WorkerStatus.FAILED and f"pid {int(gone.stdout)} is gone" in result.msg
+        yield instance
 
 
-def test_a_pid_reported_long_after_the_process_started_is_someone_else():
-    with instance_for_test(overrides=LAUNCHER) as instance:
-        # pid 1 started long before this report: a reused pid, so the worker is gone
-        run = _started_run(instance, 1)
-        assert instance.run_launcher.check_run_worker_health(run).status == WorkerStatus.FAILED
+def test_a_live_worker_is_running_and_a_dead_one_failed(instance):
+    launcher = instance.run_launcher
+    assert isinstance(launcher, LocalRunLauncher) and launcher.supports_check_run_worker_health
+    alive = _started_run(instance, os.getpid())
+    assert launcher.check_run_worker_health(alive).status == WorkerStatus.RUNNING
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = _started_run(instance, int(gone.stdout))
+    result = launcher.check_run_worker_health(dead)
+    assert result.status == WorkerStatus.FAILED and f"pid {int(gone.stdout)} is gone" in result.msg
 
 
-def test_before_the_worker_reports_its_pid_nothing_is_failed():
-    with instance_for_test(overrides=LAUNCHER) as instance:
-        run = _started_run(instance, None)
-        assert instance.run_launcher.check_run_worker_health(run).status == WorkerStatus.RUNNING
+def test_a_pid_reported_long_after_the_process_started_is_someone_else(instance):
+    # pid 1 started long before this report: a reused pid, so the worker is gone
+    run = _started_run(instance, 1)
+    assert instance.run_launcher.check_run_worker_health(run).status == WorkerStatus.FAILED
+
+
+def test_before_the_worker_reports_its_pid_nothing_is_failed(instance):
+    run = _started_run(instance, None)
+    assert instance.run_launcher.check_run_worker_health(run).status == WorkerStatus.RUNNING
