@@ -21,8 +21,8 @@ from pathlib import Path
 import requests
 import yaml
 
-from bench.local_postgres import Server
 from harness.local_instance import REPO, free_port, init_instance, start_daemon, start_webserver, stop, wait_for
+from harness.local_postgres import Server
 
 ASSET, VERSION = "image_embeddings", "v1"
 BACKFILL_TAG = "dagster/backfill"
@@ -264,7 +264,7 @@ def measure(
 
 def run_case(storage: str, shards: int, **kwargs) -> dict:
     """measure() in a temporary folder, with a PostgreSQL server of its own for storage='postgres'."""
-    from bench.local_postgres import running_postgres
+    from harness.local_postgres import running_postgres
 
     with tempfile.TemporaryDirectory(prefix=f"queue-bench-{storage}-{shards}-") as folder:
         if storage == "postgres":

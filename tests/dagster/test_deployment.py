@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from dagster import in_process_executor, multiprocess_executor
 
 from backfill.config import EmbedConfig
@@ -113,3 +114,35 @@ def test_only_runs_with_an_embedding_step_are_tagged_with_the_default_pool():
 
     assert runs_on_pool(["image_embeddings"])
     assert not runs_on_pool(["faiss_index", "search_index"])
+
+
+def _yaml(path: str) -> dict:
+    return yaml.safe_load((REPO / path).read_text())
+
+
+def test_postgres_variant_and_helm_values_name_the_same_driver():
+    """What the e2e loop and chaos round run on (dagster-postgres.yaml) is what the chart is given."""
+    pg = _yaml("dagster_home/dagster-postgres.yaml")["storage"]["postgres"]["postgres_db"]
+    helm = _yaml("deploy/helm/values.yaml")["postgresql"]
+    assert pg["scheme"] == helm["postgresqlScheme"] == "postgresql+psycopg2"
+    assert {v["env"] for v in pg.values() if isinstance(v, dict)} == {
+        "DAGSTER_PG_HOST",
+        "DAGSTER_PG_PORT",
+        "DAGSTER_PG_USERNAME",
+        "DAGSTER_PG_PASSWORD",
+        "DAGSTER_PG_DB",
+    }
+
+
+def test_the_daemon_stops_in_its_grace_period_and_a_crash_is_recovered_quickly():
+    local = _yaml("dagster_home/dagster.yaml")
+    # the default launcher has no run-worker health check: run monitoring would never fail a run lost in a crash
+    assert local["run_launcher"] == {"module": "ops.local_run_launcher", "class": "LocalRunLauncher"}
+    monitoring = local["run_monitoring"]
+    assert monitoring["enabled"] and monitoring["max_resume_run_attempts"] == 0  # it cannot resume; retries relaunch
+    # a run lost in a crash is failed, then retried, well within the 2 minutes a restart may cost
+    assert monitoring["start_timeout_seconds"] + monitoring["poll_interval_seconds"] <= 90
+    # in the cluster a sensor call ends before the daemon's 30 s wait per thread and the pod's 30 s grace,
+    # and after the registry sensor's own budget
+    timeout = int(_yaml("deploy/helm/values.yaml")["dagsterDaemon"]["env"]["DAGSTER_SENSOR_GRPC_TIMEOUT_SECONDS"])
+    assert Settings().discovery.max_seconds < timeout < 30

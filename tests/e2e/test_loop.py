@@ -1,4 +1,4 @@
-"""The real thing: dagster-daemon and dagster-webserver on loopback, a version registered, a backfill, a search."""
+"""The real thing: daemon and webserver on loopback, runs in PostgreSQL, a version registered, a backfill, a search."""
 
 from pathlib import Path
 
@@ -9,6 +9,7 @@ from backfill.manifest import read_shard
 from backfill.publish import read_pointer
 from backfill.search import Searcher
 from harness.local_instance import wait_for
+from harness.local_postgres import Server
 from tests.conftest import MODEL, make_layout, register_tiny
 from tests.e2e.conftest import running_dagster
 
@@ -31,10 +32,13 @@ PUBLISHED = """
 
 
 @pytest.fixture
-def dagster(tmp_path: Path):
-    """The real daemon and webserver over a root on local disk (test_s3_restart runs the loop over real S3)."""
+def dagster(tmp_path: Path, postgres: Server):
+    """The real daemon and webserver over a root on local disk, the instance on a real PostgreSQL.
+
+    As deployed (deploy/helm/values.yaml); test_s3_restart and test_nearline run on SQLite, so both stay covered.
+    """
     root = tmp_path / "root"
-    with running_dagster(tmp_path, root) as graphql:
+    with running_dagster(tmp_path, root, postgres=postgres) as graphql:
         yield make_layout(root, images=90, shards=3), graphql, tmp_path
 
 
