@@ -43,12 +43,18 @@ def test_each_assembling_thread_gets_its_own_stream_and_keeps_it(monkeypatch):
     assert prep.prepare(span) == (span, (3, {}))
     assert len(FakeStream.made) == 1 and FakeStream.made[0].synced == 2  # one stream per thread, reused
 
+    both = threading.Barrier(2)
+
     def other() -> None:
         prep.prepare(span)
+        # both alive at once, as assembly workers are: a thread id is reused once its thread has ended (the
+        # test once ran them one after the other, and the second got the first's id and stream in CI)
+        both.wait(timeout=30)
 
     threads = [threading.Thread(target=other) for _ in range(2)]
     for t in threads:
         t.start()
+    for t in threads:
         t.join()
     assert len(FakeStream.made) == 3 and all(s.used == s.synced for s in FakeStream.made)
     del prep.batch  # the stand-in above does not pickle
