@@ -24,11 +24,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SHIPPED_HOME_FILES = ("dagster.yaml", "dagster-postgres.yaml")  # the instance settings the project ships
+
+
 def reset_dagster_home(home: Path) -> None:
-    """Empty a DAGSTER_HOME except its dagster.yaml (the instance settings the project ships)."""
+    """Empty a DAGSTER_HOME except the instance settings the project ships (SHIPPED_HOME_FILES)."""
     home.mkdir(parents=True, exist_ok=True)
     for entry in home.iterdir():
-        if entry.name == "dagster.yaml":
+        if entry.name in SHIPPED_HOME_FILES:
             continue
         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
