@@ -81,7 +81,7 @@ def plan_index_build(context: OpExecutionContext, backfill: BackfillResource):
     )
     plan.update(mode="full", folder=work.folder)
     yield Output(plan, "plan")
-    for i, group in enumerate(shard_groups(work, config.add_parallelism)):
+    for i, group in enumerate(shard_groups(work, config.add_parallelism, config.min_group_vectors)):
         yield DynamicOutput({"folder": work.folder, "shards": group}, mapping_key=f"group_{i}", output_name="groups")
 
 

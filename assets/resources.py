@@ -54,6 +54,7 @@ class BackfillResource(ConfigurableResource):
     memory_budget_mb: int = _INDEX.memory_budget_mb
     max_nlist: int = _INDEX.max_nlist
     add_parallelism: int = _INDEX.add_parallelism
+    min_group_vectors: int = _INDEX.min_group_vectors
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BackfillResource:

@@ -94,6 +94,9 @@ class IndexConfig:
     memory_budget_mb: int = 4096
     max_nlist: int = 65536
     add_parallelism: int = 4  # faiss_index's add steps: the shards split into at most this many groups
+    # ...of at least this many vectors each: an add step is a pod start (~30 s), and adding 500,000 vectors to an
+    # IVF4096 index takes about as long on one core (docs/index.md), so smaller groups cost more than they save
+    min_group_vectors: int = 500_000
 
     def __post_init__(self) -> None:
         _require(0.0 < self.target_recall <= 1.0, f"target_recall must be in (0, 1], got {self.target_recall}")
@@ -116,4 +119,8 @@ class IndexConfig:
         )
         _require(
             self.add_parallelism >= 1, f"add_parallelism must be a positive number of steps, got {self.add_parallelism}"
+        )
+        _require(
+            self.min_group_vectors >= 1,
+            f"min_group_vectors must be a positive number of vectors, got {self.min_group_vectors}",
         )

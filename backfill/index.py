@@ -150,10 +150,13 @@ def start_build(
     return work
 
 
-def shard_groups(work: BuildWork, parallelism: int) -> list[list[str]]:
+def shard_groups(work: BuildWork, parallelism: int, min_vectors: int = 1) -> list[list[str]]:
     """The shards in at most `parallelism` contiguous groups of about equal vectors, one add step each
-    (a bounded number of steps whatever the number of shards)."""
-    total, groups = max(1, work.vectors), [[] for _ in range(max(1, min(parallelism, len(work.spans))))]
+    (a bounded number of steps whatever the number of shards), and no more groups than hold `min_vectors`
+    each (a small version is one add step: a step's start-up would cost more than its share of the add)."""
+    total = max(1, work.vectors)
+    n = max(1, min(parallelism, len(work.spans), total // max(1, min_vectors)))
+    groups: list[list[str]] = [[] for _ in range(n)]
     for span in work.spans:
         # a shard goes to the group its middle vector falls in
         groups[min(len(groups) - 1, (2 * span.first + span.vectors) * len(groups) // (2 * total))].append(span.name)

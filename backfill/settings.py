@@ -135,6 +135,8 @@ VARIABLES: tuple[Variable, ...] = (
         "most IVF lists (a power of two; training cost grows with it)"),
     Variable("BACKFILL_INDEX_ADD_PARALLELISM", "index.add_parallelism", _int,
         "faiss_index add steps per build (the shards split into this many groups; at most one per shard)"),
+    Variable("BACKFILL_INDEX_MIN_GROUP_VECTORS", "index.min_group_vectors", _int,
+        "fewest vectors per faiss_index add step (fewer add steps for a small version)"),
     Variable("BACKFILL_WORK_LOG", "embed.work_log", _text,
         "a file every attempt appends its embedded-batch sizes to (the chaos harness)"),
     Variable("BACKFILL_DISCOVERY_MAX_SHARDS", "discovery.max_shards", _int,

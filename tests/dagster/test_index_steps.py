@@ -15,7 +15,7 @@ def add_steps(result) -> set[str]:
 
 
 def test_a_build_adds_its_shards_in_one_step_per_group_and_a_retry_reuses_committed_parts(registered, monkeypatch):
-    layout, _ = registered  # 3 shards: 3 groups under add_parallelism 4
+    layout, _ = registered  # 3 shards: 3 groups under add_parallelism 4 (with groups of 1 vector allowed)
     real, failed = backfill.index.add_part, []
 
     def add_part_failing_once(layout, work, shard, reader):
@@ -27,7 +27,8 @@ def test_a_build_adds_its_shards_in_one_step_per_group_and_a_retry_reuses_commit
     monkeypatch.setattr(backfill.index, "add_part", add_part_failing_once)
     with instance_for_test() as instance:
         embed_all(instance, layout)
-        first = materialize([faiss_index], partition_key="v1", instance=instance, resources=resources(layout),
+        steps_of_one = resources(layout, min_group_vectors=1)
+        first = materialize([faiss_index], partition_key="v1", instance=instance, resources=steps_of_one,
                             raise_on_error=False)  # fmt: skip
         assert not first.success and len(add_steps(first)) == 2  # the other two groups committed their parts
         steps = {(e.step_key, e.event_type_value) for e in first.all_events if e.step_key}
@@ -35,7 +36,10 @@ def test_a_build_adds_its_shards_in_one_step_per_group_and_a_retry_reuses_commit
         assert not layout.store.exists(layout.index_builds(MODEL))  # nothing half-built is visible
 
         retry = materialize(
-            [faiss_index, search_index], partition_key="v1", instance=instance, resources=resources(layout)
+            [faiss_index, search_index],
+            partition_key="v1",
+            instance=instance,
+            resources=steps_of_one,
         )
         assert retry.success and len(add_steps(retry)) == 3
         meta = latest_metadata(instance, "faiss_index", "v1")

@@ -176,6 +176,13 @@ def test_shard_groups_are_bounded_contiguous_and_cover_every_shard(tmp_path):
     # split by vectors, so 10,000 shards become at most add_parallelism steps; none is empty
     groups = shard_groups(work, 3)
     assert len(groups) == 3 and [s for g in groups for s in g] == SHARDS and all(groups)
+    # and no group smaller than min_vectors (the synthetic shards have a few rejects: just under 2,000 vectors)
+    assert (
+        shard_groups(work, 4, min_vectors=2_001)
+        == [SHARDS]
+        == shard_groups(work, 4, min_vectors=IndexConfig().min_group_vectors)
+    )
+    assert shard_groups(work, 4, min_vectors=900) == [SHARDS[:2], SHARDS[2:]]
 
 
 def test_the_stages_in_separate_calls_build_what_build_index_builds(tmp_path):
