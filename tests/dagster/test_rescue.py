@@ -68,7 +68,7 @@ def dequeue_gave_up(instance: DagsterInstance, defs: Definitions, assets, key: s
 def tick(instance: DagsterInstance, defs: Definitions, cursor: str | None = None) -> SensorResult:
     """One tick of the sensor the shipped Definitions run."""
     with build_sensor_context(instance=instance, cursor=cursor, definitions=defs) as context:
-        return defs.get_sensor_def("run_rescue_sensor")(context)
+        return defs.get_repository_def().get_sensor_def("run_rescue_sensor")(context)
 
 
 def test_a_verification_whose_retry_could_not_be_created_is_requested_again_once(instance, defs):
