@@ -21,6 +21,7 @@ from dagster import (
     SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
+    partition_loading_context,
     sensor,
 )
 
@@ -41,7 +42,8 @@ RESCUE_OF_TAG = "backfill/rescue_of"  # the run the first rescue replaced (its D
 RESCUE_COUNT_TAG = "backfill/rescue_count"
 
 RESCUABLE = AssetSelection.assets(model_version, image_embeddings, faiss_index, search_index)
-RESCUABLE_KEYS = {model_version.key, image_embeddings.key, faiss_index.key, search_index.key}
+PARTITIONS = {a.key: a.partitions_def for a in (model_version, image_embeddings, faiss_index, search_index)}
+RESCUABLE_KEYS = set(PARTITIONS)
 INDEX_KEYS = {faiss_index.key, search_index.key}
 IN_PROGRESS = [
     DagsterRunStatus.QUEUED,
@@ -133,6 +135,9 @@ def rescue_request(instance: DagsterInstance, record: RunRecord, max_rescues: in
     why = infrastructure_failure(instance, run.run_id)
     if why is None:
         return None, "its step ran and failed (Dagster's run retries handle that, or it is permanent)"
+    if not _partition_exists(instance, selection, key):
+        # a version retired since: a request for it would fail the whole tick, and the cursor would not move
+        return None, f"{why}, but its partition {key} no longer exists"
     count = int(run.tags.get(RESCUE_COUNT_TAG, "0"))
     if count >= max_rescues:
         return None, f"{why}, but its partition {key} was rescued {count} times already (the limit)"
@@ -167,6 +172,11 @@ def infrastructure_failure(instance: DagsterInstance, run_id: str) -> str | None
     if not any(r.event_log_entry.dagster_event_type == DagsterEventType.STEP_START for r in events):
         return "it failed before any step started (its dequeue or launch failed)"
     return None
+
+
+def _partition_exists(instance: DagsterInstance, selection: Iterable[AssetKey], key: str) -> bool:
+    with partition_loading_context(dynamic_partitions_store=instance):
+        return all(PARTITIONS[asset].has_partition_key(key) for asset in selection)
 
 
 def _materialized_since(instance: DagsterInstance, selection: Iterable[AssetKey], key: str, since: float) -> bool:

@@ -139,6 +139,19 @@ def test_a_partition_materialized_since_or_in_progress_is_not_requested(instance
     assert tick(instance, defs).run_requests == []
 
 
+def test_a_partition_deleted_since_is_not_requested(instance, defs):
+    # a retired version: its request would fail the whole tick, and every tick after it
+    retry_not_created(instance, defs, VERIFY, "v1")
+    retry_not_created(instance, defs, EMBED, SHARD)
+    instance.delete_dynamic_partition("model_version", "v1")
+    result = tick(instance, defs)
+    assert result.run_requests == []
+    # the tick succeeded and its cursor moved past them: the next failure is requested
+    instance.add_dynamic_partitions("model_version", ["v2"])
+    later = retry_not_created(instance, defs, VERIFY, "v2")
+    assert [r.run_key for r in tick(instance, defs, result.cursor).run_requests] == [f"rescue:{later}"]
+
+
 def test_rescues_stop_after_the_limit(instance, defs):
     original = retry_not_created(instance, defs, VERIFY, "v1")
     cursor, rescued = None, []
