@@ -12,6 +12,7 @@ from assets.resources import BackfillResource
 from backfill.settings import Settings
 from ops.deployment import executor_for
 from ops.pools import pool_tags
+from ops.rescue import rescue_sensor
 from ops.retire import retire_job
 from ops.schedules import embed_job, refresh_schedule_for
 from ops.sensors import backfill_automation, index_automation, registry_sensor
@@ -31,6 +32,7 @@ def build_definitions(settings: Settings) -> Definitions:
             registry_sensor(settings.sensor_interval_s, settings.discovery),
             backfill_automation(settings.automation_interval_s, tags),
             index_automation(settings.automation_interval_s),
+            rescue_sensor(),
         ],
         schedules=[refresh_schedule_for(settings.refresh_cron, tags)],
         resources={"backfill": BackfillResource.from_settings(settings)},

@@ -146,3 +146,17 @@ def test_the_daemon_stops_in_its_grace_period_and_a_crash_is_recovered_quickly()
     # and after the registry sensor's own budget
     timeout = int(_yaml("deploy/helm/values.yaml")["dagsterDaemon"]["env"]["DAGSTER_SENSOR_GRPC_TIMEOUT_SECONDS"])
     assert Settings().discovery.max_seconds < timeout < 30
+
+
+def test_a_dequeue_that_cannot_reach_the_code_server_is_retried_before_the_run_fails():
+    from dagster import instance_for_test
+
+    local = _yaml("dagster_home/dagster.yaml")
+    assert local["run_coordinator"]["config"]["max_user_code_failure_retries"] >= 1  # Dagster's default 0 fails it
+    # the shipped file as an instance: Dagster reads the retries with the concurrency block's run limits
+    overrides = {"run_coordinator": local["run_coordinator"], "concurrency": local["concurrency"]}
+    with instance_for_test(overrides=overrides) as instance:
+        queue = instance.get_concurrency_config().run_queue_config
+        assert queue.max_user_code_failure_retries == 3 and queue.user_code_failure_retry_delay == 10
+        # the re-queued run is retried within the 2 minutes a restart may cost, after a code server's start-up
+        assert 30 <= queue.max_user_code_failure_retries * queue.user_code_failure_retry_delay <= 120

@@ -83,7 +83,10 @@ def test_helm_values_use_chart_keys_and_what_the_issue_asks_for():
     assert set(v) <= CHART_KEYS, set(v) - CHART_KEYS
     assert v["runLauncher"]["type"] == "K8sRunLauncher"
     daemon = v["dagsterDaemon"]
-    assert daemon["runCoordinator"]["enabled"] and daemon["runCoordinator"]["type"] == "QueuedRunCoordinator"
+    # the QueuedRunCoordinator, as a custom coordinator: the chart's queued block has no key for the dequeue retries
+    coordinator = daemon["runCoordinator"]
+    assert coordinator["enabled"] and coordinator["type"] == "CustomRunCoordinator"
+    assert coordinator["config"]["customRunCoordinator"]["class"] == "QueuedRunCoordinator"
     assert (
         daemon["runMonitoring"]["enabled"]
         and daemon["runRetries"]["enabled"]
@@ -252,3 +255,17 @@ def test_the_search_service_selects_the_search_pods_on_their_http_port():
         == deployment["metadata"]["namespace"]
         == manifest("Namespace")["metadata"]["name"]
     )
+
+
+def test_helm_dequeue_retries_outlast_a_code_server_restart():
+    from dagster import instance_for_test
+
+    custom = values()["dagsterDaemon"]["runCoordinator"]["config"]["customRunCoordinator"]
+    # the block the chart renders into dagster.yaml (its _run-coordinator.tpl), with the values' run limits
+    rendered = {"module": custom["module"], "class": custom["class"], "config": custom["config"]}
+    concurrency = {"runs": {"max_concurrent_runs": values()["concurrency"]["runs"]["maxConcurrentRuns"]}}
+    with instance_for_test(overrides={"run_coordinator": rendered, "concurrency": concurrency}) as instance:
+        queue = instance.get_concurrency_config().run_queue_config
+        # a run is re-queued for minutes (a pod restart, an image pull) before it fails
+        assert queue.max_user_code_failure_retries * queue.user_code_failure_retry_delay >= 300
+        assert queue.max_concurrent_runs == 200
