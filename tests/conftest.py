@@ -64,3 +64,13 @@ def s3_root(s3_server, monkeypatch) -> str:
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
     return s3_server.make_bucket(f"t-{uuid.uuid4().hex[:12]}") + "/root"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `-n 2 --dist loadgroup` (the README's test command) every end-to-end test runs on one worker, one
+    after another, while the other tests run beside them: two end-to-end tests at once, each starting a daemon,
+    code servers and run workers, slowed each other 2-3x on 2 cores (and timed out), while one beside the fast
+    tests is slowed far less."""
+    for item in items:
+        if item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.xdist_group("e2e"))
