@@ -66,6 +66,8 @@ def s3_root(s3_server, monkeypatch) -> str:
     return s3_server.make_bucket(f"t-{uuid.uuid4().hex[:12]}") + "/root"
 
 
+# first: xdist's own hook turns the xdist_group marks into its groups, and must see these
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under `-n 2 --dist loadgroup` (the README's test command) every end-to-end test runs on one worker, one
     after another, while the other tests run beside them: two end-to-end tests at once, each starting a daemon,
