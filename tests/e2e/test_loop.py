@@ -69,7 +69,17 @@ def test_register_version_backfill_through_an_s3_restart_publish_search(tmp_path
 
         wait_for(lambda: chunks_committed() > 0, timeout=240, interval=0.5, what=f"a first chunk (logs in {tmp_path})")
         s3.stop(signal.SIGKILL)  # the store vanishes mid-write, as a crashed gateway does
-        time.sleep(OUTAGE_S)
+        down = time.monotonic()
+        instance = DagsterInstance.from_config(str(tmp_path / "dagster_home"))
+        # down until a partition has failed for it (a step between two S3 calls for longer than a fixed outage
+        # would see nothing, and the test would prove nothing), and at least OUTAGE_S
+        wait_for(
+            lambda: sum(retries(instance, "v1")) >= 1,
+            timeout=180,
+            interval=0.5,
+            what=f"a partition failing while S3 is down (logs in {tmp_path})",
+        )
+        time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down)))
         s3.start()
 
         def completed_backfill():
@@ -96,7 +106,7 @@ def test_register_version_backfill_through_an_s3_restart_publish_search(tmp_path
             return None
 
         wait_for(published, timeout=240, interval=2, what=f"search_index v1 published (logs in {tmp_path})")
-        step_retries, run_retries = retries(DagsterInstance.from_config(str(tmp_path / "dagster_home")), "v1")
+        step_retries, run_retries = retries(instance, "v1")
 
     pointer = read_pointer(layout, MODEL)
     assert pointer["version"] == "v1" and pointer["vectors"] == 96
