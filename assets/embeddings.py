@@ -1,6 +1,7 @@
 """image_embeddings: one (model version, shard) partition per run, retried on its own."""
 
 import time
+from typing import TYPE_CHECKING
 
 from dagster import (
     AssetCheckResult,
@@ -23,11 +24,13 @@ from assets.k8s import STEP_K8S_TAGS
 from assets.models import model_version
 from assets.partitions import embedding_partitions
 from assets.resources import BackfillResource, run_engine
-from backfill.embed import EmbedStats, embed_shard
 from backfill.errors import Preempted
 from backfill.preemption import sigterm_notice
-from backfill.verify import Verdict, verify_shard
 from ops.pools import device_for_run
+
+if TYPE_CHECKING:  # torch: the engine is imported by this step's body, not by the definitions (sensors, run workers)
+    from backfill.embed import EmbedStats
+    from backfill.verify import Verdict
 
 EMBED_RETRY_POLICY = RetryPolicy(max_retries=4, delay=5, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
 # spot capacity can preempt the same shard many times; a preemption is not the shard's fault
@@ -101,6 +104,20 @@ def image_embeddings(context: AssetExecutionContext, backfill: BackfillResource)
     return _result(stats, verdict, path, backfill, _attempt_metadata(context, step_started))
 
 
+def embed_shard(*args, **kwargs) -> "EmbedStats":
+    """backfill.embed.embed_shard, imported when the step runs: the definitions load without torch."""
+    from backfill.embed import embed_shard as embed
+
+    return embed(*args, **kwargs)
+
+
+def verify_shard(*args, **kwargs) -> "Verdict":
+    """backfill.verify.verify_shard (which reads the chunks through backfill.embed), imported when the step runs."""
+    from backfill.verify import verify_shard as verify
+
+    return verify(*args, **kwargs)
+
+
 def _progress(context: AssetExecutionContext, shard: str):
     """A progress callback that logs every tenth committed chunk."""
     committed = {"rows": 0, "chunks": 0}
@@ -132,7 +149,7 @@ def _attempt_metadata(context: AssetExecutionContext, step_started: float) -> di
 
 
 def _result(
-    stats: EmbedStats, verdict: Verdict, path: str, backfill: BackfillResource, attempt: dict[str, float | int]
+    stats: "EmbedStats", verdict: "Verdict", path: str, backfill: BackfillResource, attempt: dict[str, float | int]
 ) -> MaterializeResult:
     """The engine's stats and the re-verification as materialization metadata and check results.
 

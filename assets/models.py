@@ -18,7 +18,6 @@ from dagster import (
 from assets.partitions import model_versions
 from assets.resources import BackfillResource, run_engine
 from backfill.registry import ModelCard, read_card
-from backfill.runtime import load_model
 from backfill.storage import Layout
 
 # requested once when the registry sensor adds the version (the first evaluation included, like
@@ -37,6 +36,8 @@ def verify_version(layout: Layout, model: str, version: str) -> ModelCard:
     card = read_card(layout, model, version)
     # on the CPU whatever pool embeds it: this checks the artifact, not the device (a GPU pool's
     # device is checked by the embedding step itself, which never falls back to the CPU)
+    from backfill.runtime import load_model  # torch: in this step only, not in the definitions
+
     load_model(layout, card, "cpu")
     return card
 

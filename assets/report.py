@@ -14,7 +14,6 @@ from assets.embeddings import image_embeddings
 from assets.models import model_version
 from assets.partitions import model_versions
 from assets.resources import BackfillResource, run_engine
-from backfill.calibrate import calibration_rows, plan_version
 from backfill.errors import ConfigError
 from backfill.manifest import list_shards
 from backfill.pipeline import cpu_budget
@@ -40,6 +39,9 @@ class PlanConfig(Config):
     "spot and on demand, embedding bytes and the index (docs/plan.md). Materialize it by hand.",
 )
 def backfill_plan(context: AssetExecutionContext, config: PlanConfig, backfill: BackfillResource) -> MaterializeResult:
+    # the calibration embeds a sample (torch): imported by this step, not by the definitions
+    from backfill.calibrate import calibration_rows, plan_version
+
     version = context.partition_key
     layout = backfill.layout()
     pools = _pools()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import TYPE_CHECKING
 
 from dagster import ConfigurableResource, Failure
 
@@ -11,9 +12,11 @@ from backfill.config import EmbedConfig, IndexConfig
 from backfill.errors import PermanentError
 from backfill.pipeline import ThreadBudget
 from backfill.registry import read_card
-from backfill.runtime import LoadedModel, load_model
 from backfill.settings import Settings
 from backfill.storage import Layout, Store
+
+if TYPE_CHECKING:  # torch: imported by the steps that load a model, never by the definitions (sensors, run workers)
+    from backfill.runtime import LoadedModel
 
 _SETTINGS, _EMBED, _INDEX = Settings(), EmbedConfig(), IndexConfig()
 
@@ -90,6 +93,8 @@ def _values(resource: BackfillResource, config: type) -> dict:
 @functools.lru_cache(maxsize=2)
 def _cached_model(root: str, model: str, version: str, device: str) -> LoadedModel:
     # built once per process (a pod), reused by every partition it runs
+    from backfill.runtime import load_model
+
     layout = Layout(Store.open(root))
     return load_model(layout, read_card(layout, model, version), device)
 

@@ -1,16 +1,17 @@
-"""The preprocessing contract of a model version: how an image becomes the model's input, on PIL and on tensors."""
+"""A model version's preprocessing contract: how an image becomes its input (torch-free; batches: preprocess_tensor)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
-from torch.nn import functional as F
 
 from backfill.errors import ConfigError
+
+if TYPE_CHECKING:  # the spec imports no torch: the sensors' code server reads cards without it
+    import torch
 
 RESIZES = ("squash", "resize_crop", "pad")
 # PIL filter and the torch mode that matches it (antialiased when shrinking, like PIL's resize)
@@ -179,32 +180,9 @@ class Preprocess:
 
     def apply_tensor(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) uint8 images of one shape (any device) -> (N, 3, input_size, input_size) uint8."""
-        height, width = int(images.shape[2]), int(images.shape[3])
-        geo = self.geometry(width, height)
-        out = images
-        if (width, height) != geo.size:
-            mode = INTERPOLATIONS[self.interpolation][1]
-            if mode == "nearest-exact":
-                out = F.interpolate(images, size=(geo.size[1], geo.size[0]), mode=mode)
-            else:
-                # PIL resizes width then height, rounding to uint8 in between: doing the same keeps the
-                # two paths within a pixel level (one float pass differs by ~0.1 level on average)
-                out = images.float()
-                for size in ((height, geo.size[0]), (geo.size[1], geo.size[0])):
-                    if tuple(out.shape[2:]) != size:
-                        out = F.interpolate(out, size=size, mode=mode, antialias=True, align_corners=False)
-                        out = out.round_().clamp_(0, 255)
-                out = out.to(torch.uint8)
-        s = self.input_size
-        if geo.crop is not None:
-            left, top = geo.crop
-            return out[:, :, top : top + s, left : left + s]
-        if geo.paste is not None:
-            left, top = geo.paste
-            canvas = torch.zeros((len(out), 3, s, s), dtype=torch.uint8, device=out.device)
-            canvas[:, :, top : top + geo.size[1], left : left + geo.size[0]] = out
-            return canvas
-        return out
+        from backfill.preprocess_tensor import apply_tensor  # torch: only where batches are resized on a device
+
+        return apply_tensor(self, images)
 
 
 def _number(value: Any) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -12,8 +13,10 @@ import pyarrow.parquet as pq
 
 from backfill.hooks import EmbedHooks
 from backfill.pipeline import StageClock
-from backfill.runtime import Chunk
 from backfill.storage import Layout
+
+if TYPE_CHECKING:  # torch: the index steps and the definitions read chunks without it
+    from backfill.runtime import Chunk
 
 
 def chunk_name(start: int, end: int) -> str:

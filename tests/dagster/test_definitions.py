@@ -105,8 +105,10 @@ def test_importing_the_definitions_reads_no_environment():
     )
 
 
-def test_a_local_deployment_never_imports_dagster_k8s():
-    """Every local process (code servers, run and step workers) would pay ~1 s for the kubernetes client."""
+def test_a_local_deployment_imports_neither_dagster_k8s_nor_torch():
+    """Every local process (code servers, run and step workers) would pay ~1 s for the kubernetes client, and
+    every one (the sensors' code server included) ~2 s and its memory for torch: only the steps that embed or
+    load a model import it."""
     import os
     import subprocess
     import sys
@@ -115,7 +117,7 @@ def test_a_local_deployment_never_imports_dagster_k8s():
 
     code = (
         "import sys, ops.definitions; ops.definitions.defs(); "
-        "print(sorted(m for m in sys.modules if m.startswith(('dagster_k8s', 'kubernetes'))))"
+        "print(sorted(m for m in sys.modules if m.startswith(('dagster_k8s', 'kubernetes', 'torch'))))"
     )
     env = {**os.environ, "BACKFILL_DEPLOYMENT": "local"}
     proc = subprocess.run(
