@@ -162,7 +162,7 @@ BY_NAME = {v.name: v for v in VARIABLES}
 
 
 def _budget_class() -> type[DiscoveryBudget]:
-    # imported on use: backfill.discovery brings the engine (torch and faiss, through backfill.retire), and
+    # imported on use: backfill.discovery brings the engine (faiss, through backfill.retire), and
     # reading one setting (Store.open, the CLI's defaults) must stay as cheap as it was
     from backfill.discovery import DiscoveryBudget
 
