@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -145,6 +146,8 @@ def run_chaos(
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     home, work_log = workdir / "dagster_home", workdir / "work.log"
+    if s3:
+        os.environ.update(s3.env())  # this process writes the corpus and verifies the rounds on the store too
     root = f"{s3.make_bucket('chaos')}/root" if s3 else str(workdir / "root")
     layout = Layout(Store.open(root))
     made = make_sample_corpus(layout, SampleSpec(images=config.images, shards=config.shards, seed=config.seed))

@@ -1,9 +1,11 @@
 """BACKFILL_DEPLOYMENT picks the executor; k8s needs S3 paths; BACKFILL_POOL tags what sensors launch."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
+from datetime import timedelta
 
 import pytest
 import yaml
@@ -165,3 +167,29 @@ def test_a_dequeue_that_cannot_reach_the_code_server_is_retried_before_the_run_f
 
         tries_s = queue.max_user_code_failure_retries * queue.user_code_failure_retry_delay
         assert RELOAD_WORKSPACE_INTERVAL + 20 <= tries_s <= 120
+
+
+def test_a_pool_slot_left_by_a_killed_publish_step_is_freed_once_its_run_ended(monkeypatch):
+    """A step SIGKILLed while it holds the index_publish slot never frees it: every later publish would wait for
+    ever (a chaos round, 2026-12-02). The shipped run monitoring frees it after the run ended."""
+    from types import SimpleNamespace
+
+    from dagster import DagsterRunStatus, instance_for_test
+    from dagster._core.test_utils import create_run_for_test
+    from dagster._daemon.monitoring import concurrency
+    from dagster._time import get_current_datetime
+
+    local = _yaml("dagster_home/dagster.yaml")
+    overrides = {"run_monitoring": local["run_monitoring"], "concurrency": local["concurrency"]}
+    with instance_for_test(overrides=overrides) as instance:
+        storage = instance.event_log_storage
+        storage.set_concurrency_slots("index_publish", 1)
+        run = create_run_for_test(instance, job_name="__ASSET_JOB", status=DagsterRunStatus.STARTED)
+        assert storage.claim_concurrency_slot("index_publish", run.run_id, "search_index").is_claimed
+        instance.report_run_failed(run)  # its worker died with the step: nobody frees the slot
+        assert storage.get_concurrency_info("index_publish").active_slot_count == 1
+        after_s = local["run_monitoring"].get("free_slots_after_run_end_seconds", 0) + 1
+        later = get_current_datetime() + timedelta(seconds=after_s)
+        monkeypatch.setattr(concurrency, "get_current_datetime", lambda: later)
+        list(concurrency.execute_concurrency_slots_iteration(SimpleNamespace(instance=instance), logging.getLogger()))
+        assert storage.get_concurrency_info("index_publish").active_slot_count == 0
