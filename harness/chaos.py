@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from backfill.embed import MARKER
+from backfill.errors import RetryableError
 from backfill.index import latest_build
 from backfill.manifest import list_shards
 from backfill.models import Architecture, torchscript_bytes
@@ -267,11 +268,15 @@ def _round(config, corpus: Corpus, daemon: Daemon, instance, rng, i: int, workdi
 
 
 def _finished(layout: Layout, versions: list[str]) -> bool:
-    """The newest version is published and every older one of the round has a complete build."""
-    pointer = read_pointer(layout, MODEL)
-    if not pointer or pointer["version"] != versions[-1]:
+    """The newest version is published and every older one of the round has a complete build (not known yet
+    while the store is down: an S3 outage of the round, which the harness itself caused)."""
+    try:
+        pointer = read_pointer(layout, MODEL)
+        if not pointer or pointer["version"] != versions[-1]:
+            return False
+        return all(latest_build(layout, MODEL, v) is not None for v in versions[:-1])
+    except RetryableError:
         return False
-    return all(latest_build(layout, MODEL, v) is not None for v in versions[:-1])
 
 
 def _verify(result: RoundResult, layout: Layout, versions: list[str]) -> None:
