@@ -28,13 +28,12 @@ from dagster import (
 from assets.embeddings import image_embeddings
 from assets.index import faiss_index, search_index
 from assets.models import model_version
-from ops.sensors import INDEX_PRIORITY, INDEX_PRIORITY_TAG
+from ops.sensors import INDEX_PRIORITY, INDEX_PRIORITY_TAG, RETRY_ALL_STEPS
 
 # Dagster's own tags (their constants are private in dagster 1.13)
 WILL_RETRY_TAG = "dagster/will_retry"  # "false" once Dagster's run retry gave up, or never meant to retry
 PARTITION_TAG = "dagster/partition"
 ROOT_RUN_TAG = "dagster/root_run_id"
-RETRY_STRATEGY_TAG = "dagster/retry_strategy"
 # the engine event of auto_run_reexecution when it could not create the retry run (a code location not loaded)
 RETRY_NOT_CREATED = "Failed to retry run"
 
@@ -201,8 +200,7 @@ def _in_progress(instance: DagsterInstance, selection: Iterable[AssetKey], key: 
 def _carried_tags(tags: Mapping[str, str], selection: Iterable[AssetKey]) -> dict[str, str]:
     """The failed run's own tags (its pool), not Dagster's bookkeeping; the retry strategy and index priority."""
     carried = {k: v for k, v in tags.items() if not k.startswith("dagster/")}
-    # a run retry re-executes the whole run, as for the sensors' runs (ops/sensors.py)
-    carried[RETRY_STRATEGY_TAG] = "ALL_STEPS"
+    carried.update(RETRY_ALL_STEPS)  # as on the sensors' runs (ops/sensors.py)
     if INDEX_KEYS & set(selection):
         carried[INDEX_PRIORITY_TAG] = INDEX_PRIORITY
     elif INDEX_PRIORITY_TAG in tags:

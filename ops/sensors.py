@@ -103,6 +103,9 @@ model_registry_sensor = registry_sensor()  # at the default interval, for tests 
 
 # the QueuedRunCoordinator dequeues higher dagster/priority first (default 0)
 INDEX_PRIORITY_TAG, INDEX_PRIORITY = "dagster/priority", "10"
+# on every run the sensors launch: a run retry re-executes the whole run (one shard, or index + publish); the
+# default "from failure" finds nothing to redo when the run worker died before its step started
+RETRY_ALL_STEPS = {"dagster/retry_strategy": "ALL_STEPS"}
 
 
 def backfill_automation(
@@ -118,10 +121,8 @@ def backfill_automation(
         default_status=DefaultSensorStatus.RUNNING,
         minimum_interval_seconds=interval_s,
         emit_backfills=True,
-        # a run retry re-executes the whole run (one shard, or index + publish): the default
-        # "from failure" finds nothing to redo when the run worker died before its step started
         # BACKFILL_POOL: the pool (deploy/pools.yaml) of the backfills this sensor launches
-        run_tags={"dagster/retry_strategy": "ALL_STEPS", **(pool_tags or {})},
+        run_tags={**RETRY_ALL_STEPS, **(pool_tags or {})},
         description="Launches one backfill for the shard partitions the registry sensor added (a new version: all its "
         "shards; a new manifest shard: that shard for every version).",
     )
@@ -141,7 +142,7 @@ def index_automation(interval_s: int = DEFAULTS.automation_interval_s) -> Automa
         # no BACKFILL_POOL tag: its run limit is the embedding backfill's, and a near-line update must
         # not queue behind a big backfill (index steps run on indexPool, or the run launcher's
         # on-demand placement); a higher priority puts it ahead of queued embedding runs
-        run_tags={"dagster/retry_strategy": "ALL_STEPS", INDEX_PRIORITY_TAG: INDEX_PRIORITY},
+        run_tags={**RETRY_ALL_STEPS, INDEX_PRIORITY_TAG: INDEX_PRIORITY},
         description="Builds (or updates, for new shards) and publishes a version's index once none of its shards is "
         "missing or running.",
     )
