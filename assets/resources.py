@@ -43,6 +43,7 @@ class BackfillResource(ConfigurableResource):
     grace_s: float = _EMBED.grace_s
     gpu_decode: bool = _EMBED.gpu_decode
     prefetch_batches: int = _EMBED.prefetch_batches
+    assembly_workers: int = _EMBED.assembly_workers
     work_log: str | None = _EMBED.work_log  # a file every attempt appends "<pid> <version> <shard> <n>" to
     # IndexConfig
     target_recall: float = _INDEX.target_recall

@@ -33,6 +33,8 @@ class EmbedConfig:
     grace_s: float = 20.0  # after a preemption notice: time to finish and commit the chunk in hand
     gpu_decode: bool = True  # on CUDA with torchvision installed: JPEGs decoded by nvjpeg (PIL for the rest)
     prefetch_batches: int = 3  # prepared batches waiting for the model (each ~N x 150 KB of device memory)
+    # threads assembling batches (on CUDA: nvjpeg, resize, the copy), each on its own CUDA stream; order is kept
+    assembly_workers: int = 1
     work_log: str | None = None  # a file each attempt appends a line to per embedded batch (hooks.WorkLog)
 
     def __post_init__(self) -> None:
@@ -58,6 +60,7 @@ class EmbedConfig:
         )
         _require(self.max_image_pixels >= 1, f"max_image_pixels must be positive, got {self.max_image_pixels}")
         _require(1 <= self.prefetch_batches <= 16, f"prefetch_batches must be in 1..16, got {self.prefetch_batches}")
+        _require(1 <= self.assembly_workers <= 16, f"assembly_workers must be in 1..16, got {self.assembly_workers}")
         _require(0 <= self.grace_s <= 3600, f"grace_s must be in 0..3600 seconds, got {self.grace_s}")
 
     @property

@@ -114,6 +114,7 @@ class Preprocessor:
         self._decode_jpeg = decoder
         self.gpu_decode = decoder is not None
         self.fallbacks = 0  # images nvjpeg could not decode, decoded by PIL in batch()
+        self._count_lock = threading.Lock()  # batch() runs on every assembly worker at once
         self._streams: dict[int, Any] = {}  # thread id -> the CUDA stream that thread assembles batches on
 
     def prepare(self, span: Any) -> tuple[Any, tuple[torch.Tensor | None, dict[int, str]]]:
@@ -135,8 +136,11 @@ class Preprocessor:
         return span, result
 
     def __getstate__(self) -> dict:
-        # a CUDA stream does not pickle (Ray and process pools copy the preprocessor)
-        return {**self.__dict__, "_streams": {}}
+        # a CUDA stream and a lock do not pickle (Ray and process pools copy the preprocessor)
+        return {**self.__dict__, "_streams": {}, "_count_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _count_lock=threading.Lock())
 
     def stage(self, data: bytes) -> np.ndarray | Encoded:
         """Bytes -> pixels (or Encoded for the GPU); BadImage with a reason on bad input."""
@@ -165,7 +169,8 @@ class Preprocessor:
             gpu = {encoded[j]: t for j, t in gpu.items()}
             for j in fallback:
                 pos = encoded[j]
-                self.fallbacks += 1
+                with self._count_lock:
+                    self.fallbacks += 1
                 try:
                     pixels[pos] = decode(items[pos].data, self.prep, self.max_pixels)
                 except BadImage as exc:

@@ -34,8 +34,9 @@ Batch = tuple[Span, tuple[Any, dict[int, str]]]  # (span, (pixels on the device 
 class BatchReader(Iterator[Batch]):
     """Prepared batches of the rows `todo` of a shard, `config.prefetch_batches` ahead of the model.
 
-    fetch (I/O threads) -> decode (CPU threads) -> batch assembly (one thread: on CUDA nvjpeg and
-    the host-to-device copy on a stream of their own) -> a prefetch thread that drives all of them,
+    fetch (I/O threads) -> decode (CPU threads) -> batch assembly (`config.assembly_workers` threads, in
+    order: on CUDA nvjpeg and the host-to-device copy, each thread on a stream of its own) -> a prefetch thread
+    that drives all of them,
     so the consumer only launches the model and commits. Batches never cross a chunk boundary.
     close() stops every stage's pool now, not at garbage collection.
     """
@@ -69,7 +70,9 @@ class BatchReader(Iterator[Batch]):
             self._fetched = regrouped(fetch_many(uris, rows, workers, members=members), STAGE_GROUP)
             window = 2 * decode_workers + per_batch
             self._decoded = bounded_map(self.decode_rows, self._fetched, decode_workers, window=window)
-        prepared = bounded_map(self.prep.prepare, spans(flattened(self._decoded), todo, batch_size), 1, window=2)
+        assemblers = config.assembly_workers
+        batches = spans(flattened(self._decoded), todo, batch_size)
+        prepared = bounded_map(self.prep.prepare, batches, assemblers, window=2 * assemblers)
         self._batches = Prefetched(prepared, config.prefetch_batches, name="prefetch-batches")
 
     def decode_rows(self, items: list[tuple[int, bytes | str]]) -> list[tuple[int, object]]:

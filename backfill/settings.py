@@ -109,6 +109,8 @@ VARIABLES: tuple[Variable, ...] = (
         "torch intra-op threads (0: one per CPU of the pod's limit)"),
     Variable("BACKFILL_PREFETCH_BATCHES", "embed.prefetch_batches", _int,
         "prepared batches waiting for the model (1..16)"),
+    Variable("BACKFILL_ASSEMBLY_WORKERS", "embed.assembly_workers", _int,
+        "threads assembling batches, each on its own CUDA stream (1..16)"),
     Variable("BACKFILL_GPU_DECODE", "embed.gpu_decode", _bool, "on CUDA with torchvision: decode JPEGs with nvjpeg"),
     Variable("BACKFILL_MAX_IMAGE_PIXELS", "embed.max_image_pixels", _int,
         "larger images are rejected (decompression bombs)"),

@@ -32,7 +32,7 @@ from backfill import reader as reader_module  # noqa: E402
 from backfill.config import EmbedConfig  # noqa: E402
 from backfill.feed import Preprocessor  # noqa: E402
 from backfill.images import decode, make_fetcher  # noqa: E402
-from backfill.pipeline import StageClock, bounded_map, cpu_budget  # noqa: E402
+from backfill.pipeline import StageClock, cpu_budget  # noqa: E402
 from backfill.preprocess import Preprocess  # noqa: E402
 from backfill.reader import BatchReader  # noqa: E402
 
@@ -58,11 +58,9 @@ class Clock:
 
 
 @contextmanager
-def timed_reader(clock: Clock, assemble: int = 1) -> Iterator[type[BatchReader]]:
+def timed_reader(clock: Clock) -> Iterator[type[BatchReader]]:
     """BatchReader with each stage's tasks timed; the fetch and the batch assembly are wrapped where the
-    reader builds them (its module's names, put back after), so the reader's own code runs unchanged.
-    `assemble` > 1 runs the batch assembly on that many threads (each its own CUDA stream on a GPU), an
-    experiment the reader itself does not offer yet (it assembles on one thread)."""
+    reader builds them (its module's names, put back after), so the reader's own code runs unchanged."""
 
     def timed_fetcher():
         fetch = make_fetcher()
@@ -83,18 +81,12 @@ def timed_reader(clock: Clock, assemble: int = 1) -> Iterator[type[BatchReader]]
             with clock("decode"):
                 return super().decode_rows(items)
 
-    def stages(fn, items, workers: int, window: int):
-        if getattr(fn, "__func__", None) is TimedPreprocessor.prepare:  # the assembly stage: ordered, as before
-            return bounded_map(fn, items, assemble, window=max(window, 2 * assemble))
-        return bounded_map(fn, items, workers, window)
-
-    saved = reader_module.make_fetcher, reader_module.Preprocessor, reader_module.bounded_map
+    saved = reader_module.make_fetcher, reader_module.Preprocessor
     reader_module.make_fetcher, reader_module.Preprocessor = timed_fetcher, TimedPreprocessor
-    reader_module.bounded_map = stages
     try:
         yield TimedReader
     finally:
-        reader_module.make_fetcher, reader_module.Preprocessor, reader_module.bounded_map = saved
+        reader_module.make_fetcher, reader_module.Preprocessor = saved
 
 
 def corpus(folder: str, unique: int, side: int) -> list[str]:
@@ -110,13 +102,13 @@ def corpus(folder: str, unique: int, side: int) -> list[str]:
     return paths
 
 
-def run(uris: list[str], contract: Preprocess, config: EmbedConfig, decode_workers: int, assemble: int = 1) -> dict:
+def run(uris: list[str], contract: Preprocess, config: EmbedConfig, decode_workers: int) -> dict:
     """One pass of the reader over every row into a no-op model; returns the row of the table."""
     clock = Clock()
     consumer = StageClock({})
     todo = [(s, min(s + config.chunk_size, len(uris))) for s in range(0, len(uris), config.chunk_size)]
     images = rejects = 0
-    with timed_reader(clock, assemble) as Reader:
+    with timed_reader(clock) as Reader:
         cpu, began = time.process_time(), time.perf_counter()
         reader = Reader(uris, todo, contract, config, decode_workers)
         try:
@@ -224,10 +216,11 @@ def main(argv: list[str] | None = None) -> int:
                 decode_workers=int(knobs.get("decode", 1)),
                 gpu_decode=not args.no_gpu_decode,
                 prefetch_batches=int(knobs.get("prefetch", EmbedConfig.prefetch_batches)),
+                assembly_workers=int(knobs.get("assemble", 1)),
             )
             best = None
             for _ in range(args.repeat):
-                row = run(uris, contract, config, config.decode_workers, int(knobs.get("assemble", 1)))
+                row = run(uris, contract, config, config.decode_workers)
                 best = row if best is None or row["img_s"] > best["img_s"] else best
             assert best is not None
             print(

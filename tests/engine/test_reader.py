@@ -79,6 +79,45 @@ def test_batch_reader_yields_the_rows_to_do_as_device_batches(registered, tmp_pa
     assert np.array_equal(first.offsets, [0, 1, 2, 4])
 
 
+def test_several_assembly_workers_give_the_same_batches_in_the_same_order(registered, monkeypatch):
+    import dataclasses
+    import threading
+
+    from backfill.feed import Preprocessor
+
+    layout, card = registered
+    shard = read_shard(layout, "shard-00000")
+    todo = [(0, 6), (6, 12), (12, 18), (18, 20)]
+
+    def read(workers: int) -> list:
+        reader = BatchReader(
+            shard.uris, todo, card.input_size, dataclasses.replace(CONFIG, assembly_workers=workers), 1
+        )
+        try:
+            return [((span.start, span.seen, span.last), pixels.clone()) for span, (pixels, _) in reader]
+        finally:
+            reader.close()
+
+    one = read(1)
+    threads, prepare, later_began, overtaken = set(), Preprocessor.prepare, threading.Event(), []
+
+    def first_waits_for_a_later_one(self, span):
+        threads.add(threading.get_ident())
+        if (span.start, span.seen) == (0, 4):
+            # the first batch finishes only once a later one was being assembled: handed over first all the same
+            overtaken.append(later_began.wait(timeout=10))
+        else:
+            later_began.set()
+        return prepare(self, span)
+
+    monkeypatch.setattr(Preprocessor, "prepare", first_waits_for_a_later_one)
+    three = read(3)
+    assert [cut for cut, _ in three] == [cut for cut, _ in one] and len(one) == 7
+    assert all(a.equal(b) for (_, a), (_, b) in zip(one, three, strict=True))
+    assert overtaken == [True]
+    assert len(threads) > 1  # the batches were assembled on several threads
+
+
 def test_batch_reader_close_stops_it_before_the_end(registered):
     layout, card = registered
     shard = read_shard(layout, "shard-00000")
