@@ -16,7 +16,7 @@ from backfill.embed import embed_shard
 from backfill.errors import ConfigError
 from backfill.manifest import list_shards, read_shard, write_shard
 from backfill.pipeline import ThreadBudget
-from backfill.plan import Plan, PlanInputs, PodSpec, plan_backfill, pod_rate
+from backfill.plan import Plan, PlanInputs, PodSpec, Startup, plan_backfill, pod_rate
 from backfill.registry import read_card
 from backfill.runtime import load_model
 from backfill.shard_summary import load_catalog
@@ -112,16 +112,18 @@ def calibrate(layout: Layout, model: str, version: str, config: EmbedConfig, ima
     )
 
 
-def local_pod(device: str, cpus: int, startup: tuple[float, int] | None = None) -> PodSpec:
+def local_pod(device: str, cpus: int, startup: Startup | None = None, model_load_s: float = 0.0) -> PodSpec:
     """A run slot of the local default: every slot shares this machine; no pod start, no price.
 
-    startup: (seconds, runs) measured on this instance's earlier runs; else the bench's constants.
+    startup: measured here (ops.runs: earlier runs, this plan's own run, or a probe); else the bench's constants.
+    model_load_s: the calibration's model load, added to a probe that timed the process starts alone.
     """
     if startup is None:
         return PodSpec("local", device, cpus=cpus, shares_host=True)
-    seconds, runs = startup
-    return PodSpec("local", device, cpus=cpus, shares_host=True, startup_s=seconds,
-                   startup_source=f"median of {runs} earlier runs on this instance")  # fmt: skip
+    seconds, source = startup.seconds, startup.source
+    if startup.add_model_load and model_load_s:
+        seconds, source = seconds + model_load_s, f"{source}, + the model's load {model_load_s:.1f} s"
+    return PodSpec("local", device, cpus=cpus, shares_host=True, startup_s=seconds, startup_source=source)
 
 
 def plan_for(
@@ -148,19 +150,20 @@ def plan_version(
     images: int = 256,
     img_s: float | None = None,
     index_threads: int = 1,
-    startup: tuple[float, int] | None = None,
+    startup: Startup | None = None,
 ) -> tuple[Plan, Calibration | None]:
     """Calibrate (unless img_s, one pod's rate, is given) and plan; pod None: the local default's run slots.
 
     index_threads: the FAISS threads of the step that builds the index (the index pool's CPUs);
-    startup: the local default's measured start-up per partition (ops.runs.measured_startup), if any.
+    startup: the local default's start-up per partition as measured here (ops.runs.local_startup), if any.
     """
     calibration = None
     if img_s is None:
         fix = "run the plan where the pool's device is (a GPU machine for a cuda pool), or give a pod's rate (--img-s)"
         require_device(config.device, f"the plan of {model} {version} calibrates", fix)
         calibration = calibrate(layout, model, version, config, images)
-    pod = pod or local_pod(config.device, calibration.cpus if calibration else ThreadBudget.resolve().cpus, startup)
+    cpus = calibration.cpus if calibration else ThreadBudget.resolve().cpus
+    pod = pod or local_pod(config.device, cpus, startup, calibration.model_load_s if calibration else 0.0)
     if calibration is not None:
         return plan_for(layout, calibration, pod, pods, index, index_threads), calibration
     card = read_card(layout, model, version)

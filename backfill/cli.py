@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from backfill.errors import BackfillError
+from backfill.errors import BackfillError, ConfigError
 from backfill.settings import setting
 
 
@@ -260,7 +260,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     settings = Settings.from_env()
     layout = _layout(args.root)
     pod, pods, device, index_threads = _plan_pool(args, settings)
-    startup = None if args.pool else _local_startup()
+    startup = None if args.pool else _local_startup(pods, args.startup_s)
     if args.img_s is None:
         print(f"plan: calibrating {args.model} {args.version} on {args.images} sample images ({device})",
               file=sys.stderr, flush=True)  # fmt: skip
@@ -297,15 +297,27 @@ def _plan_pool(args: argparse.Namespace, settings):
     return pod_spec(pool), args.pods or pool.max_concurrent_runs, pool.device, int(index.cpus)
 
 
-def _local_startup() -> tuple[float, int] | None:
-    """Start-up per partition measured on the DAGSTER_HOME instance's earlier embedding runs, if any."""
-    from ops.runs import measured_startup
+def _local_startup(slots: int, given: float | None):
+    """The local default's start-up per partition: `given` (--startup-s), else measured on the DAGSTER_HOME
+    instance's earlier embedding runs if it has any, else timed by a probe of the run worker's and the step's
+    process starts, `slots` at once.
+    """
+    from backfill.plan import Startup
+    from ops.runs import measured_startup, probe_startup
+
+    if given is not None:
+        if given < 0:
+            raise ConfigError(f"--startup-s {given}: a start-up cannot be negative")
+        return Startup(given, "given (--startup-s)")
 
     instance, _ = _dagster_instance()
-    if instance is None:
-        return None
-    with instance:
-        return measured_startup(instance)
+    if instance is not None:
+        with instance:
+            measured = measured_startup(instance)
+        if measured is not None:
+            return measured
+    print(f"plan: timing a partition's start-up ({slots} run workers and steps at once)", file=sys.stderr, flush=True)
+    return probe_startup(slots)
 
 
 def _local_slots() -> int:
@@ -506,6 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pods", type=int, default=0, help="pods (default: the pool's maxConcurrentRuns, or local slots)")
     p.add_argument("--images", type=int, default=256, help="sample images to calibrate on (default %(default)s)")
     p.add_argument("--img-s", type=float, help="one pod's img/s instead of calibrating (a GPU pool from a CPU box)")
+    p.add_argument(
+        "--startup-s",
+        type=float,
+        help="a local partition's start-up beyond its compute, instead of measuring it (earlier runs, else a probe)",
+    )
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser(

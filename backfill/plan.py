@@ -31,6 +31,16 @@ TUNE_S_PER_LIST_ROW = 36.6 / (10_000_000 / 1024)
 
 
 @dataclass(frozen=True)
+class Startup:
+    """A partition's start-up beyond its compute, and where the figure comes from (the plan prints it)."""
+
+    seconds: float
+    source: str
+    # a probe of the process starts alone: the calibration's model load is added to it
+    add_model_load: bool = False
+
+
+@dataclass(frozen=True)
 class PodSpec:
     """What one pod (or one local run slot) of a pool is: its CPUs and GPUs, its start-up and its prices."""
 

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from dagster import AssetKey, AssetRecordsFilter, DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 
+from backfill.errors import ConfigError
+from backfill.plan import Startup
 from backfill.report import PartitionFacts, PoolFacts, RunFacts
 from ops.pools import POOL_TAG, Pools
 
@@ -106,8 +112,8 @@ def local_slots(instance: DagsterInstance) -> int:
     return limit if limit and limit > 0 else 1
 
 
-def measured_startup(instance: DagsterInstance, limit: int = 100) -> tuple[float, int] | None:
-    """(median seconds per partition beyond its compute, runs measured) from this instance's finished runs.
+def measured_startup(instance: DagsterInstance, limit: int = 100) -> Startup | None:
+    """The median seconds per partition beyond its compute, over this instance's finished embedding runs.
 
     Per run: its worker's launch (RUN_STARTING -> the run's start) plus its duration beyond the partition's
     own wall_s (the step process, imports, model load, reporting). Waiting in the queue for a free slot is
@@ -129,4 +135,54 @@ def measured_startup(instance: DagsterInstance, limit: int = 100) -> tuple[float
         starting = instance.all_logs(run.run_id, of_type=DagsterEventType.RUN_STARTING)
         launch = max(0.0, record.start_time - starting[0].timestamp) if starting else 0.0
         per_run.append(launch + record.end_time - record.start_time - walls[0])
-    return (statistics.median(per_run), len(per_run)) if per_run else None
+    if not per_run:
+        return None
+    return Startup(statistics.median(per_run), f"median of {len(per_run)} earlier runs on this instance")
+
+
+def own_run_startup(instance: DagsterInstance, run_id: str) -> Startup | None:
+    """A launched run's own start-up: RUN_STARTING (its worker being started) to its first step's start.
+
+    That is the run worker's and the step process's start on this instance now, as every partition pays it;
+    the model's load is added from the calibration. None for a run executed in process (no RUN_STARTING).
+    """
+    starting = instance.all_logs(run_id, of_type=DagsterEventType.RUN_STARTING)
+    steps = instance.all_logs(run_id, of_type=DagsterEventType.STEP_START)
+    if not starting or not steps:
+        return None
+    seconds = max(0.0, steps[0].timestamp - starting[0].timestamp)
+    return Startup(seconds, "this plan's own run (its worker's and its step's start)", add_model_load=True)
+
+
+# What a partition's processes load before its step's body: the run worker loads the code location, and the
+# step process (the multiprocess executor's, spawned) loads it again and then the engine with torch.
+RUN_WORKER_IMPORTS = "import ops.definitions"
+STEP_IMPORTS = "import ops.definitions, torch, backfill.embed"
+
+
+def probe_startup(slots: int, timeout_s: float = 300.0) -> Startup:
+    """A partition's start-up timed on this machine now, for an instance with no runs to measure yet.
+
+    `slots` fresh interpreters at once load the code location, as the first wave's run workers do, then as many
+    again load it with the engine, as their step processes do; the two waits add up. The Dagster events between
+    them are not timed (bench/overhead_bench.py: within a second of the process starts); the model's load is
+    added from the calibration.
+    """
+    if slots < 1:
+        raise ConfigError(f"run slots {slots}: the start-up probe needs at least 1")
+    root = Path(__file__).resolve().parents[1]
+    phases = []
+    for code in (RUN_WORKER_IMPORTS, STEP_IMPORTS):
+        began = time.monotonic()
+        # (the environment is inherited: a run worker sees this process's settings)
+        cmd = [sys.executable, "-c", code]
+        pipes = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True}
+        procs = [subprocess.Popen(cmd, cwd=root, **pipes) for _ in range(slots)]
+        for proc in procs:
+            _, err = proc.communicate(timeout=timeout_s)
+            if proc.returncode != 0:
+                tail = err.strip().splitlines()[-1:] or ["no output"]
+                raise ConfigError(f"start-up probe: `python -c {code!r}` failed ({proc.returncode}): {tail[0]}")
+        phases.append(time.monotonic() - began)
+    source = f"probe now: {slots} run workers' start {phases[0]:.1f} s + their steps' {phases[1]:.1f} s"
+    return Startup(sum(phases), source, add_model_load=True)

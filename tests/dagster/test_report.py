@@ -97,3 +97,58 @@ def test_the_plan_never_blocks_a_backfill_and_the_report_follows_the_embeddings(
     assert plan.parent_keys == {AssetKey("model_version")} and plan.child_keys == set()
     assert report_node.parent_keys == {AssetKey("image_embeddings")} and report_node.child_keys == set()
     assert plan.automation_condition is None and report_node.automation_condition is None  # materialized by hand
+
+
+def test_a_launched_plan_run_measures_its_own_start_up_an_in_process_one_does_not():
+    from dagster import DagsterEvent, DagsterEventType, asset
+
+    from ops.runs import own_run_startup
+
+    @asset
+    def nothing() -> None:
+        return None
+
+    with instance_for_test() as instance:
+        run_id = materialize([nothing], instance=instance).run_id
+        assert own_run_startup(instance, run_id) is None  # executed in process: no worker was started
+        step_start = instance.all_logs(run_id, of_type=DagsterEventType.STEP_START)[0].timestamp
+        job_name = instance.get_run_by_id(run_id).job_name
+        starting = DagsterEvent(event_type_value=DagsterEventType.RUN_STARTING.value, job_name=job_name)
+        instance.report_dagster_event(starting, run_id, timestamp=step_start - 7.5)
+        startup = own_run_startup(instance, run_id)
+    assert abs(startup.seconds - 7.5) < 1e-3 and startup.add_model_load and "own run" in startup.source
+
+
+def test_the_start_up_probe_times_both_process_starts_and_names_a_failure(monkeypatch):
+    import pytest
+
+    import ops.runs as runs
+    from backfill.calibrate import local_pod
+    from backfill.errors import ConfigError
+
+    monkeypatch.setattr(runs, "RUN_WORKER_IMPORTS", "import time; time.sleep(0.3)")
+    monkeypatch.setattr(runs, "STEP_IMPORTS", "import time; time.sleep(0.2)")
+    startup = runs.probe_startup(2)
+    assert startup.seconds >= 0.5 and startup.add_model_load and "probe now: 2 run workers' start" in startup.source
+    # the calibration's model load is added to a probe, never to a figure measured on whole runs
+    assert local_pod("cpu", 2, startup, model_load_s=1.5).startup_s == startup.seconds + 1.5
+    assert local_pod("cpu", 2, runs.Startup(9.0, "median of 3 earlier runs"), model_load_s=1.5).startup_s == 9.0
+    monkeypatch.setattr(runs, "STEP_IMPORTS", "import sys; sys.exit('no torch here')")
+    with pytest.raises(ConfigError, match=r"import sys.*failed \(1\): no torch here"):
+        runs.probe_startup(1)
+    with pytest.raises(ConfigError, match="run slots 0"):
+        runs.probe_startup(0)
+
+
+def test_a_plan_on_an_instance_without_runs_probes_the_start_up(registered, capsys, monkeypatch):
+    from backfill.cli import main
+    from ops.runs import probe_startup
+
+    real = probe_startup(1)  # the imports a run worker and a step process really make
+    assert real.seconds > 0 and "probe now: 1 run workers' start" in real.source
+    layout, _ = registered
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.setattr("ops.runs.STEP_IMPORTS", "import ops.definitions")  # the rest of the CLI's path
+    assert main(["--root", layout.store.root, "plan", "v1", "--images", "8", "--pods", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "(probe now: 2 run workers' start" in out and "+ the model's load" in out

@@ -61,13 +61,17 @@ def test_cli_status_and_plan(half_done, capsys, monkeypatch):
     assert main(["--root", root, "status", "v1"]) == 0
     out = capsys.readouterr().out
     assert "refcnn v1: 1/3 shards done, 1 running, 1 left; 28/60 images committed" in out and "from storage only" in out
-    assert main(["--root", root, "plan", "v1", "--images", "16", "--pods", "2"]) == 0
+    # (without --startup-s a probe times process starts: tests/dagster/test_report.py)
+    assert main(["--root", root, "plan", "v1", "--images", "16", "--pods", "2", "--startup-s", "3"]) == 0
     out = capsys.readouterr().out
     assert "calibration:" in out and "16 sample images on cpu" in out and "wall time:" in out
     assert "GPU-hours:" in out and "saved to" in out
-    assert main(["--root", root, "plan", "v1", "--img-s", "10", "--pods", "1"]) == 0
+    assert main(["--root", root, "plan", "v1", "--img-s", "10", "--pods", "1", "--startup-s", "12.5"]) == 0
     out = capsys.readouterr().out
     assert "calibration" not in out and "img/s per pod:" in out and "10.0" in out
+    assert "12.5 s (given (--startup-s))" in out
+    assert main(["--root", root, "plan", "v1", "--img-s", "10", "--startup-s", "-1"]) == 2
+    assert "--startup-s -1.0: a start-up cannot be negative" in capsys.readouterr().err
     # a GPU pool planned from this CPU-only process: refused, saying how to plan it
     assert main(["--root", root, "plan", "v1", "--pool", "gpu-spot", "--images", "8"]) == 2
     err = capsys.readouterr().err
