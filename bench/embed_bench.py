@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "--sweep",
         default="",
         help="extra row d runs after the rounds, ';'-separated settings of prefetch, fetch, decode, batch, "
-        "e.g. 'prefetch=1;fetch=32,prefetch=6'",
+        "assemble (batch-assembly threads), e.g. 'prefetch=1;fetch=32,prefetch=6;assemble=3'",
     )
     p.add_argument("--repeat", type=int, default=1, help="rounds of rows a-e, interleaved; each row keeps its best")
     p.add_argument("--skip", default="", help="comma list of rows to skip: naive,ray")
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         cuda = args.device.startswith("cuda")
         prep = Preprocessor(size, 64_000_000, args.device, gpu_decode=not args.no_gpu_decode)
 
-        def embed_config(prefetch: int, fetch: int, decode_workers: int, batch: int) -> EmbedConfig:
+        def embed_config(prefetch: int, fetch: int, decode_workers: int, batch: int, assemble: int = 1) -> EmbedConfig:
             return EmbedConfig(
                 batch_size=batch,
                 chunk_size=max(1024, batch),
@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                 decode_workers=decode_workers,
                 gpu_decode=not args.no_gpu_decode,
                 prefetch_batches=prefetch,
+                assembly_workers=assemble,
             )
 
         config = embed_config(args.prefetch, args.fetch_workers, args.decode_workers or cores, args.batch)
@@ -341,13 +342,14 @@ def main(argv: list[str] | None = None) -> int:
                 "fetch": config.fetch_workers,
                 "decode": config.decode_workers,
                 "batch": args.batch,
+                "assemble": config.assembly_workers,
             }
             for pair in setting.split(","):
                 key, _, value = pair.partition("=")
                 if key.strip() not in knobs or not value.strip().isdigit():
                     p.error(f"--sweep: {pair!r} is not one of {sorted(knobs)}=<integer>")
                 knobs[key.strip()] = int(value)
-            swept = embed_config(knobs["prefetch"], knobs["fetch"], knobs["decode"], knobs["batch"])
+            swept = embed_config(knobs["prefetch"], knobs["fetch"], knobs["decode"], knobs["batch"], knobs["assemble"])
             shutil.rmtree(layout.embeddings(args.model, "bench"), ignore_errors=True)
             stats = embed_shard(layout, "bench", model, swept)
             name = f"d sweep {setting.replace(' ', '')}"[:44]

@@ -16,11 +16,11 @@ PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-}
 if [ "${SMALL:-0}" = 1 ]; then
-  IMAGES=64 UNIQUE=32 BATCH=16 MODELS="refcnn-v1" SWEEP=${SWEEP-"prefetch=1;fetch=4"}
+  IMAGES=64 UNIQUE=32 BATCH=16 MODELS="refcnn-v1" SWEEP=${SWEEP-"prefetch=1;fetch=4;assemble=2"}
   FEED="--images 64 --unique 8 --side 128 --batch 16 --grid fetch=4,decode=2" DECODE_S=0.003
 else
   IMAGES=${IMAGES:-32768} UNIQUE=${UNIQUE:-4096} BATCH=${BATCH:-256} MODELS=${MODELS:-"resnet50 resnet18"}
-  SWEEP=${SWEEP-"prefetch=6,fetch=32;fetch=8"}
+  SWEEP=${SWEEP-"prefetch=6,fetch=32;fetch=8;assemble=2,prefetch=6;assemble=4,prefetch=8"}
   FEED=${FEED:-"--images 16384 --unique 1024 --batch $BATCH --grid fetch=16,decode=4;fetch=64,decode=16;fetch=64,decode=16,assemble=4"}
   DECODE_S=${DECODE_S:-0.05}
 fi

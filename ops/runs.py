@@ -140,6 +140,45 @@ def measured_startup(instance: DagsterInstance, limit: int = 100) -> Startup | N
     return Startup(statistics.median(per_run), f"median of {len(per_run)} earlier runs on this instance")
 
 
+PHASES = ("queued", "launch", "to_step", "step", "finish")
+
+
+def run_phases(instance: DagsterInstance, run_id: str) -> dict[str, float]:
+    """Where a finished run's time went, in seconds (one event query): `queued` (created -> its worker being
+    started: the queue, a free slot), `launch` (-> the run's start: the run worker's process and imports),
+    `to_step` (-> its first step's start: the step process), `step` (-> its last step's end; `body` is the
+    partition's own wall_s inside it, when it reported one) and `finish` (-> the run's end). A phase whose
+    events are missing (a run executed in process has no RUN_STARTING) is left out.
+    """
+    record = instance.get_run_record_by_id(run_id)
+    if record is None:
+        raise ConfigError(f"run {run_id}: not on this instance")
+    at: dict[str, float] = {"created": record.create_timestamp.timestamp()}
+    step_ends = (DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE)
+    for entry in instance.all_logs(run_id):
+        kind = entry.dagster_event_type
+        if kind == DagsterEventType.RUN_STARTING:
+            at.setdefault("starting", entry.timestamp)
+        elif kind == DagsterEventType.RUN_START:
+            at.setdefault("start", entry.timestamp)
+        elif kind == DagsterEventType.STEP_START:
+            at.setdefault("step_start", entry.timestamp)
+        elif kind in step_ends:
+            at["step_end"] = entry.timestamp
+        elif kind == DagsterEventType.ASSET_MATERIALIZATION and entry.asset_materialization is not None:
+            wall = entry.asset_materialization.metadata.get("wall_s")
+            if wall is not None:
+                at["body"] = float(wall.value)
+    if record.end_time:
+        at["end"] = record.end_time
+    marks = [("queued", "created", "starting"), ("launch", "starting", "start"), ("to_step", "start", "step_start"),
+             ("step", "step_start", "step_end"), ("finish", "step_end", "end")]  # fmt: skip
+    phases = {name: at[b] - at[a] for name, a, b in marks if a in at and b in at}
+    if "body" in at:
+        phases["body"] = at["body"]
+    return phases
+
+
 def own_run_startup(instance: DagsterInstance, run_id: str) -> Startup | None:
     """A launched run's own start-up: RUN_STARTING (its worker being started) to its first step's start.
 

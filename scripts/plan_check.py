@@ -67,6 +67,25 @@ def report(version: str) -> dict:
     return {k: v.value for k, v in m.metadata.items()}
 
 
+def phases(version: str) -> str:
+    """The median of each phase over the version's successful embedding runs (ops.runs.run_phases)."""
+    import statistics
+
+    from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+
+    from ops.runs import PHASES, VERSION_TAG, run_phases
+
+    instance = DagsterInstance.get()
+    records = instance.get_run_records(RunsFilter(tags={VERSION_TAG: version}, statuses=[DagsterRunStatus.SUCCESS]))
+    per_run = [run_phases(instance, r.dagster_run.run_id) for r in records]
+    cells = []
+    for name in (*PHASES, "body"):
+        values = [p[name] for p in per_run if name in p]
+        if values:
+            cells.append(f"{name} {statistics.median(values):.1f}")
+    return f"{version}: median seconds over {len(per_run)} runs: " + ", ".join(cells)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", default="/tmp/plan-check")
@@ -99,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         took = backfill(layout, version, env, home / "daemon.log", args.timeout)
         print(f"{version}: registered -> published in {took:.0f} s; load {os.getloadavg()[0]:.2f}", flush=True)
         m = report(version)  # materialized after each version: a partial run still reports what it did
+        print(phases(version), flush=True)
         rows.append(f"{version:8} {m['plan_wall_s']:11.1f} {m['wall_s']:13.1f} {m['wall_vs_plan']:11.3f} "
                     f"{_plan(layout, version)['pod_hours']:10.4f} {m['pod_hours']:12.4f}")  # fmt: skip
         print(rows[-1], flush=True)

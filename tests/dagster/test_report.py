@@ -8,7 +8,7 @@ from backfill.embed import MARKER
 from backfill.errors import Preempted
 from backfill.finalise import read_marker
 from backfill.report import read_plan
-from ops.runs import local_slots
+from ops.runs import local_slots, run_phases
 from tests.conftest import MODEL
 from tests.dagster.test_assets import add_partitions, embed_one, latest_metadata, resources
 
@@ -56,6 +56,7 @@ def test_report_numbers_match_the_markers_and_the_run_records(registered, monkey
         records = instance.get_run_records(RunsFilter(tags={"dagster/partition/model_version": "v1"}))
         rates = sorted(latest_metadata(instance, "image_embeddings", f"v1|{s}")["images_per_s"] for s in shards)
         forward = sum(latest_metadata(instance, "image_embeddings", f"v1|{s}")["stage_forward_s"] for s in shards)
+        phases = [run_phases(instance, r.dagster_run.run_id) for r in records]
 
     markers = [read_marker(layout, layout.embeddings(MODEL, "v1", s)) for s in shards]
     assert meta["shards"] == meta["shards_complete"] == 3
@@ -68,6 +69,8 @@ def test_report_numbers_match_the_markers_and_the_run_records(registered, monkey
     assert abs(meta["wall_s"] - wall) < 0.1
     assert meta["img_s_min"] == round(rates[0], 1) and meta["img_s_max"] == round(rates[-1], 1)
     assert abs(meta["stage_forward_s"] - forward) < 0.01
+    # each run's timeline holds its partition's own wall time inside its step
+    assert all(0 < p["body"] <= p["step"] for p in phases) and len(phases) == 3
     # the plan made before is beside the actuals, and was saved where the report found it
     assert meta["plan_wall_s"] == plan_meta["wall_s"] == round(read_plan(layout, MODEL, "v1")["wall_s"], 1)
     assert plan_meta["embedding_bytes"] == 60 * (16 * 2 + 8) and plan_meta["pods"] == slots
@@ -102,7 +105,7 @@ def test_the_plan_never_blocks_a_backfill_and_the_report_follows_the_embeddings(
 def test_a_launched_plan_run_measures_its_own_start_up_an_in_process_one_does_not():
     from dagster import DagsterEvent, DagsterEventType, asset
 
-    from ops.runs import own_run_startup
+    from ops.runs import own_run_startup, run_phases
 
     @asset
     def nothing() -> None:
@@ -111,12 +114,16 @@ def test_a_launched_plan_run_measures_its_own_start_up_an_in_process_one_does_no
     with instance_for_test() as instance:
         run_id = materialize([nothing], instance=instance).run_id
         assert own_run_startup(instance, run_id) is None  # executed in process: no worker was started
+        assert set(run_phases(instance, run_id)) == {"to_step", "step", "finish"}
         step_start = instance.all_logs(run_id, of_type=DagsterEventType.STEP_START)[0].timestamp
         job_name = instance.get_run_by_id(run_id).job_name
         starting = DagsterEvent(event_type_value=DagsterEventType.RUN_STARTING.value, job_name=job_name)
         instance.report_dagster_event(starting, run_id, timestamp=step_start - 7.5)
         startup = own_run_startup(instance, run_id)
+        phases = run_phases(instance, run_id)
     assert abs(startup.seconds - 7.5) < 1e-3 and startup.add_model_load and "own run" in startup.source
+    # the same events, as the phases of the run's timeline (the worker's launch then the step process's start)
+    assert abs(phases["launch"] + phases["to_step"] - 7.5) < 1e-3 and phases["step"] >= 0 and phases["finish"] >= 0
 
 
 def test_the_start_up_probe_times_both_process_starts_and_names_a_failure(monkeypatch):
