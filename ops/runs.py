@@ -193,10 +193,11 @@ def own_run_startup(instance: DagsterInstance, run_id: str) -> Startup | None:
     return Startup(seconds, "this plan's own run (its worker's and its step's start)", add_model_load=True)
 
 
-# What a partition's processes load before its step's body: the run worker loads the code location, and the
-# step process (the multiprocess executor's, spawned) loads it again and then the engine with torch.
-RUN_WORKER_IMPORTS = "import ops.definitions"
-STEP_IMPORTS = "import ops.definitions, torch, backfill.embed"
+# What a partition's processes load before its step's body: the run worker loads the code location (the module
+# and its repository), and the step process (the multiprocess executor's, spawned) loads it again and then the
+# engine with torch.
+RUN_WORKER_IMPORTS = "from ops.definitions import defs; defs().get_repository_def()"
+STEP_IMPORTS = f"{RUN_WORKER_IMPORTS}; import torch, backfill.embed"
 
 
 def probe_startup(slots: int, timeout_s: float = 300.0) -> Startup:
