@@ -20,15 +20,8 @@ from backfill.pipeline import cpu_budget
 from backfill.plan import plan_rows, plan_summary
 from backfill.report import Report, build_report, read_plan, report_markdown, write_plan
 from ops.pools import Pools, load_pools, pod_spec
-from ops.runs import (
-    embedding_partitions,
-    embedding_runs,
-    local_slots,
-    measured_startup,
-    own_run_startup,
-    pool_facts,
-    probe_startup,
-)
+from ops.runs import embedding_partitions, embedding_runs, local_slots, pool_facts
+from ops.startup import local_startup
 
 
 class PlanConfig(Config):
@@ -60,10 +53,7 @@ def backfill_plan(context: AssetExecutionContext, config: PlanConfig, backfill: 
     else:
         pod, pods, device = None, config.pods or local_slots(context.instance), backfill.device
     # the local default's start-up: earlier embedding runs here, else this launched run's own, else a probe
-    startup = None
-    if not config.pool:
-        instance = context.instance
-        startup = measured_startup(instance) or own_run_startup(instance, context.run_id) or probe_startup(pods)
+    startup = None if config.pool else local_startup(context.instance, pods, context.run_id)
     index_threads = int(pools.get(pools.index_pool).cpus) if pools and pools.index_pool and config.pool else 0
     plan, calibration = run_engine(
         context, plan_version, layout, backfill.model, version, backfill.embed_config(device),

@@ -112,16 +112,19 @@ def calibrate(layout: Layout, model: str, version: str, config: EmbedConfig, ima
     )
 
 
-def local_pod(device: str, cpus: int, startup: Startup | None = None, model_load_s: float = 0.0) -> PodSpec:
+def local_pod(device: str, cpus: int, startup: Startup | None = None, model_load_s: float | None = None) -> PodSpec:
     """A run slot of the local default: every slot shares this machine; no pod start, no price.
 
-    startup: measured here (ops.runs: earlier runs, this plan's own run, or a probe); else the bench's constants.
-    model_load_s: the calibration's model load, added to a probe that timed the process starts alone.
+    startup: measured here (ops.startup: earlier runs, this plan's own run, or a probe); else the bench's constants.
+    model_load_s: the calibration's model load, added to a probe that timed the process starts alone (None: no
+    calibration ran, so it is left out, and the source says so).
     """
     if startup is None:
         return PodSpec("local", device, cpus=cpus, shares_host=True)
     seconds, source = startup.seconds, startup.source
-    if startup.add_model_load and model_load_s:
+    if startup.add_model_load and model_load_s is None:
+        source = f"{source}; the model's load not counted (no calibration)"
+    elif startup.add_model_load:
         seconds, source = seconds + model_load_s, f"{source}, + the model's load {model_load_s:.1f} s"
     return PodSpec("local", device, cpus=cpus, shares_host=True, startup_s=seconds, startup_source=source)
 
@@ -155,7 +158,7 @@ def plan_version(
     """Calibrate (unless img_s, one pod's rate, is given) and plan; pod None: the local default's run slots.
 
     index_threads: the FAISS threads of the step that builds the index (the index pool's CPUs);
-    startup: the local default's start-up per partition as measured here (ops.runs.local_startup), if any.
+    startup: the local default's start-up per partition as measured here (ops.startup.local_startup), if any.
     """
     calibration = None
     if img_s is None:
@@ -163,7 +166,7 @@ def plan_version(
         require_device(config.device, f"the plan of {model} {version} calibrates", fix)
         calibration = calibrate(layout, model, version, config, images)
     cpus = calibration.cpus if calibration else ThreadBudget.resolve().cpus
-    pod = pod or local_pod(config.device, cpus, startup, calibration.model_load_s if calibration else 0.0)
+    pod = pod or local_pod(config.device, cpus, startup, calibration.model_load_s if calibration else None)
     if calibration is not None:
         return plan_for(layout, calibration, pod, pods, index, index_threads), calibration
     card = read_card(layout, model, version)

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from backfill.errors import BackfillError, ConfigError
 from backfill.settings import setting
+
+if TYPE_CHECKING:
+    from backfill.plan import Startup
 
 
 def _layout(root: str):
@@ -297,27 +301,24 @@ def _plan_pool(args: argparse.Namespace, settings):
     return pod_spec(pool), args.pods or pool.max_concurrent_runs, pool.device, int(index.cpus)
 
 
-def _local_startup(slots: int, given: float | None):
-    """The local default's start-up per partition: `given` (--startup-s), else measured on the DAGSTER_HOME
-    instance's earlier embedding runs if it has any, else timed by a probe of the run worker's and the step's
-    process starts, `slots` at once.
-    """
+def _local_startup(slots: int, given: float | None) -> Startup:
+    """The local default's start-up per partition: `given` (--startup-s), else measured here (ops.startup:
+    the DAGSTER_HOME instance's earlier embedding runs, else a probe of `slots` process starts at once)."""
     from backfill.plan import Startup
-    from ops.runs import measured_startup, probe_startup
+    from ops.startup import local_startup
 
     if given is not None:
         if given < 0:
             raise ConfigError(f"--startup-s {given}: a start-up cannot be negative")
-        return Startup(given, "given (--startup-s)")
-
+        return Startup(given, "--startup-s")
     instance, _ = _dagster_instance()
-    if instance is not None:
-        with instance:
-            measured = measured_startup(instance)
-        if measured is not None:
-            return measured
-    print(f"plan: timing a partition's start-up ({slots} run workers and steps at once)", file=sys.stderr, flush=True)
-    return probe_startup(slots)
+    if instance is None:
+        print(
+            f"plan: timing a partition's start-up ({slots} run workers and steps at once)", file=sys.stderr, flush=True
+        )
+        return local_startup(None, slots)
+    with instance:
+        return local_startup(instance, slots)
 
 
 def _local_slots() -> int:

@@ -33,7 +33,8 @@ class EmbedConfig:
     grace_s: float = 20.0  # after a preemption notice: time to finish and commit the chunk in hand
     gpu_decode: bool = True  # on CUDA with torchvision installed: JPEGs decoded by nvjpeg (PIL for the rest)
     prefetch_batches: int = 3  # prepared batches waiting for the model (each ~N x 150 KB of device memory)
-    # threads assembling batches (on CUDA: nvjpeg, resize, the copy), each on its own CUDA stream; order is kept
+    # threads assembling batches (on CUDA: nvjpeg, resize, the copy), each on its own CUDA stream; order is kept.
+    # Up to 2 x this many batches are in assembly at once, on the device, besides the prefetched ones
     assembly_workers: int = 1
     work_log: str | None = None  # a file each attempt appends a line to per embedded batch (hooks.WorkLog)
 

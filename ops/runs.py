@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import statistics
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 from dagster import AssetKey, AssetRecordsFilter, DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 
@@ -177,52 +173,3 @@ def run_phases(instance: DagsterInstance, run_id: str) -> dict[str, float]:
     if "body" in at:
         phases["body"] = at["body"]
     return phases
-
-
-def own_run_startup(instance: DagsterInstance, run_id: str) -> Startup | None:
-    """A launched run's own start-up: RUN_STARTING (its worker being started) to its first step's start.
-
-    That is the run worker's and the step process's start on this instance now, as every partition pays it;
-    the model's load is added from the calibration. None for a run executed in process (no RUN_STARTING).
-    """
-    starting = instance.all_logs(run_id, of_type=DagsterEventType.RUN_STARTING)
-    steps = instance.all_logs(run_id, of_type=DagsterEventType.STEP_START)
-    if not starting or not steps:
-        return None
-    seconds = max(0.0, steps[0].timestamp - starting[0].timestamp)
-    return Startup(seconds, "this plan's own run (its worker's and its step's start)", add_model_load=True)
-
-
-# What a partition's processes load before its step's body: the run worker loads the code location (the module
-# and its repository), and the step process (the multiprocess executor's, spawned) loads it again and then the
-# engine with torch.
-RUN_WORKER_IMPORTS = "from ops.definitions import defs; defs().get_repository_def()"
-STEP_IMPORTS = f"{RUN_WORKER_IMPORTS}; import torch, backfill.embed"
-
-
-def probe_startup(slots: int, timeout_s: float = 300.0) -> Startup:
-    """A partition's start-up timed on this machine now, for an instance with no runs to measure yet.
-
-    `slots` fresh interpreters at once load the code location, as the first wave's run workers do, then as many
-    again load it with the engine, as their step processes do; the two waits add up. The Dagster events between
-    them are not timed (bench/overhead_bench.py: within a second of the process starts); the model's load is
-    added from the calibration.
-    """
-    if slots < 1:
-        raise ConfigError(f"run slots {slots}: the start-up probe needs at least 1")
-    root = Path(__file__).resolve().parents[1]
-    phases = []
-    for code in (RUN_WORKER_IMPORTS, STEP_IMPORTS):
-        began = time.monotonic()
-        # (the environment is inherited: a run worker sees this process's settings)
-        cmd = [sys.executable, "-c", code]
-        pipes = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True}
-        procs = [subprocess.Popen(cmd, cwd=root, **pipes) for _ in range(slots)]
-        for proc in procs:
-            _, err = proc.communicate(timeout=timeout_s)
-            if proc.returncode != 0:
-                tail = err.strip().splitlines()[-1:] or ["no output"]
-                raise ConfigError(f"start-up probe: `python -c {code!r}` failed ({proc.returncode}): {tail[0]}")
-        phases.append(time.monotonic() - began)
-    source = f"probe now: {slots} run workers' start {phases[0]:.1f} s + their steps' {phases[1]:.1f} s"
-    return Startup(sum(phases), source, add_model_load=True)

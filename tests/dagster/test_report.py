@@ -105,7 +105,8 @@ def test_the_plan_never_blocks_a_backfill_and_the_report_follows_the_embeddings(
 def test_a_launched_plan_run_measures_its_own_start_up_an_in_process_one_does_not():
     from dagster import DagsterEvent, DagsterEventType, asset
 
-    from ops.runs import own_run_startup, run_phases
+    from ops.runs import run_phases
+    from ops.startup import own_run_startup
 
     @asset
     def nothing() -> None:
@@ -129,17 +130,20 @@ def test_a_launched_plan_run_measures_its_own_start_up_an_in_process_one_does_no
 def test_the_start_up_probe_times_both_process_starts_and_names_a_failure(monkeypatch):
     import pytest
 
-    import ops.runs as runs
+    import ops.startup as runs
     from backfill.calibrate import local_pod
     from backfill.errors import ConfigError
+    from backfill.plan import Startup
 
     monkeypatch.setattr(runs, "RUN_WORKER_IMPORTS", "import time; time.sleep(0.3)")
     monkeypatch.setattr(runs, "STEP_IMPORTS", "import time; time.sleep(0.2)")
     startup = runs.probe_startup(2)
-    assert startup.seconds >= 0.5 and startup.add_model_load and "probe now: 2 run workers' start" in startup.source
+    assert startup.seconds >= 0.5 and startup.add_model_load
+    assert startup.source.startswith("probe now, 2 at once: run workers' ") and "their steps'" in startup.source
     # the calibration's model load is added to a probe, never to a figure measured on whole runs
     assert local_pod("cpu", 2, startup, model_load_s=1.5).startup_s == startup.seconds + 1.5
-    assert local_pod("cpu", 2, runs.Startup(9.0, "median of 3 earlier runs"), model_load_s=1.5).startup_s == 9.0
+    assert local_pod("cpu", 2, Startup(9.0, "median of 3 earlier runs"), model_load_s=1.5).startup_s == 9.0
+    assert "model's load not counted" in local_pod("cpu", 2, startup, model_load_s=None).startup_source
     monkeypatch.setattr(runs, "STEP_IMPORTS", "import sys; sys.exit('no torch here')")
     with pytest.raises(ConfigError, match=r"import sys.*failed \(1\): no torch here"):
         runs.probe_startup(1)
@@ -149,13 +153,33 @@ def test_the_start_up_probe_times_both_process_starts_and_names_a_failure(monkey
 
 def test_a_plan_on_an_instance_without_runs_probes_the_start_up(registered, capsys, monkeypatch):
     from backfill.cli import main
-    from ops.runs import probe_startup
+    from ops.startup import probe_startup
 
-    real = probe_startup(1)  # the imports a run worker and a step process really make
-    assert real.seconds > 0 and "probe now: 1 run workers' start" in real.source
+    real = probe_startup(1)  # the imports a run worker and a step process really make: they must load
+    assert real.seconds > 0 and real.source.startswith("probe now, 1 at once: run workers' ")
+    # an in-process deployment has no step process to wait for
+    monkeypatch.setenv("BACKFILL_DEPLOYMENT", "local-in-process")
+    monkeypatch.setattr("ops.startup.RUN_WORKER_IMPORTS", "pass")
+    assert "their steps'" not in probe_startup(2).source
+    monkeypatch.delenv("BACKFILL_DEPLOYMENT")
     layout, _ = registered
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
-    monkeypatch.setattr("ops.runs.STEP_IMPORTS", "import ops.definitions")  # the rest of the CLI's path
+    monkeypatch.setattr("ops.startup.STEP_IMPORTS", "pass")  # the rest of the CLI's path, without the cost
     assert main(["--root", layout.store.root, "plan", "v1", "--images", "8", "--pods", "2"]) == 0
     out = capsys.readouterr().out
-    assert "(probe now: 2 run workers' start" in out and "+ the model's load" in out
+    assert "(probe now, 2 at once: run workers'" in out and "+ the model's load" in out
+
+
+def test_a_probe_that_hangs_is_stopped_and_named(monkeypatch):
+    import pytest
+
+    import ops.startup as startup
+    from backfill.errors import ConfigError
+
+    import subprocess
+
+    monkeypatch.setattr(startup, "RUN_WORKER_IMPORTS", "import time; time.sleep(61.25)")
+    with pytest.raises(ConfigError, match="still running after 1 s"):
+        startup.probe_startup(2, timeout_s=1.0)
+    # both interpreters were killed, not left behind
+    assert subprocess.run(["pgrep", "-f", "time.sleep.61.25"], capture_output=True).returncode == 1

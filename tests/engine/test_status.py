@@ -69,7 +69,7 @@ def test_cli_status_and_plan(half_done, capsys, monkeypatch):
     assert main(["--root", root, "plan", "v1", "--img-s", "10", "--pods", "1", "--startup-s", "12.5"]) == 0
     out = capsys.readouterr().out
     assert "calibration" not in out and "img/s per pod:" in out and "10.0" in out
-    assert "12.5 s (given (--startup-s))" in out
+    assert "12.5 s (--startup-s)" in out
     assert main(["--root", root, "plan", "v1", "--img-s", "10", "--startup-s", "-1"]) == 2
     assert "--startup-s -1.0: a start-up cannot be negative" in capsys.readouterr().err
     # a GPU pool planned from this CPU-only process: refused, saying how to plan it
