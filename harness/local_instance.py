@@ -100,8 +100,16 @@ def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
         )
 
 
+# What the daemon's environment needs beyond the instance (the Helm chart sets the same in dagsterDaemon.env):
+# an asset backfill the daemon evaluates while its code location fails to load (a code server starting up, or
+# killed while it does) is, by Dagster's default, failed for good with DagsterAssetBackfillDataLoadError, and
+# its partitions are never requested (dagster issues 18640, 28204); with this set, the daemon skips it until
+# the location loads again.
+DAEMON_ENV = {"DAGSTER_BACKFILL_RETRY_DEFINITION_CHANGED_ERROR": "1"}
+
+
 def start_daemon(env: dict[str, str], log: Path) -> subprocess.Popen:
-    return start([str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")], env, log)
+    return start([str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")], {**env, **DAEMON_ENV}, log)
 
 
 def start_webserver(env: dict[str, str], log: Path, port: int) -> subprocess.Popen:

@@ -171,12 +171,12 @@ def test_a_plan_on_an_instance_without_runs_probes_the_start_up(registered, caps
 
 
 def test_a_probe_that_hangs_is_stopped_and_named(monkeypatch):
+    import subprocess
+
     import pytest
 
     import ops.startup as startup
     from backfill.errors import ConfigError
-
-    import subprocess
 
     monkeypatch.setattr(startup, "RUN_WORKER_IMPORTS", "import time; time.sleep(61.25)")
     with pytest.raises(ConfigError, match="still running after 1 s"):
