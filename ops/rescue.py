@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from dagster import (
     AssetKey,
@@ -33,10 +33,14 @@ from ops.sensors import INDEX_PRIORITY, INDEX_PRIORITY_TAG, RETRY_ALL_STEPS
 # Dagster's own tags (their constants are private in dagster 1.13)
 WILL_RETRY_TAG = "dagster/will_retry"  # "false" once Dagster's run retry gave up, or never meant to retry
 PARTITION_TAG = "dagster/partition"
+PARENT_RUN_TAG = "dagster/parent_run_id"  # on a run retry: the run it retries
 ROOT_RUN_TAG = "dagster/root_run_id"
 # the engine event of auto_run_reexecution when it could not create the retry run (a code location not loaded)
 RETRY_NOT_CREATED = "Failed to retry run"
 
+# Dagster launches a run retry within seconds of the failure; a failed run marked will_retry=true that has no
+# retry this long after its last update lost it (seen on PostgreSQL: the retry was never launched)
+PROMISED_GRACE_S = 180.0
 RESCUE_OF_TAG = "backfill/rescue_of"  # the run the first rescue replaced (its Dagster retries carry it too)
 RESCUE_COUNT_TAG = "backfill/rescue_count"
 
@@ -96,42 +100,82 @@ def rescue_sensor(interval_s: int = 30, max_rescues: int = 3, per_tick: int = 50
         description="Requests again the partition of a run that failed before its step ran (its dequeue could not "
         "reach the code server) or whose run retry Dagster could not create, when Dagster will not retry it and "
         f"the partition is neither materialized since nor in progress; at most {max_rescues} times per run. "
+        f"Also a failed run Dagster marked for a run retry that still does not exist {PROMISED_GRACE_S:.0f} s later. "
         "A step that ran and failed (a broken model, a failed check) is never rescued.",
     )(run_rescue_sensor)
 
 
-def rescue_failed_runs(context: SensorEvaluationContext, max_rescues: int, per_tick: int) -> SensorResult:
-    """The run requests for the failed runs updated since the cursor; O(new failures) reads per tick."""
+def rescue_failed_runs(
+    context: SensorEvaluationContext, max_rescues: int, per_tick: int, promised_grace_s: float = PROMISED_GRACE_S
+) -> SensorResult:
+    """The run requests for the failed runs updated since the cursor; O(new failures) reads per tick.
+
+    Two streams, each with its own cursor: runs Dagster will not retry (`will_retry=false`), and runs it marked
+    for a retry (`will_retry=true`) whose retry does not exist `promised_grace_s` after their last update.
+    """
     instance = context.instance
-    cursor = RescueCursor.parse(context.cursor)
-    # updated_after is strict: step back a microsecond and skip the runs already seen at that instant
-    since = datetime.fromisoformat(cursor.updated) - timedelta(microseconds=1) if cursor.updated else None
-    records = instance.get_run_records(
-        RunsFilter(statuses=[DagsterRunStatus.FAILURE], tags={WILL_RETRY_TAG: "false"}, updated_after=since),
-        limit=per_tick + len(cursor.seen),
-        order_by="update_timestamp",
-        ascending=True,
-    )
-    records = [r for r in records if r.dagster_run.run_id not in cursor.seen][:per_tick]
+    cursors = _parse_cursors(context.cursor)
     requests = []
-    for record in records:
-        request, why = rescue_request(instance, record, max_rescues)
+    given_up, cursors["failed"] = _newly_failed(instance, cursors["failed"], {WILL_RETRY_TAG: "false"}, per_tick)
+    before = datetime.now(timezone.utc) - timedelta(seconds=promised_grace_s)
+    promised, cursors["promised"] = _newly_failed(
+        instance, cursors["promised"], {WILL_RETRY_TAG: "true"}, per_tick, before
+    )
+    promised = [r for r in promised if not _has_retry(instance, r.dagster_run.run_id)]
+    for record, lost_retry in [*((r, False) for r in given_up), *((r, True) for r in promised)]:
+        request, why = rescue_request(instance, record, max_rescues, lost_retry=lost_retry)
         if request is not None:
             requests.append(request)
             context.log.info(f"rescuing run {record.dagster_run.run_id}: {why}")
         elif why:
             context.log.info(f"not rescuing run {record.dagster_run.run_id}: {why}")
-    return SensorResult(run_requests=requests, cursor=cursor.after(records).dump())
+    return SensorResult(run_requests=requests, cursor=json.dumps({k: json.loads(c.dump()) for k, c in cursors.items()}))
 
 
-def rescue_request(instance: DagsterInstance, record: RunRecord, max_rescues: int) -> tuple[RunRequest | None, str]:
-    """The request that replaces a failed run, or None and why not ("" for a run that is none of ours)."""
+def _parse_cursors(text: str | None) -> dict[str, RescueCursor]:
+    """{"failed": ..., "promised": ...}; a cursor of one stream (before the second) is the first's."""
+    data = json.loads(text) if text else {}
+    if "updated" in data:
+        data = {"failed": data}
+    return {k: RescueCursor.parse(json.dumps(data[k])) if k in data else RescueCursor() for k in ("failed", "promised")}
+
+
+def _newly_failed(
+    instance: DagsterInstance, cursor: RescueCursor, tags: dict[str, str], per_tick: int, before: datetime | None = None
+) -> tuple[list[RunRecord], RescueCursor]:
+    """Failed runs with `tags` updated after the cursor (and before `before`), oldest first, at most per_tick."""
+    # updated_after is strict: step back a microsecond and skip the runs already seen at that instant
+    since = datetime.fromisoformat(cursor.updated) - timedelta(microseconds=1) if cursor.updated else None
+    records = instance.get_run_records(
+        RunsFilter(statuses=[DagsterRunStatus.FAILURE], tags=tags, updated_after=since, updated_before=before),
+        limit=per_tick + len(cursor.seen),
+        order_by="update_timestamp",
+        ascending=True,
+    )
+    records = [r for r in records if r.dagster_run.run_id not in cursor.seen][:per_tick]
+    return records, cursor.after(records)
+
+
+def _has_retry(instance: DagsterInstance, run_id: str) -> bool:
+    return bool(instance.get_run_records(RunsFilter(tags={PARENT_RUN_TAG: run_id}), limit=1))
+
+
+def rescue_request(
+    instance: DagsterInstance, record: RunRecord, max_rescues: int, lost_retry: bool = False
+) -> tuple[RunRequest | None, str]:
+    """The request that replaces a failed run, or None and why not ("" for a run that is none of ours).
+
+    lost_retry: Dagster marked the run for a retry that was never launched; however it failed, Dagster meant
+    to run it again, so it is requested again (with the same partition checks and limit)."""
     run = record.dagster_run
     key = run.tags.get(PARTITION_TAG)
     selection = run.asset_selection
     if key is None or not selection or not selection <= RESCUABLE_KEYS:
         return None, ""
-    why = infrastructure_failure(instance, run.run_id)
+    if lost_retry:
+        why = "Dagster marked it for a run retry (dagster/will_retry=true) that was never launched"
+    else:
+        why = infrastructure_failure(instance, run.run_id)
     if why is None:
         return None, "its step ran and failed (Dagster's run retries handle that, or it is permanent)"
     if not _partition_exists(instance, selection, key):

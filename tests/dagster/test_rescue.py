@@ -83,7 +83,7 @@ def test_a_verification_whose_retry_could_not_be_created_is_requested_again_once
         )
     ]
     # the cursor: a second tick reads nothing it has seen, and requests nothing
-    assert json.loads(result.cursor)["seen"] == [failed]
+    assert json.loads(result.cursor)["failed"]["seen"] == [failed]
     assert tick(instance, defs, result.cursor).run_requests == []
 
 
@@ -181,3 +181,29 @@ def _materialization(key: str):
     from dagster import AssetMaterialization
 
     return AssetMaterialization(asset_key="image_embeddings", partition=key)
+
+
+def test_a_run_whose_marked_retry_was_never_launched_is_requested_again(instance, defs):
+    """The CI's chaos round on PostgreSQL: run monitoring failed a run whose worker was killed, Dagster marked it
+    will_retry=true and never launched the retry, so its shard was never embedded."""
+    lost = submitted_run(instance, defs, EMBED, SHARD)
+    instance.report_run_failed(lost)
+    instance.add_run_tags(lost.run_id, {"dagster/will_retry": "true"})
+    instance.add_dynamic_partitions("shard", ["shard-00001"])
+    other = str(MultiPartitionKey({"model_version": "v1", "shard": "shard-00001"}))
+    retried = submitted_run(instance, defs, EMBED, other)
+    instance.report_run_failed(retried)
+    instance.add_run_tags(retried.run_id, {"dagster/will_retry": "true"})
+    instance.report_run_failed(submitted_run(instance, defs, EMBED, other, **{"dagster/parent_run_id": retried.run_id}))
+    with build_sensor_context(instance=instance, definitions=defs) as context:
+        assert rescue_failed_runs(context, 3, 50).run_requests == []  # within the grace Dagster may still launch it
+        result = rescue_failed_runs(context, 3, 50, promised_grace_s=0)
+    # only the run without a retry; the one whose retry exists is Dagster's
+    assert [(r.run_key, r.partition_key) for r in result.run_requests] == [(f"rescue:{lost.run_id}", SHARD)]
+    assert result.run_requests[0].tags[RESCUE_COUNT_TAG] == "1"
+    with build_sensor_context(instance=instance, definitions=defs, cursor=result.cursor) as context:
+        assert rescue_failed_runs(context, 3, 50, promised_grace_s=0).run_requests == []  # seen: not again
+    # a cursor written before this stream existed is the first stream's
+    old = json.dumps(json.loads(result.cursor)["failed"])
+    with build_sensor_context(instance=instance, definitions=defs, cursor=old) as context:
+        assert len(rescue_failed_runs(context, 3, 50, promised_grace_s=0).run_requests) == 1
