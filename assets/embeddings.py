@@ -86,7 +86,9 @@ def image_embeddings(context: AssetExecutionContext, backfill: BackfillResource)
     layout = backfill.layout()
     # the device follows the run's pool (tag backfill/pool): cuda on GPU pools, never a silent CPU fallback
     device = run_engine(context, device_for_run, context.run.tags, backfill.device)
+    load_began = time.perf_counter()
     model = run_engine(context, backfill.load_model, version, device)
+    model_load_s = time.perf_counter() - load_began  # the plan swaps it for the planned version's own (ops/runs.py)
     config = backfill.embed_config(device)  # work_log included: the chaos harness's work log, when set
     progress = _progress(context, shard)
     try:
@@ -101,7 +103,8 @@ def image_embeddings(context: AssetExecutionContext, backfill: BackfillResource)
         f"{stats.chunks_resumed}/{stats.chunks} chunks resumed, {stats.images_per_s:.0f} img/s"
     )
     path = layout.store.display(layout.embeddings(backfill.model, version, shard))
-    return _result(stats, verdict, path, backfill, _attempt_metadata(context, step_started))
+    attempt = {**_attempt_metadata(context, step_started), "model_load_s": round(model_load_s, 3)}
+    return _result(stats, verdict, path, backfill, attempt)
 
 
 def embed_shard(*args, **kwargs) -> "EmbedStats":

@@ -52,8 +52,8 @@ def backfill_plan(context: AssetExecutionContext, config: PlanConfig, backfill: 
         device = pool.device
     else:
         pod, pods, device = None, config.pods or local_slots(context.instance), backfill.device
-    # the local default's start-up: earlier embedding runs here, else this launched run's own, else a probe
-    startup = None if config.pool else local_startup(context.instance, pods, context.run_id)
+    # the local default's start-up: earlier embedding runs here, else a probe that launches runs on a scratch instance
+    startup = None if config.pool else local_startup(context.instance, pods)
     index_threads = int(pools.get(pools.index_pool).cpus) if pools and pools.index_pool and config.pool else 0
     plan, calibration = run_engine(
         context, plan_version, layout, backfill.model, version, backfill.embed_config(device),

@@ -303,22 +303,26 @@ def _plan_pool(args: argparse.Namespace, settings):
 
 def _local_startup(slots: int, given: float | None) -> Startup:
     """The local default's start-up per partition: `given` (--startup-s), else measured here (ops.startup:
-    the DAGSTER_HOME instance's earlier embedding runs, else a probe of `slots` process starts at once)."""
+    the DAGSTER_HOME instance's earlier embedding runs, else a probe that launches `slots` runs at once)."""
     from backfill.plan import Startup
-    from ops.startup import local_startup
+    from ops.runs import measured_startup
+    from ops.startup import launched_startup, with_handoff
 
     if given is not None:
         if given < 0:
             raise ConfigError(f"--startup-s {given}: a start-up cannot be negative")
         return Startup(given, "--startup-s")
     instance, _ = _dagster_instance()
+    probing = f"plan: timing a partition's start-up ({slots} probe runs at once on a scratch instance)"
     if instance is None:
-        print(
-            f"plan: timing a partition's start-up ({slots} run workers and steps at once)", file=sys.stderr, flush=True
-        )
-        return local_startup(None, slots)
+        print(probing, file=sys.stderr, flush=True)
+        return launched_startup(slots)
     with instance:
-        return local_startup(instance, slots)
+        startup = measured_startup(instance)
+        if startup is None:
+            print(f"{probing}: no embedding run on this instance yet", file=sys.stderr, flush=True)
+            startup = launched_startup(slots)
+        return with_handoff(startup, instance)
 
 
 def _local_slots() -> int:

@@ -111,42 +111,44 @@ def local_slots(instance: DagsterInstance) -> int:
 def measured_startup(instance: DagsterInstance, limit: int = 100) -> Startup | None:
     """The median seconds per partition beyond its compute, over this instance's finished embedding runs.
 
-    Per run: its worker's launch (RUN_STARTING -> the run's start) plus its duration beyond the partition's
-    own wall_s (the step process, imports, model load, reporting). Waiting in the queue for a free slot is
-    not start-up and is left out. None before any embedding run has succeeded here.
+    Per run (run_phases, one event query): its worker's launch, its step process's start, its step beyond the
+    partition's own wall_s (imports, resources, the model's load, the re-verification) and its finish. Waiting
+    in the queue for a free slot is not start-up and is left out. Where the runs recorded their model's load
+    (model_load_s), it is taken out, and the plan adds the planned version's own. None before any embedding
+    run has succeeded here.
     """
-    per_run = []
+    per_run: list[tuple[float, float | None]] = []
     for record in instance.get_run_records(RunsFilter(statuses=[DagsterRunStatus.SUCCESS]), limit=limit):
-        run = record.dagster_run
-        if VERSION_TAG not in run.tags or not (record.start_time and record.end_time):
+        if VERSION_TAG not in record.dagster_run.tags:
             continue
-        walls = [
-            e.asset_materialization.metadata["wall_s"].value
-            for e in instance.all_logs(run.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION)
-            if e.asset_materialization is not None and "wall_s" in e.asset_materialization.metadata
-        ]
-        if len(walls) != 1:
+        phases = run_phases(instance, record.dagster_run.run_id, record)
+        if "body" not in phases or "step" not in phases:
             continue
-        # a launched run has RUN_STARTING (its worker being started); one executed in process has none
-        starting = instance.all_logs(run.run_id, of_type=DagsterEventType.RUN_STARTING)
-        launch = max(0.0, record.start_time - starting[0].timestamp) if starting else 0.0
-        per_run.append(launch + record.end_time - record.start_time - walls[0])
+        beyond = sum(phases.get(p, 0.0) for p in PHASES if p != "queued") - phases["body"]
+        per_run.append((beyond, phases.get("model_load")))
     if not per_run:
         return None
-    return Startup(statistics.median(per_run), f"median of {len(per_run)} earlier runs on this instance")
+    without_load = [beyond - load for beyond, load in per_run if load is not None]
+    if without_load:
+        source = f"median of {len(without_load)} earlier runs on this instance, their model's load taken out"
+        return Startup(statistics.median(without_load), source, add_model_load=True)
+    return Startup(
+        statistics.median([b for b, _ in per_run]), f"median of {len(per_run)} earlier runs on this instance"
+    )
 
 
 PHASES = ("queued", "launch", "to_step", "step", "finish")
 
 
-def run_phases(instance: DagsterInstance, run_id: str) -> dict[str, float]:
+def run_phases(instance: DagsterInstance, run_id: str, record=None) -> dict[str, float]:
     """Where a finished run's time went, in seconds (one event query): `queued` (created -> its worker being
     started: the queue, a free slot), `launch` (-> the run's start: the run worker's process and imports),
     `to_step` (-> its first step's start: the step process), `step` (-> its last step's end; `body` is the
     partition's own wall_s inside it, when it reported one) and `finish` (-> the run's end). A phase whose
-    events are missing (a run executed in process has no RUN_STARTING) is left out.
+    events are missing (a run executed in process has no RUN_STARTING) is left out. `model_load` is the
+    partition's model_load_s, when it reported one. `record`: the run's record, when the caller has it.
     """
-    record = instance.get_run_record_by_id(run_id)
+    record = record or instance.get_run_record_by_id(run_id)
     if record is None:
         raise ConfigError(f"run {run_id}: not on this instance")
     at: dict[str, float] = {"created": record.create_timestamp.timestamp()}
@@ -162,14 +164,14 @@ def run_phases(instance: DagsterInstance, run_id: str) -> dict[str, float]:
         elif kind in step_ends:
             at["step_end"] = entry.timestamp
         elif kind == DagsterEventType.ASSET_MATERIALIZATION and entry.asset_materialization is not None:
-            wall = entry.asset_materialization.metadata.get("wall_s")
-            if wall is not None:
-                at["body"] = float(wall.value)
+            metadata = entry.asset_materialization.metadata
+            for key, name in (("wall_s", "body"), ("model_load_s", "model_load")):
+                if key in metadata:
+                    at[name] = float(metadata[key].value)
     if record.end_time:
         at["end"] = record.end_time
     marks = [("queued", "created", "starting"), ("launch", "starting", "start"), ("to_step", "start", "step_start"),
              ("step", "step_start", "step_end"), ("finish", "step_end", "end")]  # fmt: skip
     phases = {name: at[b] - at[a] for name, a, b in marks if a in at and b in at}
-    if "body" in at:
-        phases["body"] = at["body"]
+    phases.update({name: at[name] for name in ("body", "model_load") if name in at})
     return phases

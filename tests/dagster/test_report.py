@@ -102,84 +102,101 @@ def test_the_plan_never_blocks_a_backfill_and_the_report_follows_the_embeddings(
     assert plan.automation_condition is None and report_node.automation_condition is None  # materialized by hand
 
 
-def test_a_launched_plan_run_measures_its_own_start_up_an_in_process_one_does_not():
-    from dagster import DagsterEvent, DagsterEventType, asset
+def test_earlier_runs_give_the_start_up_beyond_their_body_and_their_model_load():
+    from dagster import DagsterEvent, DagsterEventType, MaterializeResult, asset
 
-    from ops.runs import run_phases
-    from ops.startup import own_run_startup
+    from ops.runs import VERSION_TAG, measured_startup
 
     @asset
-    def nothing() -> None:
-        return None
+    def partition() -> MaterializeResult:
+        return MaterializeResult(metadata={"wall_s": 0.5, "model_load_s": 0.25})
 
     with instance_for_test() as instance:
-        run_id = materialize([nothing], instance=instance).run_id
-        assert own_run_startup(instance, run_id) is None  # executed in process: no worker was started
-        assert set(run_phases(instance, run_id)) == {"to_step", "step", "finish"}
+        assert measured_startup(instance) is None  # no run yet: the plan probes instead
+        run_id = materialize([partition], instance=instance, tags={VERSION_TAG: "v1"}).run_id
+        in_process = run_phases(instance, run_id)
+        assert set(in_process) == {"to_step", "step", "finish", "body", "model_load"}
+        startup = measured_startup(instance)  # no worker launched: the launch counts 0
         step_start = instance.all_logs(run_id, of_type=DagsterEventType.STEP_START)[0].timestamp
         job_name = instance.get_run_by_id(run_id).job_name
         starting = DagsterEvent(event_type_value=DagsterEventType.RUN_STARTING.value, job_name=job_name)
-        instance.report_dagster_event(starting, run_id, timestamp=step_start - 7.5)
-        startup = own_run_startup(instance, run_id)
-        phases = run_phases(instance, run_id)
-    assert abs(startup.seconds - 7.5) < 1e-3 and startup.add_model_load and "own run" in startup.source
-    # the same events, as the phases of the run's timeline (the worker's launch then the step process's start)
+        instance.report_dagster_event(starting, run_id, timestamp=step_start - 7.5)  # as a launched run has
+        phases = run_phases(instance, run_id)  # (the event makes the run STARTING again: measured before)
+    # the worker's launch then the step process's start
     assert abs(phases["launch"] + phases["to_step"] - 7.5) < 1e-3 and phases["step"] >= 0 and phases["finish"] >= 0
+    expected = sum(in_process[p] for p in ("to_step", "step", "finish")) - 0.5 - 0.25
+    assert abs(startup.seconds - expected) < 1e-3 and startup.add_model_load  # the planned version's load goes in
+    assert startup.source == "median of 1 earlier runs on this instance, their model's load taken out"
 
 
-def test_the_start_up_probe_times_both_process_starts_and_names_a_failure(monkeypatch):
-    import pytest
-
-    import ops.startup as runs
+def test_the_queue_hand_off_is_half_the_instance_dequeue_interval():
     from backfill.calibrate import local_pod
-    from backfill.errors import ConfigError
     from backfill.plan import Startup
+    from ops.startup import with_handoff
 
-    monkeypatch.setattr(runs, "RUN_WORKER_IMPORTS", "import time; time.sleep(0.3)")
-    monkeypatch.setattr(runs, "STEP_IMPORTS", "import time; time.sleep(0.2)")
-    startup = runs.probe_startup(2)
-    assert startup.seconds >= 0.5 and startup.add_model_load
-    assert startup.source.startswith("probe now, 2 at once: run workers' ") and "their steps'" in startup.source
+    with instance_for_test(
+        overrides={"run_coordinator": {"module": "dagster.core.run_coordinator", "class": "QueuedRunCoordinator",
+                                       "config": {"dequeue_interval_seconds": 2}}}
+    ) as instance:  # fmt: skip
+        startup = with_handoff(Startup(9.0, "median of 3 earlier runs"), instance)
+    assert startup.seconds == 10.0 and "hand-off 1.0 s" in startup.source
+    assert with_handoff(Startup(9.0, "x"), None).seconds == 9.0  # no instance: no queue
     # the calibration's model load is added to a probe, never to a figure measured on whole runs
-    assert local_pod("cpu", 2, startup, model_load_s=1.5).startup_s == startup.seconds + 1.5
+    probe = Startup(4.0, "a probe now", add_model_load=True)
+    assert local_pod("cpu", 2, probe, model_load_s=1.5).startup_s == 5.5
     assert local_pod("cpu", 2, Startup(9.0, "median of 3 earlier runs"), model_load_s=1.5).startup_s == 9.0
-    assert "model's load not counted" in local_pod("cpu", 2, startup, model_load_s=None).startup_source
-    monkeypatch.setattr(runs, "STEP_IMPORTS", "import sys; sys.exit('no torch here')")
-    with pytest.raises(ConfigError, match=r"import sys.*failed \(1\): no torch here"):
-        runs.probe_startup(1)
-    with pytest.raises(ConfigError, match="run slots 0"):
-        runs.probe_startup(0)
+    assert "model's load not counted" in local_pod("cpu", 2, probe, model_load_s=None).startup_source
 
 
-def test_a_plan_on_an_instance_without_runs_probes_the_start_up(registered, capsys, monkeypatch):
+def test_a_plan_on_an_instance_without_runs_launches_probe_runs(registered, capsys, monkeypatch):
     from backfill.cli import main
-    from ops.startup import probe_startup
+    from backfill.plan import Startup
+    from ops.startup import launched_startup
 
-    real = probe_startup(1)  # the imports a run worker and a step process really make: they must load
-    assert real.seconds > 0 and real.source.startswith("probe now, 1 at once: run workers' ")
-    # an in-process deployment has no step process to wait for
-    monkeypatch.setenv("BACKFILL_DEPLOYMENT", "local-in-process")
-    monkeypatch.setattr("ops.startup.RUN_WORKER_IMPORTS", "pass")
-    assert "their steps'" not in probe_startup(2).source
-    monkeypatch.delenv("BACKFILL_DEPLOYMENT")
+    real = launched_startup(1)  # the project's code location, its launcher and executor, on a scratch instance
+    assert real.seconds > 0 and real.add_model_load
+    assert real.source.startswith("a probe now: 1 run(s) at once launched on a scratch instance, median run ")
+    assert "to_step" in real.source and "finish" in real.source
     layout, _ = registered
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
-    monkeypatch.setattr("ops.startup.STEP_IMPORTS", "pass")  # the rest of the CLI's path, without the cost
+    monkeypatch.setattr("ops.startup.launched_startup", lambda slots: Startup(3.0, f"a probe now: {slots}", True))
     assert main(["--root", layout.store.root, "plan", "v1", "--images", "8", "--pods", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "(probe now, 2 at once: run workers'" in out and "+ the model's load" in out
+    captured = capsys.readouterr()
+    assert "(a probe now: 2, + the model's load" in captured.out
+    assert "timing a partition's start-up (2 probe runs at once" in captured.err
 
 
-def test_a_probe_that_hangs_is_stopped_and_named(monkeypatch):
-    import subprocess
+def _pids(path):
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def test_a_probe_run_that_fails_is_named(tmp_path, monkeypatch):
+    import pytest
+
+    from backfill.errors import ConfigError
+    from ops.startup import launched_startup
+
+    monkeypatch.setenv("PROBE_FIXTURE_MODE", "fail")
+    monkeypatch.setenv("PROBE_FIXTURE_PID", str(tmp_path / "pids"))
+    with pytest.raises(ConfigError, match=r"start-up probe: run \S+ FAILURE: .*no torch here"):
+        launched_startup(1, module="tests.dagster.startup_probe_fixture")
+    with pytest.raises(ConfigError, match="run slots 0"):
+        launched_startup(0)
+    with pytest.raises(ConfigError, match="code location no_such_module failed to load"):
+        launched_startup(1, module="no_such_module")
+
+
+def test_a_probe_run_that_hangs_is_stopped_and_named(tmp_path, monkeypatch):
+    import os
 
     import pytest
 
-    import ops.startup as startup
     from backfill.errors import ConfigError
+    from ops.startup import launched_startup
 
-    monkeypatch.setattr(startup, "RUN_WORKER_IMPORTS", "import time; time.sleep(61.25)")
-    with pytest.raises(ConfigError, match="still running after 1 s"):
-        startup.probe_startup(2, timeout_s=1.0)
-    # both interpreters were killed, not left behind
-    assert subprocess.run(["pgrep", "-f", "time.sleep.61.25"], capture_output=True).returncode == 1
+    monkeypatch.setenv("PROBE_FIXTURE_MODE", "hang")
+    monkeypatch.setenv("PROBE_FIXTURE_PID", str(tmp_path / "pids"))
+    with pytest.raises(ConfigError, match="1 of 1 run.s. still going after 40 s"):
+        launched_startup(1, timeout_s=40.0, module="tests.dagster.startup_probe_fixture")
+    (pid,) = _pids(tmp_path / "pids")  # the step began, and its process is gone: not left behind
+    assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
