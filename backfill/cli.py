@@ -305,24 +305,20 @@ def _local_startup(slots: int, given: float | None) -> Startup:
     """The local default's start-up per partition: `given` (--startup-s), else measured here (ops.startup:
     the DAGSTER_HOME instance's earlier embedding runs, else a probe that launches `slots` runs at once)."""
     from backfill.plan import Startup
-    from ops.runs import measured_startup
-    from ops.startup import launched_startup, with_handoff
+    from ops.startup import local_startup
 
     if given is not None:
         if given < 0:
             raise ConfigError(f"--startup-s {given}: a start-up cannot be negative")
         return Startup(given, "--startup-s")
     instance, _ = _dagster_instance()
-    probing = f"plan: timing a partition's start-up ({slots} probe runs at once on a scratch instance)"
+    why = "" if instance is None else ": no embedding run on this instance yet"
+    probing = f"plan: timing a partition's start-up ({slots} probe runs at once on a scratch instance){why}"
+    announce = lambda: print(probing, file=sys.stderr, flush=True)  # noqa: E731
     if instance is None:
-        print(probing, file=sys.stderr, flush=True)
-        return launched_startup(slots)
+        return local_startup(None, slots, announce)
     with instance:
-        startup = measured_startup(instance)
-        if startup is None:
-            print(f"{probing}: no embedding run on this instance yet", file=sys.stderr, flush=True)
-            startup = launched_startup(slots)
-        return with_handoff(startup, instance)
+        return local_startup(instance, slots, announce)
 
 
 def _local_slots() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from dagster import DagsterInstance, DagsterRunStatus
@@ -37,11 +38,17 @@ PROBE_PHASES = ("launch", "to_step", "step", "finish")
 DONE = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
 
 
-def local_startup(instance: DagsterInstance | None, slots: int) -> Startup:
+def local_startup(
+    instance: DagsterInstance | None, slots: int, before_probe: Callable[[], None] | None = None
+) -> Startup:
     """The local default's start-up per partition, from the best evidence at hand: the median over this
-    instance's earlier embedding runs, else a probe that launches `slots` runs at once; plus the queue's hand-off."""
-    measured = measured_startup(instance) if instance is not None else None
-    startup = measured or launched_startup(slots)
+    instance's earlier embedding runs, else a probe that launches `slots` runs at once; plus the queue's hand-off.
+    `before_probe` is called just before a probe starts (the CLI says what it is waiting for)."""
+    startup = measured_startup(instance) if instance is not None else None
+    if startup is None:
+        if before_probe is not None:
+            before_probe()
+        startup = launched_startup(slots)
     return with_handoff(startup, instance)
 
 
