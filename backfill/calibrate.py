@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field, replace
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from backfill.calibrate_slots import run_slots
 from backfill.config import EmbedConfig, IndexConfig
 from backfill.device import require_device
 from backfill.embed import embed_shard
@@ -23,7 +25,9 @@ from backfill.shard_summary import load_catalog
 from backfill.storage import Layout, Store
 
 SAMPLE_SHARDS = 8  # the sample is spread over at most this many shards, evenly through the sorted listing
-WARMUP_ROWS = 32  # embedded first and not timed: the first batches pay for allocator and kernel warm-up
+WARMUP_ROWS = 32  # at least (and a whole batch): embedded first, timed apart; the first batch pays the warm-up
+SLOTS_TIMEOUT_S = 600.0  # a calibration with several slots at once: the whole of it, load to last slot done
+MAX_SLOTS = 8  # more run slots than this are planned from this many calibrated side by side
 
 
 @dataclass(frozen=True)
@@ -36,11 +40,13 @@ class Calibration:
     cpus: int  # the CPU budget the calibration ran with (affinity, cgroup limit)
     images: int
     rejects: int
-    seconds: float  # embed_shard's wall time on the sample, after the warm-up
+    seconds: float  # the sample's embedding after the warm-up: embed_shard's wall time, or the slots' span
     img_s: float
     model_load_s: float
     batch_size: int
     stage_s: dict[str, float] = field(default_factory=dict)
+    slots: int = 1  # how many embedded side by side; img_s is one slot's rate among them
+    warmup_s: float = 0.0  # per partition: the first batches' time beyond their rows at img_s
 
 
 def shard_rows(layout: Layout) -> dict[str, int]:
@@ -79,36 +85,90 @@ def _spread(n: int, k: int) -> list[int]:
     return sorted({round(j * (n - 1) / max(1, k - 1)) for j in range(k)})
 
 
-def calibrate(layout: Layout, model: str, version: str, config: EmbedConfig, images: int = 256) -> Calibration:
-    """Embed a sample (a warm-up, then `images` rows) with embed_shard into a scratch root; nothing is kept."""
+def calibrate(
+    layout: Layout, model: str, version: str, config: EmbedConfig, images: int = 256, slots: int = 1
+) -> Calibration:
+    """Embed a sample with embed_shard into a scratch root, as `slots` partitions at once; nothing is kept.
+
+    Each slot loads the model, embeds its warm-up rows (the first batches' allocator and kernel warm-up, timed
+    apart), then its share of the sample. slots 1 runs here; more run as that many fresh processes started
+    together and released at once, as the local default's run slots share this machine: img_s is then one
+    slot's rate while the others embed beside it, and the model load and warm-up are paid side by side too.
+    """
+    if slots < 1:
+        raise ConfigError(f"calibration of {model} {version}: slots must be at least 1 (got {slots})")
     card = read_card(layout, model, version)
-    began = time.perf_counter()
+    warm_rows = max(WARMUP_ROWS, config.images_per_batch)  # a whole first batch, as a partition's
+    sample = sample_rows(layout, images + slots * warm_rows)
+    slots = min(slots, sample.num_rows)  # a corpus of fewer rows than slots: one row each
+    shares = [_take(sample, range(j, sample.num_rows, slots)) for j in range(slots)]
+    parts = []
+    for share in shares:  # each slot's warm-up rows evenly through its share, the rest timed
+        warm = _spread(share.num_rows, min(warm_rows, max(0, share.num_rows - max(1, images // slots))))
+        parts.append((_take(share, warm), _take(share, sorted(set(range(share.num_rows)) - set(warm)))))
+    if slots == 1:
+        results = [_slot(layout, card, config, *parts[0])]
+    else:
+        jobs = [(layout, card, config, warm, timed) for warm, timed in parts]
+        results = run_slots(jobs, f"calibration of {model} {version}", SLOTS_TIMEOUT_S)
+    return _combine(card, config, results)
+
+
+def _take(table: pa.Table, rows) -> pa.Table:
+    return table.take(pa.array(list(rows), pa.int64()))  # typed: an empty list has no type of its own
+
+
+def _slot(layout: Layout, card, config: EmbedConfig, warm: pa.Table, timed: pa.Table, release=None) -> dict:
+    """One slot's calibration: load, warm up, wait for `release` (the others), embed; seconds on the system clock."""
+    began = time.monotonic()
     loaded = load_model(layout, card, config.device)
-    model_load_s = time.perf_counter() - began
-    sample = sample_rows(layout, images + WARMUP_ROWS)
-    warm = _spread(sample.num_rows, min(WARMUP_ROWS, max(0, sample.num_rows - images)))
-    timed = sorted(set(range(sample.num_rows)) - set(warm))
-    cpus = ThreadBudget.resolve(config.torch_threads, config.decode_workers).cpus
+    loaded_at = time.monotonic()
+    run = replace(config, work_log=None, max_reject_rate=1.0)  # a bad sample image must not stop the clock
     with tempfile.TemporaryDirectory(prefix="backfill-calibrate-") as scratch:
         tmp = Layout(Store.open(scratch))
-        write_shard(tmp, "sample", sample.take(timed))
-        run = replace(config, work_log=None, max_reject_rate=1.0)  # a bad sample image must not stop the clock
-        if warm:
-            write_shard(tmp, "warmup", sample.take(warm))
-            embed_shard(tmp, "warmup", loaded, run)
+        write_shard(tmp, "sample", timed)
+        warm_s = 0.0
+        if warm.num_rows:
+            write_shard(tmp, "warmup", warm)
+            warm_s = embed_shard(tmp, "warmup", loaded, run).wall_s
+        if release is not None:
+            release()
+        start = time.monotonic()
         stats = embed_shard(tmp, "sample", loaded, run)
+        end = time.monotonic()
+    return {
+        "model_load_s": loaded_at - began, "warm_rows": warm.num_rows, "warm_s": warm_s, "start": start, "end": end,
+        "images": stats.images, "rejects": stats.rejects, "wall_s": stats.wall_s, "batch_size": stats.batch_size,
+        "stage_s": dict(stats.stage_s),
+    }  # fmt: skip
+
+
+def _combine(card, config: EmbedConfig, results: list[dict]) -> Calibration:
+    """One slot's rate: every slot's images over the span from the first start to the last end, per slot."""
+    images = sum(r["images"] for r in results)
+    span = max(r["end"] for r in results) - min(r["start"] for r in results)
+    seconds = span if len(results) > 1 else results[0]["wall_s"]
+    img_s = images / len(results) / seconds if seconds > 0 else 0.0
+    # the warm-up beyond what its rows cost at the steady rate: every partition pays it once
+    excess = [max(0.0, r["warm_s"] - r["warm_rows"] / img_s) for r in results if r["warm_rows"] and img_s > 0]
+    stage_s: dict[str, float] = {}
+    for r in results:
+        for k, v in r["stage_s"].items():
+            stage_s[k] = stage_s.get(k, 0.0) + v / len(results)
     return Calibration(
-        version=version,
+        version=card.version,
         dim=card.dim,
         device=config.device,
-        cpus=cpus,
-        images=stats.images,
-        rejects=stats.rejects,
-        seconds=stats.wall_s,
-        img_s=stats.images_per_s,
-        model_load_s=model_load_s,
-        batch_size=stats.batch_size,
-        stage_s={k: round(v, 3) for k, v in stats.stage_s.items()},
+        cpus=ThreadBudget.resolve(config.torch_threads, config.decode_workers).cpus,
+        images=images,
+        rejects=sum(r["rejects"] for r in results),
+        seconds=seconds,
+        img_s=img_s,
+        model_load_s=statistics.median(r["model_load_s"] for r in results),
+        batch_size=results[0]["batch_size"],
+        stage_s={k: round(v, 3) for k, v in stage_s.items()},
+        slots=len(results),
+        warmup_s=statistics.median(excess) if excess else 0.0,
     )
 
 
@@ -136,7 +196,12 @@ def plan_for(
     rows = shard_rows(layout)
     if not rows:
         raise ConfigError(f"no manifest shards under {layout.store.display(layout.manifests)}: nothing to plan")
-    rate = pod_rate(calibration.img_s, calibration.cpus, calibration.device, pod, pods)
+    # the calibration's whole rate (its slots side by side), then one pod's share of it
+    rate = pod_rate(calibration.img_s * calibration.slots, calibration.cpus, calibration.device, pod, pods)
+    if calibration.warmup_s > 0:  # every partition's first batches, at this pod's rate
+        warm = calibration.warmup_s * calibration.img_s / rate
+        pod = replace(pod, startup_s=pod.startup_s + warm,
+                      startup_source=f"{pod.startup_source}, + the first batches' warm-up {warm:.1f} s")  # fmt: skip
     inputs = PlanInputs(calibration.version, calibration.dim, tuple(rows.values()), rate, pods, pod,
                         index=index, index_threads=index_threads)  # fmt: skip
     return plan_backfill(inputs)
@@ -164,7 +229,9 @@ def plan_version(
     if img_s is None:
         fix = "run the plan where the pool's device is (a GPU machine for a cuda pool), or give a pod's rate (--img-s)"
         require_device(config.device, f"the plan of {model} {version} calibrates", fix)
-        calibration = calibrate(layout, model, version, config, images)
+        # the local default's run slots share this machine: calibrated side by side, as they will run
+        slots = min(pods, MAX_SLOTS) if pod is None else 1
+        calibration = calibrate(layout, model, version, config, images, slots)
     cpus = calibration.cpus if calibration else ThreadBudget.resolve().cpus
     pod = pod or local_pod(config.device, cpus, startup, calibration.model_load_s if calibration else None)
     if calibration is not None:
@@ -177,10 +244,12 @@ def plan_version(
 
 def calibration_rows(c: Calibration) -> list[tuple[str, str]]:
     """(what, value) lines of a calibration, for the CLI and the asset's markdown."""
+    side, per = (f", {c.slots} slots side by side", " per slot") if c.slots > 1 else ("", "")
     stages = ", ".join(f"{k} {v:.2f}" for k, v in sorted(c.stage_s.items(), key=lambda kv: -kv[1]))
     return [
-        ("calibration", f"{c.images} sample images on {c.device} ({c.cpus} CPUs), batch {c.batch_size}: "
-                        f"{c.img_s:,.1f} img/s, {c.seconds:.2f} s, {c.rejects} rejects"),
+        ("calibration", f"{c.images} sample images on {c.device} ({c.cpus} CPUs), batch {c.batch_size}"
+                        f"{side}: {c.img_s:,.1f} img/s{per}, {c.seconds:.2f} s, {c.rejects} rejects"),
         ("calibration stages (s)", stages),
-        ("model load", f"{c.model_load_s:.2f} s"),
+        ("model load", f"{c.model_load_s:.2f} s" + (" (median slot)" if c.slots > 1 else "")),
+        ("warm-up", f"{c.warmup_s:.2f} s per partition: the first batches beyond their rows' time"),
     ]  # fmt: skip

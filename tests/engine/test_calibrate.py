@@ -1,7 +1,24 @@
 """Calibration: a deterministic sample embedded by embed_shard in a scratch root, then the plan over the corpus."""
 
-from backfill.calibrate import calibrate, local_pod, plan_for, sample_rows, shard_rows
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from backfill.calibrate import (
+    Calibration,
+    _combine,
+    calibrate,
+    calibration_rows,
+    local_pod,
+    plan_for,
+    sample_rows,
+    shard_rows,
+)
+from backfill.calibrate_slots import run_slots
 from backfill.config import EmbedConfig, IndexConfig
+from backfill.errors import ConfigError
 from tests.conftest import MODEL
 
 
@@ -23,3 +40,81 @@ def test_calibration_embeds_the_sample_and_leaves_the_root_untouched(registered)
     assert shard_rows(layout) == {"shard-00000": 20, "shard-00001": 20, "shard-00002": 20}
     plan = plan_for(layout, calibration, local_pod("cpu", calibration.cpus), pods=2, index=IndexConfig())
     assert plan.images == 60 and plan.shards == 3 and plan.wall_s > 0 and plan.gpu_hours == 0
+
+
+def test_slots_side_by_side_are_fresh_processes_and_one_slots_rate(registered):
+    layout, card = registered
+    c = calibrate(layout, MODEL, "v1", EmbedConfig(batch_size=8, chunk_size=8), images=24, slots=2)
+    assert c.slots == 2 and c.images == 24 and c.rejects == 0 and c.dim == card.dim
+    assert c.img_s > 0 and c.seconds > 0 and c.model_load_s > 0 and c.warmup_s >= 0
+    assert c.img_s == pytest.approx(24 / 2 / c.seconds)  # one slot's rate: each embedded half in the span
+    assert not layout.store.exists(layout.embeddings(MODEL, "v1"))
+    assert "2 slots side by side" in dict(calibration_rows(c))["calibration"]
+
+
+def test_a_corpus_smaller_than_the_sample_is_all_timed_with_no_warm_up(registered):
+    layout, _ = registered  # 60 rows: none left over for the warm-up, one slot or two
+    for slots in (1, 2):
+        c = calibrate(layout, MODEL, "v1", EmbedConfig(batch_size=8, chunk_size=8), images=60, slots=slots)
+        assert c.images == 60 and c.slots == slots and c.warmup_s == 0.0
+
+
+def test_bad_slots_and_a_slot_that_dies_are_named(registered):
+    layout, card = registered
+    with pytest.raises(ConfigError, match=r"calibration of refcnn v1: slots must be at least 1 \(got 0\)"):
+        calibrate(layout, MODEL, "v1", EmbedConfig(), images=8, slots=0)
+    # the artifact swapped after registration: every slot refuses to load it, and the parent says why
+    layout.store.write_bytes(f"{layout.model_dir(MODEL, 'v1')}/{card.artifact}", b"not the registered model")
+    with pytest.raises(
+        ConfigError, match=r"calibration of refcnn v1: slot \d exited with 1 before it was ready: .*sha256"
+    ):
+        calibrate(layout, MODEL, "v1", EmbedConfig(batch_size=8), images=8, slots=2)
+
+
+def test_slots_past_the_deadline_are_stopped_and_reaped(registered):
+    layout, card = registered
+    sample = sample_rows(layout, 8)
+    jobs = [(layout, card, EmbedConfig(batch_size=8), sample.slice(0, 0), sample)] * 2
+    before = _children()  # earlier tests' leftovers in this worker are not this test's
+    with pytest.raises(ConfigError, match=r"calibration: 2 of 2 slots not ready by the deadline"):
+        run_slots(jobs, "calibration", timeout_s=0.2)  # a fresh interpreter takes longer to import torch
+    assert set(_children()) - set(before) == set()  # killed and waited for: not even a zombie is left
+
+
+def _children() -> list[int]:
+    """This process's calibration slots still alive, and any child not waited for (a zombie), from /proc."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:  # gone while we looked
+            continue
+        if int(ppid) == os.getpid() and (state == "Z" or b"backfill.calibrate_slots" in cmdline):
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_combine_takes_one_slots_rate_over_the_common_span_and_the_warm_up_beyond_it():
+    card = SimpleNamespace(version="v9", dim=8)  # _combine reads only these of the card
+    slot = dict(model_load_s=2.0, warm_rows=10, warm_s=6.0, images=100, rejects=1, wall_s=9.0, batch_size=10,
+                stage_s={"forward": 8.0})  # fmt: skip
+    results = [{**slot, "start": 100.0, "end": 109.0}, {**slot, "start": 101.0, "end": 110.0, "model_load_s": 4.0}]
+    c = _combine(card, EmbedConfig(), results)
+    assert c.slots == 2 and c.images == 200 and c.rejects == 2 and c.seconds == 10.0  # 100 .. 110
+    assert c.img_s == 10.0  # 200 images / 2 slots / 10 s
+    assert c.warmup_s == 5.0  # 6 s for 10 rows that take 1 s at 10 img/s
+    assert c.model_load_s == 3.0 and c.stage_s == {"forward": 8.0}
+
+
+def test_the_plan_takes_one_slots_rate_and_adds_the_warm_up_to_each_partition(layout):
+    c = Calibration(version="v1", dim=16, device="cpu", cpus=2, images=200, rejects=0, seconds=10.0, img_s=10.0,
+                    model_load_s=1.0, batch_size=8, slots=2, warmup_s=3.0)  # fmt: skip
+    pod = local_pod("cpu", 2)
+    plan = plan_for(layout, c, pod, pods=2, index=IndexConfig())
+    assert plan.inputs.img_s_per_pod == 10.0  # 2 slots calibrated side by side, 2 planned: one slot's rate
+    assert plan.inputs.pod.startup_s == pytest.approx(pod.startup_s + 3.0)
+    assert "warm-up 3.0 s" in plan.inputs.pod.startup_source
+    # 4 slots planned from 2 calibrated: the machine's whole rate (20 img/s) split four ways, warm-up slower too
+    plan = plan_for(layout, c, pod, pods=4, index=IndexConfig())
+    assert plan.inputs.img_s_per_pod == 5.0 and plan.inputs.pod.startup_s == pytest.approx(pod.startup_s + 6.0)
