@@ -41,7 +41,7 @@ class PlanConfig(Config):
 )
 def backfill_plan(context: AssetExecutionContext, config: PlanConfig, backfill: BackfillResource) -> MaterializeResult:
     # the calibration embeds a sample (torch): imported by this step, not by the definitions
-    from backfill.calibrate import calibration_rows, plan_version
+    from backfill.calibrate import calibration_rows, calibration_summary, plan_version
 
     version = context.partition_key
     layout = backfill.layout()
@@ -60,7 +60,7 @@ def backfill_plan(context: AssetExecutionContext, config: PlanConfig, backfill: 
         backfill.index_config(), pod, pods, config.sample_images,
         index_threads=index_threads or cpu_budget(), startup=startup,
     )  # fmt: skip
-    where = write_plan(layout, backfill.model, version, plan_summary(plan, calibrated_img_s=calibration.img_s))
+    where = write_plan(layout, backfill.model, version, plan_summary(plan, **calibration_summary(calibration)))
     lines = calibration_rows(calibration) + plan_rows(plan)
     markdown = "\n".join([f"# Plan: {backfill.model} {version}", "", "| | |", "|---|---|"]
                          + [f"| {what} | {value} |" for what, value in lines])  # fmt: skip
@@ -72,6 +72,7 @@ def backfill_plan(context: AssetExecutionContext, config: PlanConfig, backfill: 
             "pods": pods,
             "img_s_per_pod": MetadataValue.float(round(plan.inputs.img_s_per_pod, 1)),
             "calibrated_img_s": MetadataValue.float(round(calibration.img_s, 1)),
+            "calibration_slots": calibration.slots,
             "pod_hours": MetadataValue.float(round(plan.pod_hours, 4)),
             "gpu_hours": MetadataValue.float(round(plan.gpu_hours, 4)),
             "cost_spot": MetadataValue.float(round(plan.cost_spot or 0.0, 2)),

@@ -242,6 +242,11 @@ def plan_version(
     return plan_backfill(inputs), None
 
 
+def calibration_summary(c: Calibration) -> dict:
+    """What a saved plan keeps of its calibration (one slot's img/s, how many side by side, the warm-up)."""
+    return {"calibrated_img_s": c.img_s, "calibration_slots": c.slots, "warmup_s": c.warmup_s}
+
+
 def calibration_rows(c: Calibration) -> list[tuple[str, str]]:
     """(what, value) lines of a calibration, for the CLI and the asset's markdown."""
     side, per = (f", {c.slots} slots side by side", " per slot") if c.slots > 1 else ("", "")

@@ -256,7 +256,7 @@ def _dagster_instance():
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from backfill.calibrate import calibration_rows, plan_version
+    from backfill.calibrate import calibration_rows, calibration_summary, plan_version
     from backfill.plan import plan_rows, plan_summary
     from backfill.report import write_plan
     from backfill.settings import Settings
@@ -272,7 +272,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         layout, args.model, args.version, _replace(settings.embed, device=device), settings.index, pod, pods,
         args.images, img_s=args.img_s, index_threads=index_threads, startup=startup,
     )  # fmt: skip
-    extra = {"calibrated_img_s": calibration.img_s} if calibration else {}
+    extra = calibration_summary(calibration) if calibration else {}
     where = write_plan(layout, args.model, args.version, plan_summary(plan, **extra))
     rows = (calibration_rows(calibration) if calibration else []) + plan_rows(plan)
     print(f"plan for {args.model} {args.version}:")

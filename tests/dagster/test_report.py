@@ -4,6 +4,7 @@ from dagster import AssetKey, RunsFilter, instance_for_test, materialize
 
 import assets.embeddings as embeddings_module
 from assets.report import backfill_plan, backfill_report
+from backfill.calibrate import MAX_SLOTS
 from backfill.embed import MARKER
 from backfill.errors import Preempted
 from backfill.finalise import read_marker
@@ -74,6 +75,9 @@ def test_report_numbers_match_the_markers_and_the_run_records(registered, monkey
     # the plan made before is beside the actuals, and was saved where the report found it
     assert meta["plan_wall_s"] == plan_meta["wall_s"] == round(read_plan(layout, MODEL, "v1")["wall_s"], 1)
     assert plan_meta["embedding_bytes"] == 60 * (16 * 2 + 8) and plan_meta["pods"] == slots
+    assert (
+        plan_meta["calibration_slots"] == read_plan(layout, MODEL, "v1")["calibration_slots"] == min(slots, MAX_SLOTS)
+    )
     # the plan's start-up per partition was measured on this instance's three embedding runs
     assert "median of 3 earlier runs on this instance" in plan_meta["plan"]
     assert "| images | 60 (60 embedded, 0 rejected) |" in meta["report"]

@@ -5,7 +5,7 @@ import pytest
 from backfill.cli import main
 from backfill.config import EmbedConfig
 from backfill.embed import embed_shard
-from backfill.report import RunFacts
+from backfill.report import RunFacts, read_plan
 from backfill.runtime import load_model
 from backfill.status import Progress, describe, progress
 from tests.conftest import MODEL
@@ -65,6 +65,9 @@ def test_cli_status_and_plan(half_done, capsys, monkeypatch):
     assert main(["--root", root, "plan", "v1", "--images", "16", "--pods", "2", "--startup-s", "3"]) == 0
     out = capsys.readouterr().out
     assert "calibration:" in out and "16 sample images on cpu" in out and "wall time:" in out
+    # the two local run slots were calibrated as they will run: side by side, and the saved plan says so
+    assert "2 slots side by side" in out and "warm-up:" in out
+    assert read_plan(half_done, MODEL, "v1")["calibration_slots"] == 2
     assert "GPU-hours:" in out and "saved to" in out
     assert main(["--root", root, "plan", "v1", "--img-s", "10", "--pods", "1", "--startup-s", "12.5"]) == 0
     out = capsys.readouterr().out
