@@ -37,6 +37,22 @@ def plan(version: str, env: dict[str, str]) -> None:
     subprocess.run(cmd, cwd=REPO, env=env, check=True)
 
 
+def alone_wall(layout: Layout, version: str) -> float:
+    """The same plan calibrated the way stop 21 did, for a ratio from the same run: the sample in one slot
+    alone (split across the run slots by CPUs), no warm-up term; the start-up as the saved plan's."""
+    from dataclasses import replace
+
+    from backfill.calibrate import calibrate, plan_for
+    from backfill.plan import PodSpec
+    from backfill.settings import Settings
+
+    saved, settings = _plan(layout, version), Settings.from_env()
+    c = calibrate(layout, MODEL, version, settings.embed, slots=1)
+    startup = saved["startup_s"] - saved.get("warmup_s", 0.0)
+    pod = PodSpec("local", c.device, cpus=c.cpus, shares_host=True, startup_s=startup)
+    return plan_for(layout, replace(c, warmup_s=0.0), pod, saved["pods"], settings.index).wall_s
+
+
 def backfill(layout: Layout, version: str, env: dict[str, str], log: Path, timeout: float) -> float:
     """Start the daemon, wait until `version` is published, stop it; seconds from start to published."""
     began = time.monotonic()
@@ -91,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="/tmp/plan-check")
     p.add_argument("--versions", nargs="+", default=["v1", "v2"])
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--alone", action="store_true", help="also plan from a calibration in one slot alone (ratio)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     work = Path(args.work)
@@ -115,15 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     for version in args.versions:
         register_demo_version(layout, version)  # the daemon is stopped: the plan runs alone
         plan(version, env)
+        alone = alone_wall(layout, version) if args.alone else None
+        if alone is not None:
+            print(f"{version}: plan wall with the sample calibrated alone: {alone:.1f} s", flush=True)
         took = backfill(layout, version, env, home / "daemon.log", args.timeout)
         print(f"{version}: registered -> published in {took:.0f} s; load {os.getloadavg()[0]:.2f}", flush=True)
         m = report(version)  # materialized after each version: a partial run still reports what it did
         print(phases(version), flush=True)
+        vs_alone = f"{m['wall_s'] / alone:14.3f}" if alone else f"{'-':>14}"
         rows.append(f"{version:8} {m['plan_wall_s']:11.1f} {m['wall_s']:13.1f} {m['wall_vs_plan']:11.3f} "
-                    f"{_plan(layout, version)['pod_hours']:10.4f} {m['pod_hours']:12.4f}")  # fmt: skip
+                    f"{_plan(layout, version)['pod_hours']:10.4f} {m['pod_hours']:12.4f} {vs_alone}")  # fmt: skip
         print(rows[-1], flush=True)
     print(f"\n{'version':8} {'plan wall s':>11} {'actual wall s':>13} {'actual/plan':>11} {'pod-h plan':>10} "
-          f"{'pod-h actual':>12}")  # fmt: skip
+          f"{'pod-h actual':>12} {'actual/alone':>14}")  # fmt: skip
     print("\n".join(rows))
     print(f"\nDAGSTER_HOME={home} BACKFILL_ROOT={root} .venv/bin/dagster dev   # the report: Assets -> backfill_report")
     return 0
