@@ -42,6 +42,7 @@ class BackfillResource(ConfigurableResource):
     max_image_pixels: int = _EMBED.max_image_pixels
     grace_s: float = _EMBED.grace_s
     gpu_decode: bool = _EMBED.gpu_decode
+    gpu_decoder: str = _EMBED.gpu_decoder
     prefetch_batches: int = _EMBED.prefetch_batches
     assembly_workers: int = _EMBED.assembly_workers
     work_log: str | None = _EMBED.work_log  # a file every attempt appends "<pid> <version> <shard> <n>" to

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from backfill.errors import ConfigError
 from backfill.storage import S3_CONNECTIONS
 
+GPU_DECODERS = ("torchvision", "nvimgcodec")  # feed.Preprocessor's JPEG decoders on CUDA
+
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
@@ -32,6 +34,7 @@ class EmbedConfig:
     max_image_pixels: int = 64_000_000
     grace_s: float = 20.0  # after a preemption notice: time to finish and commit the chunk in hand
     gpu_decode: bool = True  # on CUDA with torchvision installed: JPEGs decoded by nvjpeg (PIL for the rest)
+    gpu_decoder: str = "torchvision"  # the GPU path's JPEG decoder: torchvision's decode_jpeg, or nvimgcodec
     prefetch_batches: int = 3  # prepared batches waiting for the model (each ~N x 150 KB of device memory)
     # threads assembling batches (on CUDA: nvjpeg, resize, the copy), each on its own CUDA stream; order is kept.
     # Up to 2 x this many batches are in assembly at once, on the device, besides the prefetched ones
@@ -61,6 +64,10 @@ class EmbedConfig:
         )
         _require(self.max_image_pixels >= 1, f"max_image_pixels must be positive, got {self.max_image_pixels}")
         _require(1 <= self.prefetch_batches <= 16, f"prefetch_batches must be in 1..16, got {self.prefetch_batches}")
+        _require(
+            self.gpu_decoder in GPU_DECODERS,
+            f"gpu_decoder must be one of {', '.join(GPU_DECODERS)}, got {self.gpu_decoder!r}",
+        )
         _require(1 <= self.assembly_workers <= 16, f"assembly_workers must be in 1..16, got {self.assembly_workers}")
         _require(0 <= self.grace_s <= 3600, f"grace_s must be in 0..3600 seconds, got {self.grace_s}")
 

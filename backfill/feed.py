@@ -34,6 +34,14 @@ def _torchvision_decode_jpeg():
     return decode_jpeg
 
 
+def _gpu_decoder(name: str, device: torch.device) -> Callable | None:
+    if name == "nvimgcodec":
+        from backfill.decode_nvimgcodec import NvImageCodecDecoder  # nvImageCodec: imported only when asked for
+
+        return NvImageCodecDecoder(device)
+    return _torchvision_decode_jpeg()
+
+
 @dataclass(frozen=True)
 class JpegHeader:
     marker: int  # the SOF marker byte
@@ -101,16 +109,18 @@ class Preprocessor:
         device: str = "cpu",
         gpu_decode: bool = True,
         decoder: Callable | None = None,
+        gpu_decoder: str = "torchvision",
     ) -> None:
         """`size` is the model's preprocessing contract (a bare input size: squash). `decoder` stands in for
-        torchvision.io.decode_jpeg (a test passes a CPU one); by default torchvision's is used on CUDA when
-        it is installed, and PIL alone otherwise."""
+        torchvision.io.decode_jpeg (a test passes a CPU one); by default, on CUDA, `gpu_decoder` names it:
+        torchvision's (PIL alone when torchvision is not installed) or nvImageCodec's (decode_nvimgcodec,
+        required once asked for)."""
         self.prep = Preprocess.of(size)
         self.size = self.prep.input_size
         self.max_pixels = max_pixels
         self.device = torch.device(device)
         if decoder is None and gpu_decode and self.device.type == "cuda":
-            decoder = _torchvision_decode_jpeg()
+            decoder = _gpu_decoder(gpu_decoder, self.device)
         self._decode_jpeg = decoder
         self.gpu_decode = decoder is not None
         self.fallbacks = 0  # images nvjpeg could not decode, decoded by PIL in batch()
@@ -214,9 +224,11 @@ class Preprocessor:
         return checked, sorted(bad + odd)
 
 
-def _checked(decoded: dict[int, torch.Tensor]) -> tuple[dict[int, torch.Tensor], list[int]]:
-    """Keep (3, H, W) results; anything else (a decoder that ignored the mode) goes to PIL."""
-    good = {j: t for j, t in decoded.items() if t.ndim == 3 and t.shape[0] == 3 and t.shape[1] >= 1 and t.shape[2] >= 1}
+def _checked(decoded: dict[int, torch.Tensor | None]) -> tuple[dict[int, torch.Tensor], list[int]]:
+    """Keep (3, H, W) results; anything else (None: nvImageCodec could not; a decoder that ignored the mode)
+    goes to PIL."""
+    good = {j: t for j, t in decoded.items() if t is not None and t.ndim == 3 and t.shape[0] == 3 and t.shape[1] >= 1
+            and t.shape[2] >= 1}  # fmt: skip
     return good, [j for j in decoded if j not in good]
 
 

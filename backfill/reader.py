@@ -52,7 +52,9 @@ class BatchReader(Iterator[Batch]):
     ) -> None:
         """`contract`: the model's preprocessing (card.preprocess); a bare input size means squash.
         `members`: the shard's tar members (Shard.members), read many per request (backfill/tar.py)."""
-        self.prep = Preprocessor(contract, config.max_image_pixels, config.device, config.gpu_decode)
+        self.prep = Preprocessor(
+            contract, config.max_image_pixels, config.device, config.gpu_decode, gpu_decoder=config.gpu_decoder
+        )
         batch_size = config.images_per_batch
         rows = fetch_tasks(uris, todo, members)
         # a tar read carries up to tar.READ_BYTES: fewer of them in flight bound the memory they hold

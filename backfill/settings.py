@@ -112,6 +112,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("BACKFILL_ASSEMBLY_WORKERS", "embed.assembly_workers", _int,
         "threads assembling batches, each on its own CUDA stream (1..16)"),
     Variable("BACKFILL_GPU_DECODE", "embed.gpu_decode", _bool, "on CUDA with torchvision: decode JPEGs with nvjpeg"),
+    Variable("BACKFILL_GPU_DECODER", "embed.gpu_decoder", _text,
+        "the GPU path's JPEG decoder: `torchvision` (nvjpeg through decode_jpeg) or `nvimgcodec` (nvImageCodec)"),
     Variable("BACKFILL_MAX_IMAGE_PIXELS", "embed.max_image_pixels", _int,
         "larger images are rejected (decompression bombs)"),
     Variable("BACKFILL_MAX_REJECT_RATE", "embed.max_reject_rate", _float,

@@ -29,8 +29,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from backfill.config import EmbedConfig  # noqa: E402
+from backfill.config import GPU_DECODERS, EmbedConfig  # noqa: E402
 from backfill.embed import embed_shard  # noqa: E402
+from backfill.errors import ConfigError  # noqa: E402
 from backfill.feed import Preprocessor  # noqa: E402
 from backfill.images import decode  # noqa: E402
 from backfill.manifest import write_shard  # noqa: E402
@@ -221,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         "--sweep",
         default="",
         help="extra row d runs after the rounds, ';'-separated settings of prefetch, fetch, decode, batch, "
-        "assemble (batch-assembly threads), e.g. 'prefetch=1;fetch=32,prefetch=6;assemble=3'",
+        "assemble (batch-assembly threads), decoder (torchvision or nvimgcodec: the GPU JPEG decoder), "
+        "e.g. 'prefetch=1;fetch=32,prefetch=6;assemble=3;decoder=nvimgcodec,assemble=2'",
     )
     p.add_argument("--repeat", type=int, default=1, help="rounds of rows a-e, interleaved; each row keeps its best")
     p.add_argument("--skip", default="", help="comma list of rows to skip: naive,ray")
@@ -279,8 +281,16 @@ def main(argv: list[str] | None = None) -> int:
         work = max(args.images, 4 * args.batch)
         cuda = args.device.startswith("cuda")
         prep = Preprocessor(size, 64_000_000, args.device, gpu_decode=not args.no_gpu_decode)
+        nv_prep = None  # nvImageCodec's batched decode beside nvjpeg's, where it is installed
+        if cuda and not args.no_gpu_decode:
+            try:
+                nv_prep = Preprocessor(size, 64_000_000, args.device, gpu_decoder="nvimgcodec")
+            except ConfigError as exc:
+                log(f"no nvimgcodec rows: {exc}")
 
-        def embed_config(prefetch: int, fetch: int, decode_workers: int, batch: int, assemble: int = 1) -> EmbedConfig:
+        def embed_config(
+            prefetch: int, fetch: int, decode_workers: int, batch: int, assemble: int = 1, decoder: str = "torchvision"
+        ) -> EmbedConfig:
             return EmbedConfig(
                 batch_size=batch,
                 chunk_size=max(1024, batch),
@@ -291,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                 gpu_decode=not args.no_gpu_decode,
                 prefetch_batches=prefetch,
                 assembly_workers=assemble,
+                gpu_decoder=decoder,
             )
 
         config = embed_config(args.prefetch, args.fetch_workers, args.decode_workers or cores, args.batch)
@@ -320,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
             elif cuda:
                 why = "disabled (--no-gpu-decode)" if args.no_gpu_decode else "torchvision not installed"
                 rows["b decode-only, nvjpeg batched + resize"] = (float("nan"), why)
+            if nv_prep is not None:
+                rate = decode_gpu(nv_prep, blobs, args.batch, work)
+                note = f"batch {args.batch}, {nv_prep.fallbacks} fell back to PIL"
+                best("b decode-only, nvimgcodec batched + resize", rate, note)
             shutil.rmtree(layout.embeddings(args.model, "bench"), ignore_errors=True)
             stats = embed_shard(layout, "bench", model, config)
             settings = f"prefetch={config.prefetch_batches} fetch={config.fetch_workers} decode={config.decode_workers}"
@@ -343,13 +358,19 @@ def main(argv: list[str] | None = None) -> int:
                 "decode": config.decode_workers,
                 "batch": args.batch,
                 "assemble": config.assembly_workers,
+                "decoder": config.gpu_decoder,
             }
             for pair in setting.split(","):
-                key, _, value = pair.partition("=")
-                if key.strip() not in knobs or not value.strip().isdigit():
-                    p.error(f"--sweep: {pair!r} is not one of {sorted(knobs)}=<integer>")
-                knobs[key.strip()] = int(value)
-            swept = embed_config(knobs["prefetch"], knobs["fetch"], knobs["decode"], knobs["batch"], knobs["assemble"])
+                key, _, value = (part.strip() for part in pair.partition("="))
+                if key == "decoder" and value in GPU_DECODERS:
+                    knobs[key] = value
+                    continue
+                if key not in knobs or key == "decoder" or not value.isdigit():
+                    p.error(f"--sweep: {pair!r} is not decoder={'|'.join(GPU_DECODERS)} nor one of "
+                            f"{sorted(k for k in knobs if k != 'decoder')}=<integer>")  # fmt: skip
+                knobs[key] = int(value)
+            swept = embed_config(knobs["prefetch"], knobs["fetch"], knobs["decode"], knobs["batch"], knobs["assemble"],
+                                 knobs["decoder"])  # fmt: skip
             shutil.rmtree(layout.embeddings(args.model, "bench"), ignore_errors=True)
             stats = embed_shard(layout, "bench", model, swept)
             name = f"d sweep {setting.replace(' ', '')}"[:44]

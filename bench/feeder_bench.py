@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 gpu_decode=not args.no_gpu_decode,
                 prefetch_batches=int(knobs.get("prefetch", EmbedConfig.prefetch_batches)),
                 assembly_workers=int(knobs.get("assemble", 1)),
+                gpu_decoder=knobs.get("decoder", "torchvision"),
             )
             best = None
             for _ in range(args.repeat):

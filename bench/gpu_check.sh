@@ -3,7 +3,8 @@
 # Headline: ResNet-50 bf16 embed_shard end to end (row d) against model-only (row a), with the code's default
 # pipeline settings, plus a sweep of $SWEEP settings as extra "d sweep" rows and each run's ms/batch per stage;
 # then ResNet-18, the feeder alone (no model: what the host side can feed), the CPU decode table, the nvjpeg
-# fallback check, and one summary table against issue 14's goals (bench/gpu_summary.py). PIL_DECODE=1 adds
+# fallback check, and one summary table against issue 14's goals (bench/gpu_summary.py). Where nvImageCodec is
+# installed (bench/gpu_wheels.sh), its fallback check, two sweep rows and a feeder row too. PIL_DECODE=1 adds
 # the same end to end with PIL instead of nvjpeg (another ~50 s).
 # Needs python3 with torch (CUDA build), numpy, pyarrow, fsspec, pillow; torchvision for nvjpeg, ray optional.
 # Prints the same table as the CPU run of bench/embed_bench.py; tables and JSON land in $OUT (default: a temp folder).
@@ -51,12 +52,25 @@ for name in ("torchvision", "simplejpeg", "turbojpeg", "ray", "faiss", "dagster"
     except Exception as exc:
         print(name, "not installed:", type(exc).__name__)
 PY
+# nvImageCodec (bench/gpu_wheels.sh carries it to the device): its fallback check, two sweep rows and a feeder row
+nv_fallback_rc=""
+if $PY -c "from nvidia import nvimgcodec" 2>/dev/null; then
+  say "nvimgcodec: installed; libnvjpeg: $($PY -c "import ctypes.util; print(ctypes.util.find_library('nvjpeg'))") (pip: $($PY -m pip list 2>/dev/null | grep -i -E 'nvjpeg|nvimgcodec' | tr -s ' ' | paste -sd ';'))"
+  if [ "${SMALL:-0}" != 1 ]; then
+    SWEEP="$SWEEP;decoder=nvimgcodec;decoder=nvimgcodec,assemble=2,prefetch=6"
+    FEED="$FEED;fetch=64,decode=16,decoder=nvimgcodec"
+  fi
+  step 30 "nvimgcodec fallback" $PY bench/gpu_fallback_check.py --decoder nvimgcodec --device "$DEVICE"
+  nv_fallback_rc=$rc
+else
+  say "nvimgcodec: not installed (bash bench/gpu_wheels.sh here, then carry .whl): no nvimgcodec rows"
+fi
 step 30 "nvjpeg fallback" $PY bench/gpu_fallback_check.py
 fallback_rc=$rc
 first=${MODELS%% *}
 for model in $MODELS; do
   if [ "$model" = "$first" ]; then  # the headline: best of $REPEAT rounds, then the sweep
-    step 120 "embed bench $model bf16" $PY bench/embed_bench.py --device "$DEVICE" --model "$model" --precision bf16 \
+    step 150 "embed bench $model bf16" $PY bench/embed_bench.py --device "$DEVICE" --model "$model" --precision bf16 \
       --images "$IMAGES" --unique "$UNIQUE" --batch "$BATCH" --repeat "${REPEAT:-2}" --skip "${SKIP:-ray}" --sweep "$SWEEP" --out "$OUT"
   else
     step 50 "embed bench $model bf16" $PY bench/embed_bench.py --device "$DEVICE" --model "$model" --precision bf16 \
@@ -72,6 +86,6 @@ if [ "${PIL_DECODE:-0}" = 1 ]; then  # the same end to end without nvjpeg (PIL o
     --precision bf16 --images "$((IMAGES / 4))" --unique "$UNIQUE" --batch "$BATCH" --no-gpu-decode --skip naive,ray \
     --out "$OUT/pil"
 fi
-$PY bench/gpu_summary.py "$OUT" "$fallback_rc" | tee -a "$log"
+$PY bench/gpu_summary.py "$OUT" "$fallback_rc" "$nv_fallback_rc" | tee -a "$log"
 say "done: $failures step(s) failed; tables and JSON in $OUT"
 exit $((failures > 0))

@@ -1,9 +1,15 @@
 """On a CUDA machine with torchvision: a mixed batch (baseline JPEGs, PNG, progressive, CMYK, truncated) through
 the nvjpeg path, compared with PIL (same accept/reject outcome and reason, close pixels). Prints one table; exits 1
-if the fallback or the pixels are wrong."""
+if the fallback or the pixels are wrong.
+
+    python bench/gpu_fallback_check.py                                  # torchvision's nvjpeg, on CUDA
+    python bench/gpu_fallback_check.py --decoder nvimgcodec             # nvImageCodec, on CUDA
+    python bench/gpu_fallback_check.py --decoder nvimgcodec --device cpu   # nvImageCodec's CPU backend (no GPU)
+"""
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import sys
@@ -13,6 +19,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from backfill.config import GPU_DECODERS  # noqa: E402
 from backfill.feed import Encoded, Preprocessor  # noqa: E402
 from backfill.images import BadImage, decode  # noqa: E402
 from backfill.sample import synthetic_image  # noqa: E402
@@ -24,7 +31,11 @@ def _bytes(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
     return buf.getvalue()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--decoder", choices=GPU_DECODERS, default="torchvision", help="the GPU path's JPEG decoder")
+    p.add_argument("--device", default="cuda", help="cuda; or cpu with --decoder nvimgcodec (its CPU backend)")
+    args = p.parse_args(argv)
     rng = np.random.default_rng(5)
     imgs = [synthetic_image(rng) for _ in range(6)]
     good = _bytes(imgs[0], quality=90)
@@ -40,10 +51,16 @@ def main() -> int:
         # accept it or fall back to PIL; its pixels are reported, not judged (the image is damaged)
         "cut jpeg, EOI kept": good[: len(good) // 3] + b"\xff\xd9",
     }
-    prep = Preprocessor(224, 64_000_000, "cuda")
+    if args.device == "cpu" and args.decoder == "nvimgcodec":
+        from backfill.decode_nvimgcodec import NvImageCodecDecoder
+
+        prep = Preprocessor(224, 64_000_000, "cpu", decoder=NvImageCodecDecoder("cpu"))
+    else:
+        prep = Preprocessor(224, 64_000_000, args.device, gpu_decoder=args.decoder)
     if not prep.gpu_decode:
         print("gpu fallback check: torchvision not installed or no CUDA device; skipped")
         return 0
+    print(f"decoder: {args.decoder} on {args.device}")
     staged, rejected = {}, {}
     for name, blob in cases.items():
         try:
@@ -57,7 +74,7 @@ def main() -> int:
     bad = 0
     print(f"{'case':20} {'path':8} {'GPU path':34} {'PIL (CPU path)':34} {'mean |gpu - PIL|':>17}")
     for name in cases:
-        path = "nvjpeg" if isinstance(staged.get(name), Encoded) else "PIL"
+        path = args.decoder[:8] if isinstance(staged.get(name), Encoded) else "PIL"
         gpu_reason = rejected.get(name) or (
             failed[names.index(name)] if name in names and names.index(name) in failed else None
         )

@@ -1,7 +1,7 @@
 """One table from a gpu_check.sh run: model-only vs embed_shard end to end per model, against issue 14's goals,
 the feeder alone, and the fallback check. Reads the JSON the benches wrote into a folder; prints; not a test.
 
-    python3 bench/gpu_summary.py "$OUT" [fallback_rc]
+    python3 bench/gpu_summary.py "$OUT" [fallback_rc [nvimgcodec_fallback_rc]]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 GOALS = {"resnet50": (0.8, 11_000.0), "resnet18": (0.0, 20_000.0)}
 MODEL_ONLY = "a model-only (preloaded pixels)"
 END_TO_END = "d embed_shard end to end"
+SWEEP = "d sweep "  # embed_bench --sweep rows: other settings (assembly workers, nvImageCodec), judged the same way
 
 
 def rows(folder: str) -> list[tuple[str, str, str, str, str]]:
@@ -34,6 +35,12 @@ def rows(folder: str) -> list[tuple[str, str, str, str, str]]:
         out.append((f"{label}: model-only", f"{m:,.0f}", "1.00", "", ""))
         verdict = "met" if met else "MISSED"
         out.append((f"{label}: embed_shard", f"{d:,.0f}", f"{d / m:.2f}" if m else "-", goal, verdict if floor else ""))
+        for name, row in got.items():
+            if name.startswith(SWEEP):
+                s = row.get("img_s", float("nan"))
+                verdict = ("met" if s >= floor and s >= ratio * m else "MISSED") if floor else ""
+                setting = name[len(SWEEP) :]
+                out.append((f"{label}: {setting}"[:44], f"{s:,.0f}", f"{s / m:.2f}" if m else "-", goal, verdict))
     for path in sorted(glob.glob(os.path.join(folder, "feeder_bench_*.json"))):
         with open(path) as f:
             for setting, row in json.load(f).items():
@@ -45,8 +52,9 @@ def rows(folder: str) -> list[tuple[str, str, str, str, str]]:
 def main(argv: list[str]) -> int:
     folder = argv[0]
     table = rows(folder)
-    if len(argv) > 1:
-        table.append(("nvjpeg fallback check", "", "", "same outcome as PIL", "passed" if argv[1] == "0" else "FAILED"))
+    for name, rc in zip(("nvjpeg fallback check", "nvimgcodec fallback check"), argv[1:]):
+        if rc != "":  # "" : that check was not run (nvImageCodec not installed)
+            table.append((name, "", "", "same outcome as PIL", "passed" if rc == "0" else "FAILED"))
     print(f"{'':44} {'img/s':>9} {'x model':>8}  {'goal':28} verdict")
     for what, rate, ratio, goal, verdict in table:
         print(f"{what:44} {rate:>9} {ratio:>8}  {goal:28} {verdict}")

@@ -85,15 +85,19 @@ def test_the_libjpeg_turbo_path_matches_pil_and_leaves_the_rest_to_it():
 
 
 def test_gpu_summary_judges_end_to_end_against_model_only(tmp_path):
-    def report(model: str, a: float, d: float) -> dict:
+    def report(model: str, a: float, d: float, **sweep: float) -> dict:
         rows = {gpu_summary.MODEL_ONLY: {"img_s": a}, gpu_summary.END_TO_END: {"img_s": d}}
+        rows |= {f"{gpu_summary.SWEEP}{k}": {"img_s": v} for k, v in sweep.items()}
         return {"env": {"model": model, "precision": "bf16"}, "rows": rows}
 
-    (tmp_path / "embed_bench_cuda_resnet50_bf16.json").write_text(json.dumps(report("resnet50", 14000, 11500)))
+    swept = {"decoder=nvimgcodec": 11300, "assemble=2": 10000}
+    (tmp_path / "embed_bench_cuda_resnet50_bf16.json").write_text(json.dumps(report("resnet50", 14000, 9000, **swept)))
     (tmp_path / "embed_bench_cuda_resnet18_bf16.json").write_text(json.dumps(report("resnet18", 34000, 19000)))
-    table = {what: verdict for what, _, _, _, verdict in gpu_summary.rows(str(tmp_path))}
-    assert table["resnet50 bf16: embed_shard"] == "met"  # 0.82x and over 11k
-    assert table["resnet18 bf16: embed_shard"] == "MISSED"  # under 20k
+    table = {what: (rate, ratio, verdict) for what, rate, ratio, _, verdict in gpu_summary.rows(str(tmp_path))}
+    assert table["resnet50 bf16: embed_shard"] == ("9,000", "0.64", "MISSED")
+    assert table["resnet50 bf16: decoder=nvimgcodec"] == ("11,300", "0.81", "met")  # 0.81x and over 11k
+    assert table["resnet50 bf16: assemble=2"][2] == "MISSED"  # 0.71x
+    assert table["resnet18 bf16: embed_shard"][2] == "MISSED"  # under 20k
 
 
 def test_the_new_benches_import_with_only_the_device_packages():

@@ -155,27 +155,35 @@ def test_gpu_path_bounds_pixels_from_the_header():
         prep.stage(_bytes(_image(), quality=90))
 
 
-def test_embed_shard_same_vectors_through_the_decoder_path(registered, monkeypatch):
-    from backfill.config import EmbedConfig
+def embedded_both_ways(registered, monkeypatch, make_decoder, config) -> tuple[bool, np.ndarray]:
+    """Shard 0 embedded by the PIL path, then again with `make_decoder()` as the GPU path's decoder (on the CPU):
+    (the same ids in the same order, the cosine of each row's two vectors)."""
     from backfill.embed import embed_shard, load_embeddings
     from backfill.runtime import load_model
 
     layout, card = registered
     model = load_model(layout, card)
-    embed_shard(layout, "shard-00000", model, EmbedConfig(batch_size=8, chunk_size=16))
+    embed_shard(layout, "shard-00000", model, config)
     ids, reference, _ = load_embeddings(layout, card.name, card.version, "shard-00000")
     layout.store.rm(layout.embeddings(card.name, card.version, "shard-00000"), recursive=True)
-    calls: list[int] = []
     real = feed.Preprocessor.__init__
 
-    def with_decoder(self, size, max_pixels, device="cpu", gpu_decode=True, decoder=None):
-        real(self, size, max_pixels, device, gpu_decode, decoder=_pil_decoder(calls))
+    def with_decoder(self, size, max_pixels, device="cpu", gpu_decode=True, decoder=None, **kw):
+        real(self, size, max_pixels, device, gpu_decode, decoder=make_decoder(), **kw)
 
     monkeypatch.setattr(feed.Preprocessor, "__init__", with_decoder)
-    embed_shard(layout, "shard-00000", model, EmbedConfig(batch_size=8, chunk_size=16))
+    embed_shard(layout, "shard-00000", model, config)
     ids2, vectors, _ = load_embeddings(layout, card.name, card.version, "shard-00000")
-    assert calls and np.array_equal(ids, ids2)
-    cosine = (reference * vectors).sum(1)
+    return np.array_equal(ids, ids2), (reference * vectors).sum(1)
+
+
+def test_embed_shard_same_vectors_through_the_decoder_path(registered, monkeypatch):
+    from backfill.config import EmbedConfig
+
+    calls: list[int] = []
+    config = EmbedConfig(batch_size=8, chunk_size=16)
+    same_ids, cosine = embedded_both_ways(registered, monkeypatch, lambda: _pil_decoder(calls), config)
+    assert calls and same_ids
     assert cosine.mean() > 0.97, cosine.mean()
 
 

@@ -39,6 +39,7 @@ def test_every_engine_field_has_one_variable():
 
 # a valid value other than the default, where the type's sample is out of range
 VALID = {
+    "BACKFILL_GPU_DECODER": "nvimgcodec",
     "BACKFILL_S3_ENDPOINT_URL": "https://minio.example.com:9000",
     "BACKFILL_DEPLOYMENT": "k8s",
     "BACKFILL_DEVICE": "cuda:1",
