@@ -14,7 +14,9 @@ from pathlib import Path
 
 from backfill.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]  # on the slots' PYTHONPATH: `backfill` imports as it does here
+ROOT = Path(__file__).resolve().parents[1]  # first on a slot's sys.path: `backfill` imports as it does here
+# a slot's interpreter: this module's _main, with no __main__ of the caller's re-run (multiprocessing's spawn would)
+SLOT = "import sys; sys.path.insert(0, sys.argv[1]); from backfill.calibrate_slots import _main; _main(sys.argv[2])"
 READY, GO, RESULT = "ready", "go", "result"
 
 
@@ -24,10 +26,9 @@ def run_slots(jobs: list[tuple], what: str, timeout_s: float) -> list[dict]:
     Every slot loads the model and warms up, then says READY on its stdout and waits for GO on its stdin; GO
     goes to all once all are ready, so the timed embeddings run side by side. A slot that exits early is named
     with the last line of its stderr; past `timeout_s` (the whole of it) the slots still going are killed.
-    A process, not multiprocessing: spawn would re-run the caller's unguarded __main__ (a user's script).
+    A plain interpreter (SLOT), not multiprocessing: spawn would re-run the caller's unguarded __main__.
     """
     deadline = time.monotonic() + timeout_s
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryDirectory(prefix="backfill-slots-") as scratch:
         procs, errs = [], []
         try:
@@ -36,8 +37,8 @@ def run_slots(jobs: list[tuple], what: str, timeout_s: float) -> list[dict]:
                 errs.append(Path(scratch) / f"slot-{j}.err")
                 with errs[-1].open("wb") as err:
                     procs.append(subprocess.Popen(
-                        [sys.executable, "-m", "backfill.calibrate_slots", str(Path(scratch) / f"slot-{j}.pkl")],
-                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env,
+                        [sys.executable, "-c", SLOT, str(ROOT), str(Path(scratch) / f"slot-{j}.pkl")],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
                     ))  # fmt: skip
             _collect(procs, errs, READY, what, deadline)
             for proc in procs:  # released together: the timed embeddings share the machine as run slots do
@@ -100,7 +101,3 @@ def _main(job_path: str) -> None:
 
     result = _slot(layout, card, config, warm, timed, release=release)
     print(RESULT, json.dumps(result), flush=True)
-
-
-if __name__ == "__main__":
-    _main(sys.argv[1])
