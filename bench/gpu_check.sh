@@ -67,6 +67,7 @@ else
 fi
 step 30 "nvjpeg fallback" $PY bench/gpu_fallback_check.py
 fallback_rc=$rc
+tail -n 3 "$log" | grep -q "fallback check: .*skipped" && fallback_rc=skipped  # no torchvision or no CUDA: not a pass
 first=${MODELS%% *}
 for model in $MODELS; do
   if [ "$model" = "$first" ]; then  # the headline: best of $REPEAT rounds, then the sweep

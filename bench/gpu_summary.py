@@ -15,6 +15,7 @@ import sys
 GOALS = {"resnet50": (0.8, 11_000.0), "resnet18": (0.0, 20_000.0)}
 MODEL_ONLY = "a model-only (preloaded pixels)"
 END_TO_END = "d embed_shard end to end"
+VERDICTS = {"0": "passed", "skipped": "SKIPPED"}  # a fallback check's exit code, or gpu_check.sh's "skipped"
 SWEEP = "d sweep "  # embed_bench --sweep rows: other settings (assembly workers, nvImageCodec), judged the same way
 
 
@@ -53,8 +54,8 @@ def main(argv: list[str]) -> int:
     folder = argv[0]
     table = rows(folder)
     for name, rc in zip(("nvjpeg fallback check", "nvimgcodec fallback check"), argv[1:]):
-        if rc != "":  # "" : that check was not run (nvImageCodec not installed)
-            table.append((name, "", "", "same outcome as PIL", "passed" if rc == "0" else "FAILED"))
+        if rc != "":  # "": that check was not run (nvImageCodec not installed)
+            table.append((name, "", "", "same outcome as PIL", VERDICTS.get(rc, "FAILED")))
     print(f"{'':44} {'img/s':>9} {'x model':>8}  {'goal':28} verdict")
     for what, rate, ratio, goal, verdict in table:
         print(f"{what:44} {rate:>9} {ratio:>8}  {goal:28} {verdict}")

@@ -100,6 +100,15 @@ def test_gpu_summary_judges_end_to_end_against_model_only(tmp_path):
     assert table["resnet18 bf16: embed_shard"][2] == "MISSED"  # under 20k
 
 
+def test_gpu_summary_says_a_skipped_fallback_check_was_skipped_not_passed(tmp_path, capsys):
+    def verdicts(*rcs: str) -> dict[str, str]:
+        assert gpu_summary.main([str(tmp_path), *rcs]) == 0
+        return {line.split("  ")[0]: line.split()[-1] for line in capsys.readouterr().out.splitlines()[1:]}
+
+    assert verdicts("skipped", "0") == {"nvjpeg fallback check": "SKIPPED", "nvimgcodec fallback check": "passed"}
+    assert verdicts("1", "") == {"nvjpeg fallback check": "FAILED"}  # "": nvImageCodec's check did not run
+
+
 def test_the_new_benches_import_with_only_the_device_packages():
     blocked = ("dagster", "faiss", "s3fs", "ray", "torchvision", "simplejpeg", "turbojpeg")
     probe = f"""
