@@ -109,8 +109,7 @@ def calibrate(
     if slots == 1:
         results = [_slot(layout, card, config, *parts[0])]
     else:
-        jobs = [(layout, card, config, warm, timed) for warm, timed in parts]
-        results = run_slots(jobs, f"calibration of {model} {version}", SLOTS_TIMEOUT_S)
+        results = run_slots(layout, card, config, parts, f"calibration of {model} {version}", SLOTS_TIMEOUT_S)
     return _combine(card, config, results)
 
 

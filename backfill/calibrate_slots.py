@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import pickle
 import selectors
 import subprocess
 import sys
@@ -12,7 +12,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from backfill.config import EmbedConfig
 from backfill.errors import ConfigError
+from backfill.storage import Layout
 
 ROOT = Path(__file__).resolve().parents[1]  # first on a slot's sys.path: `backfill` imports as it does here
 # a slot's interpreter: this module's _main, with no __main__ of the caller's re-run (multiprocessing's spawn would)
@@ -20,8 +25,12 @@ SLOT = "import sys; sys.path.insert(0, sys.argv[1]); from backfill.calibrate_slo
 READY, GO, RESULT = "ready", "go", "result"
 
 
-def run_slots(jobs: list[tuple], what: str, timeout_s: float) -> list[dict]:
-    """backfill.calibrate._slot(layout, card, config, warm, timed) for each job, each in its own interpreter.
+def run_slots(
+    layout: Layout, card, config: EmbedConfig, parts: list[tuple[pa.Table, pa.Table]], what: str, timeout_s: float
+) -> list[dict]:
+    """backfill.calibrate._slot(layout, card, config, warm, timed) for each (warm, timed) of `parts`, each in
+    its own interpreter. A slot's job is JSON and Parquet (the root, the version, the settings, its rows): no
+    pickle, and the slot reads the version's card and model from the root as a partition would.
 
     Every slot loads the model and warms up, then says READY on its stdout and waits for GO on its stdin; GO
     goes to all once all are ready, so the timed embeddings run side by side. A slot that exits early is named
@@ -32,12 +41,19 @@ def run_slots(jobs: list[tuple], what: str, timeout_s: float) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="backfill-slots-") as scratch:
         procs, errs = [], []
         try:
-            for j, job in enumerate(jobs):
-                (Path(scratch) / f"slot-{j}.pkl").write_bytes(pickle.dumps(job))
+            for j, (warm, timed) in enumerate(parts):
+                job = Path(scratch) / f"slot-{j}.json"
+                rows = {"warm": f"{job}.warm.parquet", "timed": f"{job}.timed.parquet"}
+                pq.write_table(warm, rows["warm"])
+                pq.write_table(timed, rows["timed"])
+                job.write_text(json.dumps({
+                    "root": layout.store.display(layout.store.root), "model": card.name, "version": card.version,
+                    "config": dataclasses.asdict(config), **rows,
+                }))  # fmt: skip
                 errs.append(Path(scratch) / f"slot-{j}.err")
                 with errs[-1].open("wb") as err:
                     procs.append(subprocess.Popen(
-                        [sys.executable, "-c", SLOT, str(ROOT), str(Path(scratch) / f"slot-{j}.pkl")],
+                        [sys.executable, "-c", SLOT, str(ROOT), str(job)],
                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
                     ))  # fmt: skip
             _collect(procs, errs, READY, what, deadline)
@@ -91,8 +107,13 @@ def _last_line(path: Path) -> str:
 
 def _main(job_path: str) -> None:
     from backfill.calibrate import _slot  # the slot's work: torch and the engine, imported in this process only
+    from backfill.registry import read_card
+    from backfill.storage import Store
 
-    layout, card, config, warm, timed = pickle.loads(Path(job_path).read_bytes())
+    job = json.loads(Path(job_path).read_text())
+    layout = Layout(Store.open(job["root"]))
+    card, config = read_card(layout, job["model"], job["version"]), EmbedConfig(**job["config"])
+    warm, timed = pq.read_table(job["warm"]), pq.read_table(job["timed"])
 
     def release() -> None:
         print(READY, flush=True)

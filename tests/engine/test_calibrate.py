@@ -74,10 +74,11 @@ def test_bad_slots_and_a_slot_that_dies_are_named(registered):
 def test_slots_past_the_deadline_are_stopped_and_reaped(registered):
     layout, card = registered
     sample = sample_rows(layout, 8)
-    jobs = [(layout, card, EmbedConfig(batch_size=8), sample.slice(0, 0), sample)] * 2
+    parts = [(sample.slice(0, 0), sample)] * 2
     before = _children()  # earlier tests' leftovers in this worker are not this test's
     with pytest.raises(ConfigError, match=r"calibration: 2 of 2 slots not ready by the deadline"):
-        run_slots(jobs, "calibration", timeout_s=0.2)  # a fresh interpreter takes longer to import torch
+        # 0.2 s: a fresh interpreter takes longer than that to import torch
+        run_slots(layout, card, EmbedConfig(batch_size=8), parts, "calibration", timeout_s=0.2)
     assert set(_children()) - set(before) == set()  # killed and waited for: not even a zombie is left
 
 

@@ -129,3 +129,13 @@ def test_object_store_reads_are_one_get_each_with_a_pool_for_every_request_in_fl
     assert store.read_bytes(store.url("x")) == b"1"  # the client exists once a request was made
     assert store.fs.max_concurrency == 1
     assert store.fs.s3.meta.config.max_pool_connections >= EmbedConfig().fetch_workers
+
+
+def test_a_plans_slots_calibrate_side_by_side_from_an_s3_root(s3_root):
+    # each slot reopens the root from its URL and reads the card and the model from S3, as a partition does
+    from backfill.calibrate import calibrate
+
+    layout = make_layout(s3_root, images=24, shards=2)
+    register_tiny(layout, "v1")
+    c = calibrate(layout, MODEL, "v1", EmbedConfig(batch_size=4, chunk_size=4, fetch_workers=4), images=8, slots=2)
+    assert c.slots == 2 and c.images == 8 and c.rejects == 0 and c.img_s > 0
