@@ -4,25 +4,21 @@ from __future__ import annotations
 
 import io
 import statistics
-import tempfile
-import time
 from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from backfill.calibrate_slots import run_slots
+from backfill.calibrate_slots import SlotResult, embed_slot, run_slots
 from backfill.config import EmbedConfig, IndexConfig
 from backfill.device import require_device
-from backfill.embed import embed_shard
 from backfill.errors import ConfigError
-from backfill.manifest import list_shards, read_shard, write_shard
+from backfill.manifest import list_shards, read_shard
 from backfill.pipeline import ThreadBudget
 from backfill.plan import Plan, PlanInputs, PodSpec, Startup, plan_backfill, pod_rate
-from backfill.registry import read_card
-from backfill.runtime import load_model
+from backfill.registry import ModelCard, read_card
 from backfill.shard_summary import load_catalog
-from backfill.storage import Layout, Store
+from backfill.storage import Layout
 
 SAMPLE_SHARDS = 8  # the sample is spread over at most this many shards, evenly through the sorted listing
 WARMUP_ROWS = 32  # at least (and a whole batch): embedded first, timed apart; the first batch pays the warm-up
@@ -40,7 +36,7 @@ class Calibration:
     cpus: int  # the CPU budget the calibration ran with (affinity, cgroup limit)
     images: int
     rejects: int
-    seconds: float  # the sample's embedding after the warm-up: embed_shard's wall time, or the slots' span
+    seconds: float  # the sample's embedding after the warm-up: from the first slot's start to the last one's end
     img_s: float
     model_load_s: float
     batch_size: int
@@ -76,7 +72,7 @@ def sample_rows(layout: Layout, images: int) -> pa.Table:
         ids += shard.image_ids[rows].tolist()
         uris += [shard.uris[i] for i in rows]
     table = pa.table({"image_id": pa.array(ids, pa.int64()), "uri": pa.array(uris, pa.string())})
-    return table.take(_spread(table.num_rows, images))
+    return _take(table, _spread(table.num_rows, images))
 
 
 def _spread(n: int, k: int) -> list[int]:
@@ -100,6 +96,9 @@ def calibrate(
     card = read_card(layout, model, version)
     warm_rows = max(WARMUP_ROWS, config.images_per_batch)  # a whole first batch, as a partition's
     sample = sample_rows(layout, images + slots * warm_rows)
+    if sample.num_rows == 0:
+        raise ConfigError(f"calibration of {model} {version}: the manifest shards under "
+                          f"{layout.store.display(layout.manifests)} have no rows to sample")  # fmt: skip
     slots = min(slots, sample.num_rows)  # a corpus of fewer rows than slots: one row each
     shares = [_take(sample, range(j, sample.num_rows, slots)) for j in range(slots)]
     parts = []
@@ -107,7 +106,7 @@ def calibrate(
         warm = _spread(share.num_rows, min(warm_rows, max(0, share.num_rows - max(1, images // slots))))
         parts.append((_take(share, warm), _take(share, sorted(set(range(share.num_rows)) - set(warm)))))
     if slots == 1:
-        results = [_slot(layout, card, config, *parts[0])]
+        results = [embed_slot(layout, card, config, *parts[0])]
     else:
         results = run_slots(layout, card, config, parts, f"calibration of {model} {version}", SLOTS_TIMEOUT_S)
     return _combine(card, config, results)
@@ -117,42 +116,16 @@ def _take(table: pa.Table, rows) -> pa.Table:
     return table.take(pa.array(list(rows), pa.int64()))  # typed: an empty list has no type of its own
 
 
-def _slot(layout: Layout, card, config: EmbedConfig, warm: pa.Table, timed: pa.Table, release=None) -> dict:
-    """One slot's calibration: load, warm up, wait for `release` (the others), embed; seconds on the system clock."""
-    began = time.monotonic()
-    loaded = load_model(layout, card, config.device)
-    loaded_at = time.monotonic()
-    run = replace(config, work_log=None, max_reject_rate=1.0)  # a bad sample image must not stop the clock
-    with tempfile.TemporaryDirectory(prefix="backfill-calibrate-") as scratch:
-        tmp = Layout(Store.open(scratch))
-        write_shard(tmp, "sample", timed)
-        warm_s = 0.0
-        if warm.num_rows:
-            write_shard(tmp, "warmup", warm)
-            warm_s = embed_shard(tmp, "warmup", loaded, run).wall_s
-        if release is not None:
-            release()
-        start = time.monotonic()
-        stats = embed_shard(tmp, "sample", loaded, run)
-        end = time.monotonic()
-    return {
-        "model_load_s": loaded_at - began, "warm_rows": warm.num_rows, "warm_s": warm_s, "start": start, "end": end,
-        "images": stats.images, "rejects": stats.rejects, "wall_s": stats.wall_s, "batch_size": stats.batch_size,
-        "stage_s": dict(stats.stage_s),
-    }  # fmt: skip
-
-
-def _combine(card, config: EmbedConfig, results: list[dict]) -> Calibration:
+def _combine(card: ModelCard, config: EmbedConfig, results: list[SlotResult]) -> Calibration:
     """One slot's rate: every slot's images over the span from the first start to the last end, per slot."""
-    images = sum(r["images"] for r in results)
-    span = max(r["end"] for r in results) - min(r["start"] for r in results)
-    seconds = span if len(results) > 1 else results[0]["wall_s"]
+    images = sum(r.images for r in results)
+    seconds = max(r.end for r in results) - min(r.start for r in results)
     img_s = images / len(results) / seconds if seconds > 0 else 0.0
     # the warm-up beyond what its rows cost at the steady rate: every partition pays it once
-    excess = [max(0.0, r["warm_s"] - r["warm_rows"] / img_s) for r in results if r["warm_rows"] and img_s > 0]
+    excess = [max(0.0, r.warm_s - r.warm_rows / img_s) for r in results if r.warm_rows and img_s > 0]
     stage_s: dict[str, float] = {}
     for r in results:
-        for k, v in r["stage_s"].items():
+        for k, v in r.stage_s.items():
             stage_s[k] = stage_s.get(k, 0.0) + v / len(results)
     return Calibration(
         version=card.version,
@@ -160,11 +133,11 @@ def _combine(card, config: EmbedConfig, results: list[dict]) -> Calibration:
         device=config.device,
         cpus=ThreadBudget.resolve(config.torch_threads, config.decode_workers).cpus,
         images=images,
-        rejects=sum(r["rejects"] for r in results),
+        rejects=sum(r.rejects for r in results),
         seconds=seconds,
         img_s=img_s,
-        model_load_s=statistics.median(r["model_load_s"] for r in results),
-        batch_size=results[0]["batch_size"],
+        model_load_s=statistics.median(r.model_load_s for r in results),
+        batch_size=results[0].batch_size,
         stage_s={k: round(v, 3) for k, v in stage_s.items()},
         slots=len(results),
         warmup_s=statistics.median(excess) if excess else 0.0,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
+import io
 import threading
 from typing import Any
 
@@ -22,6 +24,16 @@ def load_nvimgcodec() -> Any:
         raise ConfigError(f"gpu_decoder 'nvimgcodec' needs NVIDIA nvImageCodec, which is not installed ({exc}): "
                           f"{INSTALL}, or set BACKFILL_GPU_DECODER=torchvision") from None  # fmt: skip
     return nvimgcodec
+
+
+@functools.cache
+def _probe_jpeg() -> bytes:
+    """A small baseline JPEG, made here (nothing is downloaded)."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 80, 40)).save(out, format="JPEG", quality=90)
+    return out.getvalue()
 
 
 class NvImageCodecDecoder:
@@ -44,13 +56,24 @@ class NvImageCodecDecoder:
         decoder = getattr(self._local, "decoder", None)
         if decoder is None:
             nv = self._nv
+            params = nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.ColorSpec.SRGB)
             if self.device.type == "cuda":
                 decoder = nv.Decoder(device_id=self.device.index or 0)
+                self._require_device_decode(decoder, params)
             else:  # both are needed where there is no GPU driver, else it tries CUDA
-                decoder = nv.Decoder(device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[nv.Backend(nv.CPU_ONLY)])
-            self._local.decoder = decoder
-            self._local.params = nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.ColorSpec.SRGB)
+                cpu = nv.Backend(nv.BackendKind.CPU_ONLY)
+                decoder = nv.Decoder(device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[cpu])
+            self._local.decoder, self._local.params = decoder, params
         return decoder
+
+    def _require_device_decode(self, decoder: Any, params: Any) -> None:
+        """Without its nvjpeg codec, nvImageCodec quietly decodes on the CPU into host memory: refuse that."""
+        image = decoder.decode(np.frombuffer(_probe_jpeg(), np.uint8), params=params)
+        if image is None or image.buffer_kind != self._nv.ImageBufferKind.STRIDED_DEVICE:
+            where = "nothing" if image is None else f"a {image.buffer_kind} image"
+            raise ConfigError(f"gpu_decoder 'nvimgcodec' on {self.device}: a probe JPEG decoded to {where}, not to "
+                              f"device memory: its nvjpeg codec did not load; {INSTALL}, or set "
+                              f"BACKFILL_GPU_DECODER=torchvision")  # fmt: skip
 
     def __call__(self, datas: list[torch.Tensor], mode: Any = None, device: Any = None) -> list[torch.Tensor | None]:
         decoder = self._decoder()

@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--grid",
         default="fetch=4,decode=1;fetch=4,decode=2;fetch=16,decode=4",
-        help="';'-separated settings of fetch, decode, prefetch and assemble (batch-assembly threads, default 1)",
+        help="';'-separated settings of fetch, decode, prefetch, assemble (batch-assembly threads, default 1) and "
+        "decoder (the GPU JPEG decoder on CUDA: torchvision or nvimgcodec)",
     )
     p.add_argument("--repeat", type=int, default=1, help="passes per setting; each keeps its best images/s")
     p.add_argument("--no-gpu-decode", action="store_true")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one call (about 3 minutes on one H100 with 16 cores, at most 5 by the steps' timeouts).
+# The GPU benchmark in one call (about 3 minutes on one H100 with 16 cores before the nvImageCodec rows, which add
+# about half a minute where its wheels are carried; at most 6 by the steps' timeouts).
 # Headline: ResNet-50 bf16 embed_shard end to end (row d) against model-only (row a), with the code's default
 # pipeline settings, plus a sweep of $SWEEP settings as extra "d sweep" rows and each run's ms/batch per stage;
 # then ResNet-18, the feeder alone (no model: what the host side can feed), the CPU decode table, the nvjpeg
@@ -55,7 +56,8 @@ PY
 # nvImageCodec (bench/gpu_wheels.sh carries it to the device): its fallback check, two sweep rows and a feeder row
 nv_fallback_rc=""
 if $PY -c "from nvidia import nvimgcodec" 2>/dev/null; then
-  say "nvimgcodec: installed; libnvjpeg: $($PY -c "import ctypes.util; print(ctypes.util.find_library('nvjpeg'))") (pip: $($PY -m pip list 2>/dev/null | grep -i -E 'nvjpeg|nvimgcodec' | tr -s ' ' | paste -sd ';'))"
+  # its fallback check fails loudly if nvImageCodec cannot decode into device memory (no nvjpeg codec loaded)
+  say "nvimgcodec: $($PY -c "from nvidia import nvimgcodec; print(nvimgcodec.__version__, nvimgcodec.__file__)" 2>/dev/null)"
   if [ "${SMALL:-0}" != 1 ]; then
     SWEEP="$SWEEP;decoder=nvimgcodec;decoder=nvimgcodec,assemble=2,prefetch=6"
     FEED="$FEED;fetch=64,decode=16,decoder=nvimgcodec"

@@ -48,7 +48,9 @@ def alone_wall(layout: Layout, version: str) -> float:
 
     saved, settings = _plan(layout, version), Settings.from_env()
     c = calibrate(layout, MODEL, version, settings.embed, slots=1)
-    startup = saved["startup_s"] - saved.get("warmup_s", 0.0)
+    # the warm-up the plan added: plan_for scales the calibration's to the pod's rate
+    added = saved.get("warmup_s", 0.0) * saved["calibrated_img_s"] / saved["img_s_per_pod"]
+    startup = saved["startup_s"] - added
     pod = PodSpec("local", c.device, cpus=c.cpus, shares_host=True, startup_s=startup)
     return plan_for(layout, replace(c, warmup_s=0.0), pod, saved["pods"], settings.index).wall_s
 

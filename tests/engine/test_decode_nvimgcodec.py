@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+pytest.importorskip("nvidia.nvimgcodec", reason="nvImageCodec's wheels are for Linux (the test extra installs them)")
+
 from backfill.config import EmbedConfig
 from backfill.decode_nvimgcodec import NvImageCodecDecoder, load_nvimgcodec
 from backfill.errors import ConfigError
@@ -96,6 +98,34 @@ def test_it_pickles_without_its_decoders_and_decodes_again_after():
     first = nv(data)[0]
     copy = pickle.loads(pickle.dumps(Preprocessor(SIZE, 10**8, "cpu", decoder=nv)))
     assert torch.equal(copy._decode_jpeg(data)[0], first)
+
+
+class _FakeNv:
+    """Just enough of nvidia.nvimgcodec for a CUDA decoder's construction (no CUDA here)."""
+
+    class ImageBufferKind:
+        STRIDED_DEVICE, STRIDED_HOST = "STRIDED_DEVICE", "STRIDED_HOST"
+
+    class ColorSpec:
+        SRGB = "SRGB"
+
+    def __init__(self, buffer_kind):
+        self.buffer_kind = buffer_kind
+
+    def DecodeParams(self, **kw):  # noqa: N802 (the library's name)
+        return kw
+
+    def Decoder(self, device_id):  # noqa: N802
+        decoded = None if self.buffer_kind is None else type("Image", (), {"buffer_kind": self.buffer_kind})()
+        return type("Decoder", (), {"decode": lambda _self, data, params: decoded})()
+
+
+@pytest.mark.parametrize("kind", [None, "STRIDED_HOST"])
+def test_on_cuda_a_decoder_that_would_decode_on_the_host_is_refused(kind):
+    # nvImageCodec without its nvjpeg codec decodes on the CPU: the GPU path would silently measure that
+    with pytest.raises(ConfigError, match=r"nvimgcodec' on cuda:1: a probe JPEG decoded to .* not to device memory"):
+        NvImageCodecDecoder("cuda:1", module=_FakeNv(kind))._decoder()
+    assert NvImageCodecDecoder("cuda:1", module=_FakeNv("STRIDED_DEVICE"))._decoder() is not None
 
 
 def test_asked_for_and_missing_or_misnamed_is_refused_with_the_fix(monkeypatch):
