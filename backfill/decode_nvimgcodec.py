@@ -51,24 +51,25 @@ class NvImageCodecDecoder:
         self.device = torch.device(device)
         self._nv = module or load_nvimgcodec()
         self._local = threading.local()
+        if self.device.type == "cuda":  # once, here: a partition (or a bench) fails at its start, not mid-batch
+            self._require_device_decode(self._decoder())
 
     def _decoder(self) -> Any:
         decoder = getattr(self._local, "decoder", None)
         if decoder is None:
             nv = self._nv
-            params = nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.ColorSpec.SRGB)
             if self.device.type == "cuda":
                 decoder = nv.Decoder(device_id=self.device.index or 0)
-                self._require_device_decode(decoder, params)
             else:  # both are needed where there is no GPU driver, else it tries CUDA
                 cpu = nv.Backend(nv.BackendKind.CPU_ONLY)
                 decoder = nv.Decoder(device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[cpu])
-            self._local.decoder, self._local.params = decoder, params
+            self._local.decoder = decoder
+            self._local.params = nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.ColorSpec.SRGB)
         return decoder
 
-    def _require_device_decode(self, decoder: Any, params: Any) -> None:
+    def _require_device_decode(self, decoder: Any) -> None:
         """Without its nvjpeg codec, nvImageCodec quietly decodes on the CPU into host memory: refuse that."""
-        image = decoder.decode(np.frombuffer(_probe_jpeg(), np.uint8), params=params)
+        image = decoder.decode(np.frombuffer(_probe_jpeg(), np.uint8), params=self._local.params)
         if image is None or image.buffer_kind != self._nv.ImageBufferKind.STRIDED_DEVICE:
             where = "nothing" if image is None else f"a {image.buffer_kind} image"
             raise ConfigError(f"gpu_decoder 'nvimgcodec' on {self.device}: a probe JPEG decoded to {where}, not to "

@@ -281,11 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         work = max(args.images, 4 * args.batch)
         cuda = args.device.startswith("cuda")
         prep = Preprocessor(size, 64_000_000, args.device, gpu_decode=not args.no_gpu_decode)
-        nv_prep = None  # nvImageCodec's batched decode beside nvjpeg's, where it is installed
+        nv_prep, no_nv = None, "not on CUDA"  # nvImageCodec's batched decode beside nvjpeg's, where it works
         if cuda and not args.no_gpu_decode:
             try:
                 nv_prep = Preprocessor(size, 64_000_000, args.device, gpu_decoder="nvimgcodec")
-            except ConfigError as exc:
+            except ConfigError as exc:  # not installed, or no nvjpeg codec: its rows say so, the rest still run
+                no_nv = str(exc)
                 log(f"no nvimgcodec rows: {exc}")
 
         def embed_config(
@@ -371,9 +372,12 @@ def main(argv: list[str] | None = None) -> int:
                 knobs[key] = int(value)
             swept = embed_config(knobs["prefetch"], knobs["fetch"], knobs["decode"], knobs["batch"], knobs["assemble"],
                                  knobs["decoder"])  # fmt: skip
+            name = f"d sweep {setting.replace(' ', '')}"[:44]
+            if cuda and swept.gpu_decoder == "nvimgcodec" and nv_prep is None:
+                rows[name] = (float("nan"), f"nvimgcodec unavailable: {no_nv}")
+                continue
             shutil.rmtree(layout.embeddings(args.model, "bench"), ignore_errors=True)
             stats = embed_shard(layout, "bench", model, swept)
-            name = f"d sweep {setting.replace(' ', '')}"[:44]
             full = " ".join(f"{k}={v}" for k, v in knobs.items())
             rows[name] = (stats.images_per_s, f"{stats.embedded} embedded, one run, {full}; {stage_note(stats)}")
             log(f"sweep {i + 1}: {name}: {stats.images_per_s:.0f} img/s")
