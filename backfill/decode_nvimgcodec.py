@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from backfill.errors import ConfigError
+from backfill.pipeline import cpu_budget
 
 INSTALL = "pip install 'nvidia-nvimgcodec-cu12[nvjpeg]' (or -cu13 for a CUDA 13 torch)"
 
@@ -47,8 +48,15 @@ class NvImageCodecDecoder:
     nvImageCodec's CPU backend (libjpeg-turbo), which is what the tests run here.
     """
 
-    def __init__(self, device: str | torch.device, module: Any = None) -> None:
+    def __init__(self, device: str | torch.device, module: Any = None, cpu_threads: int = 0) -> None:
+        """`cpu_threads`: host threads each Decoder may run (its parsing, and the Huffman decode of the images
+        nvjpeg's hybrid back end decodes on the host); 0: the CPUs this process may use (pipeline.cpu_budget).
+        Never nvImageCodec's own default, the machine's cores: a pod limited to 8 CPUs on a 192-core node
+        would get 192 threads per Decoder, one Decoder per assembly worker."""
         self.device = torch.device(device)
+        self.cpu_threads = cpu_threads or cpu_budget()
+        if self.cpu_threads < 1:
+            raise ConfigError(f"nvimgcodec cpu_threads must be >= 1 (or 0: the process's CPUs), got {cpu_threads}")
         self._nv = module or load_nvimgcodec()
         self._local = threading.local()
         if self.device.type == "cuda":  # once, here: a partition (or a bench) fails at its start, not mid-batch
@@ -59,10 +67,12 @@ class NvImageCodecDecoder:
         if decoder is None:
             nv = self._nv
             if self.device.type == "cuda":
-                decoder = nv.Decoder(device_id=self.device.index or 0)
+                decoder = nv.Decoder(device_id=self.device.index or 0, max_num_cpu_threads=self.cpu_threads)
             else:  # both are needed where there is no GPU driver, else it tries CUDA
                 cpu = nv.Backend(nv.BackendKind.CPU_ONLY)
-                decoder = nv.Decoder(device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[cpu])
+                decoder = nv.Decoder(
+                    device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY, max_num_cpu_threads=self.cpu_threads, backends=[cpu]
+                )
             self._local.decoder = decoder
             self._local.params = nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.ColorSpec.SRGB)
         return decoder
@@ -89,7 +99,7 @@ class NvImageCodecDecoder:
 
     def __getstate__(self) -> dict:
         # Decoders are per thread and per process (Ray and process pools copy the preprocessor): made again there
-        return {"device": self.device}
+        return {"device": self.device, "cpu_threads": self.cpu_threads}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["device"])
+        self.__init__(state["device"], cpu_threads=state["cpu_threads"])

@@ -34,11 +34,11 @@ def _torchvision_decode_jpeg():
     return decode_jpeg
 
 
-def _gpu_decoder(name: str, device: torch.device) -> Callable | None:
+def _gpu_decoder(name: str, device: torch.device, threads: int) -> Callable | None:
     if name == "nvimgcodec":
         from backfill.decode_nvimgcodec import NvImageCodecDecoder  # nvImageCodec: imported only when asked for
 
-        return NvImageCodecDecoder(device)
+        return NvImageCodecDecoder(device, cpu_threads=threads)
     return _torchvision_decode_jpeg()
 
 
@@ -110,17 +110,19 @@ class Preprocessor:
         gpu_decode: bool = True,
         decoder: Callable | None = None,
         gpu_decoder: str = "torchvision",
+        decoder_threads: int = 0,
     ) -> None:
         """`size` is the model's preprocessing contract (a bare input size: squash). `decoder` stands in for
         torchvision.io.decode_jpeg (a test passes a CPU one); by default, on CUDA, `gpu_decoder` names it:
         torchvision's (PIL alone when torchvision is not installed) or nvImageCodec's (decode_nvimgcodec,
-        required once asked for)."""
+        required once asked for). `decoder_threads`: host threads for each of nvImageCodec's decoders (one
+        per assembly thread); 0: the process's CPUs."""
         self.prep = Preprocess.of(size)
         self.size = self.prep.input_size
         self.max_pixels = max_pixels
         self.device = torch.device(device)
         if decoder is None and gpu_decode and self.device.type == "cuda":
-            decoder = _gpu_decoder(gpu_decoder, self.device)
+            decoder = _gpu_decoder(gpu_decoder, self.device, decoder_threads)
         self._decode_jpeg = decoder
         self.gpu_decode = decoder is not None
         self.fallbacks = 0  # images nvjpeg could not decode, decoded by PIL in batch()

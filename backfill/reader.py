@@ -52,8 +52,15 @@ class BatchReader(Iterator[Batch]):
     ) -> None:
         """`contract`: the model's preprocessing (card.preprocess); a bare input size means squash.
         `members`: the shard's tar members (Shard.members), read many per request (backfill/tar.py)."""
+        # nvImageCodec's decoders (one per assembly thread) share the decode workers' CPUs: on the GPU path
+        # no decode pool runs (staging is a header parse), and its host threads do the Huffman decode
         self.prep = Preprocessor(
-            contract, config.max_image_pixels, config.device, config.gpu_decode, gpu_decoder=config.gpu_decoder
+            contract,
+            config.max_image_pixels,
+            config.device,
+            config.gpu_decode,
+            gpu_decoder=config.gpu_decoder,
+            decoder_threads=max(1, decode_workers // config.assembly_workers),
         )
         batch_size = config.images_per_batch
         rows = fetch_tasks(uris, todo, members)

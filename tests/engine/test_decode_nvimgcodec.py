@@ -18,6 +18,7 @@ from backfill.decode_nvimgcodec import NvImageCodecDecoder, load_nvimgcodec
 from backfill.errors import ConfigError
 from backfill.feed import Encoded, Preprocessor
 from backfill.images import BadImage, decode
+from backfill.reader import BatchReader
 from tests.engine.test_feed import SIZE, _bytes, _image, embedded_both_ways
 
 
@@ -111,11 +112,13 @@ class _FakeNv:
 
     def __init__(self, buffer_kind):
         self.buffer_kind = buffer_kind
+        self.made: list[dict] = []  # each Decoder's arguments
 
     def DecodeParams(self, **kw):  # noqa: N802 (the library's name)
         return kw
 
-    def Decoder(self, device_id):  # noqa: N802
+    def Decoder(self, **kw):  # noqa: N802
+        self.made.append(kw)
         decoded = None if self.buffer_kind is None else type("Image", (), {"buffer_kind": self.buffer_kind})()
         return type("Decoder", (), {"decode": lambda _self, data, params: decoded})()
 
@@ -127,6 +130,29 @@ def test_on_cuda_a_decoder_that_would_decode_on_the_host_is_refused(kind):
     with pytest.raises(ConfigError, match=r"nvimgcodec' on cuda:1: a probe JPEG decoded to .* not to device memory"):
         NvImageCodecDecoder("cuda:1", module=_FakeNv(kind))
     assert NvImageCodecDecoder("cuda:1", module=_FakeNv("STRIDED_DEVICE"))._decoder() is not None
+
+
+def test_its_host_threads_follow_the_pods_cpus_split_across_assembly_workers(monkeypatch):
+    # nvImageCodec's own default is every core of the machine: on a 192-core node, a pod limited to 8 CPUs
+    # would get 192 threads per decoder, one decoder per assembly worker
+    # the real library takes the setting (on its CPU backend: no GPU here)
+    real = NvImageCodecDecoder("cpu", cpu_threads=1)
+    blob = _bytes(_image(3, (40, 40)), quality=95)
+    assert real([torch.frombuffer(bytearray(blob), dtype=torch.uint8)])[0].shape == (3, 40, 40)
+    fake = _FakeNv("STRIDED_DEVICE")
+    monkeypatch.setattr("backfill.decode_nvimgcodec.load_nvimgcodec", lambda: fake)
+    monkeypatch.setattr("backfill.decode_nvimgcodec.cpu_budget", lambda: 5)
+    config = EmbedConfig(device="cuda", gpu_decoder="nvimgcodec", assembly_workers=2, prefetch_batches=1)
+    reader = BatchReader([], [], SIZE, config, decode_workers=7)
+    reader.close()
+    assert fake.made == [{"device_id": 0, "max_num_cpu_threads": 3}]  # 7 decode workers over 2 assemblers
+    reader = BatchReader([], [], SIZE, EmbedConfig(device="cuda:1", gpu_decoder="nvimgcodec", assembly_workers=4),
+                         decode_workers=2)  # fmt: skip
+    reader.close()
+    assert fake.made[-1] == {"device_id": 1, "max_num_cpu_threads": 1}  # never 0, which means "all cores"
+    assert NvImageCodecDecoder("cuda", module=fake).cpu_threads == 5  # unset: the process's CPU budget
+    copy = pickle.loads(pickle.dumps(NvImageCodecDecoder("cuda", module=fake, cpu_threads=2)))
+    assert copy.cpu_threads == 2 and fake.made[-1]["max_num_cpu_threads"] == 2  # made again with its threads
 
 
 def test_asked_for_and_missing_or_misnamed_is_refused_with_the_fix(monkeypatch):
