@@ -314,6 +314,43 @@ def main(argv: list[str] | None = None) -> int:
             if name not in rows or not rate <= rows[name][0]:
                 rows[name] = (rate, note + (f", best of {args.repeat}" if args.repeat > 1 else ""))
 
+        def environment() -> dict:
+            return {
+                "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine(),
+                "torch": torch.__version__,
+                "cores": cores,
+                "load": os.getloadavg()[0],
+                "model": args.model,
+                "precision": args.precision,
+                "autocast": str(model.autocast),
+                "batch": args.batch,
+                "images": args.images,
+                "unique": unique,
+                "side": args.side,
+                "model_load_s": round(load_s, 2),
+                "gpu_decode": prep.gpu_decode,
+            }
+
+        stem = (
+            f"embed_bench_{args.device.replace(':', '')}_{args.model}_{args.precision}"
+            f"{'_pil' if args.no_gpu_decode else ''}"
+        )
+
+        def save(rows: dict[str, tuple[float, str]], text: str = "") -> None:
+            """The JSON after every round and sweep row, marked partial until the end: a step that runs out of
+            time (gpu_check.sh's timeouts) still leaves the rows it measured for the summary."""
+            if not args.out:
+                return
+            os.makedirs(args.out, exist_ok=True)
+            env = {**environment(), "partial": not text}
+            report = {"env": env, "rows": {k: {"img_s": v, "note": n} for k, (v, n) in rows.items()}}
+            with open(f"{args.out}/{stem}.json.tmp", "w") as f:
+                json.dump(report, f, indent=2)
+            os.replace(f"{args.out}/{stem}.json.tmp", f"{args.out}/{stem}.json")  # never a half-written file
+            if text:
+                with open(f"{args.out}/{stem}.txt", "w") as f:
+                    f.write(text + "\n")
+
         for round_ in range(args.repeat):  # interleaved, so a load change on a shared machine hits every row
             best(
                 "a model-only (preloaded pixels)",
@@ -350,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                     naive(model, uris[:naive_n], size, args.batch, out_dir),
                     f"{naive_n} images, one thread decodes",
                 )
+            save(rows)
             log(f"round {round_ + 1}/{args.repeat} done")
 
         for i, setting in enumerate(filter(None, args.sweep.split(";"))):
@@ -380,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             stats = embed_shard(layout, "bench", model, swept)
             full = " ".join(f"{k}={v}" for k, v in knobs.items())
             rows[name] = (stats.images_per_s, f"{stats.embedded} embedded, one run, {full}; {stage_note(stats)}")
+            save(rows)
             log(f"sweep {i + 1}: {name}: {stats.images_per_s:.0f} img/s")
 
         m = rows["a model-only (preloaded pixels)"][0]
@@ -411,33 +450,9 @@ def main(argv: list[str] | None = None) -> int:
                 "mean cosine, nvjpeg vs PIL path",
             )
 
-        env = {
-            "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine(),
-            "torch": torch.__version__,
-            "cores": cores,
-            "load": os.getloadavg()[0],
-            "model": args.model,
-            "precision": args.precision,
-            "autocast": str(model.autocast),
-            "batch": args.batch,
-            "images": args.images,
-            "unique": unique,
-            "side": args.side,
-            "model_load_s": round(load_s, 2),
-            "gpu_decode": prep.gpu_decode,
-        }
-        text = table(rows, limit, env)
+        text = table(rows, limit, environment())
         print(text)
-        if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            stem = (
-                f"embed_bench_{args.device.replace(':', '')}_{args.model}_{args.precision}"
-                f"{'_pil' if args.no_gpu_decode else ''}"
-            )
-            with open(f"{args.out}/{stem}.txt", "w") as f:
-                f.write(text + "\n")
-            with open(f"{args.out}/{stem}.json", "w") as f:
-                json.dump({"env": env, "rows": {k: {"img_s": v, "note": n} for k, (v, n) in rows.items()}}, f, indent=2)
+        save(rows, text)
         return 0
     finally:
         if not args.root:

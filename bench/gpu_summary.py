@@ -30,7 +30,9 @@ def rows(folder: str) -> list[tuple[str, str, str, str, str]]:
         m = got.get(MODEL_ONLY, {}).get("img_s", float("nan"))
         d = got.get(END_TO_END, {}).get("img_s", float("nan"))
         ratio, floor = GOALS.get(model, (0.0, 0.0))
-        label = f"{model} {env['precision']}{' PIL decode' if path.endswith('_pil.json') else ''}"
+        # partial: the bench was stopped (a step's timeout) after these rows; the rest were never measured
+        label = (f"{model} {env['precision']}{' PIL decode' if path.endswith('_pil.json') else ''}"
+                 f"{' (partial)' if env.get('partial') else ''}")  # fmt: skip
         goal = f">= {ratio:.1f}x and >= {floor:,.0f}" if ratio else f">= {floor:,.0f}" if floor else "(no goal)"
         out.append((f"{label}: model-only", f"{m:,.0f}", "1.00", "", ""))
         # end to end at the defaults, then the sweep's other settings (assembly workers, nvImageCodec), judged alike
@@ -38,6 +40,7 @@ def rows(folder: str) -> list[tuple[str, str, str, str, str]]:
                                        for name, row in got.items() if name.startswith(SWEEP)]  # fmt: skip
         for what, s in runs:
             verdict = ("met" if s >= floor and s >= ratio * m else "MISSED") if floor else ""
+            verdict = "not measured" if floor and s != s else verdict  # NaN: the row never ran
             out.append((f"{label}: {what}"[:44], f"{s:,.0f}", f"{s / m:.2f}" if m else "-", goal, verdict))
     for path in sorted(glob.glob(os.path.join(folder, "feeder_bench_*.json"))):
         with open(path) as f:

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 
 import decode_bench  # noqa: E402
+import embed_bench  # noqa: E402
 import feeder_bench  # noqa: E402
 import gpu_summary  # noqa: E402
 
@@ -98,6 +99,39 @@ def test_gpu_summary_judges_end_to_end_against_model_only(tmp_path):
     assert table["resnet50 bf16: decoder=nvimgcodec"] == ("11,300", "0.81", "met")  # 0.81x and over 11k
     assert table["resnet50 bf16: assemble=2"][2] == "MISSED"  # 0.71x
     assert table["resnet18 bf16: embed_shard"][2] == "MISSED"  # under 20k
+
+
+def test_gpu_summary_reads_a_bench_stopped_by_its_timeout(tmp_path):
+    # embed_bench saves after every round and sweep row: a headline step cut off by gpu_check.sh's timeout
+    # keeps what it measured, marked partial, and what it never measured is not called missed
+    argv = ["--images", "32", "--unique", "4", "--side", "48", "--batch", "8", "--skip", "naive,ray"]
+    real_model_only, calls = embed_bench.model_only, []
+
+    def stopped_in_the_second_round(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as timeout --signal=INT would, in round 2 of 2
+        return real_model_only(*args)
+
+    embed_bench.model_only = stopped_in_the_second_round
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            embed_bench.main([*argv, "--model", "refcnn-v1", "--repeat", "2", "--out", str(tmp_path)])
+    finally:
+        embed_bench.model_only = real_model_only
+    report = json.loads((tmp_path / "embed_bench_cpu_refcnn-v1_bf16.json").read_text())
+    assert report["env"]["partial"] and gpu_summary.END_TO_END in report["rows"]  # round 1's rows
+    assert [p.name for p in tmp_path.iterdir()] == ["embed_bench_cpu_refcnn-v1_bf16.json"]  # no .tmp left
+    with_goal = report
+    with_goal["env"]["model"] = "resnet50"  # judged as the headline model
+    del with_goal["rows"][gpu_summary.END_TO_END]
+    (tmp_path / "embed_bench_cpu_refcnn-v1_bf16.json").write_text(json.dumps(with_goal))
+    table = {what: verdict for what, _, _, _, verdict in gpu_summary.rows(str(tmp_path))}
+    assert table == {"resnet50 bf16 (partial): model-only": "", "resnet50 bf16 (partial): embed_shard": "not measured"}
+    # and a finished run is not partial
+    assert embed_bench.main([*argv, "--model", "refcnn-v1", "--out", str(tmp_path)]) == 0
+    finished = json.loads((tmp_path / "embed_bench_cpu_refcnn-v1_bf16.json").read_text())
+    assert finished["env"]["partial"] is False and (tmp_path / "embed_bench_cpu_refcnn-v1_bf16.txt").exists()
 
 
 def test_gpu_summary_says_a_skipped_fallback_check_was_skipped_not_passed(tmp_path, capsys):
