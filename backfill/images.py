@@ -98,7 +98,7 @@ def decode(data: bytes, size: int | Preprocess, max_pixels: int) -> np.ndarray:
             img.draft("RGB", prep.draft_size(width, height))
             # the geometry of the image as it is, not as drafted: a reduced decode rounds its size, and the
             # GPU path and a plain full decode take the resize target and crop from the true size
-            return prep.apply_pil(_to_rgb(img), prep.geometry(width, height))
+            return prep.apply_pil(_rgb_or_gray(img), prep.geometry(width, height))
     except BadImage:
         raise
     except UnidentifiedImageError:
@@ -109,7 +109,8 @@ def decode(data: bytes, size: int | Preprocess, max_pixels: int) -> np.ndarray:
         raise BadImage(f"truncated or corrupt image: {exc}") from None
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _rgb_or_gray(img: Image.Image) -> Image.Image:
+    """RGB, or "L" as it is: a grayscale image is made RGB after the resize (Preprocess.apply_pil)."""
     img.seek(0)  # animated formats: the first frame stands for the image
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
@@ -119,4 +120,4 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "L" else img.convert("RGB")

@@ -162,8 +162,10 @@ class Preprocess:
         return min(width, margin * w), min(height, margin * h)
 
     def apply_pil(self, img: Image.Image, geo: Geometry | None = None) -> np.ndarray:
-        """An RGB PIL image -> (input_size, input_size, 3) uint8 RGB, by this contract's geometry (of the
-        image's own size, or `geo`: that of the original when `img` was decoded at a reduced scale)."""
+        """An RGB or grayscale ("L") PIL image -> (input_size, input_size, 3) uint8 RGB, by this contract's
+        geometry (of the image's own size, or `geo`: that of the original when `img` was decoded at a reduced
+        scale). A grayscale image is resized in one channel and made RGB after: the same pixels as converting
+        first (the resize treats each channel alike), a third of the resize work."""
         geo = geo or self.geometry(*img.size)
         pil_filter = INTERPOLATIONS[self.interpolation][0]
         # reducing_gap: a large shrink starts with a cheap box reduction (PIL's own speed-up)
@@ -173,10 +175,10 @@ class Preprocess:
             left, top = geo.crop
             out = out.crop((left, top, left + s, top + s))
         elif geo.paste is not None:
-            canvas = Image.new("RGB", (s, s))
+            canvas = Image.new(out.mode, (s, s))
             canvas.paste(out, geo.paste)
             out = canvas
-        return np.asarray(out, dtype=np.uint8)
+        return np.asarray(out.convert("RGB") if out.mode == "L" else out, dtype=np.uint8)
 
     def apply_tensor(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) uint8 images of one shape (any device) -> (N, 3, input_size, input_size) uint8."""

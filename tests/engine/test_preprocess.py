@@ -105,6 +105,31 @@ def test_decode_applies_the_contract_and_a_bare_size_still_squashes():
     assert np.array_equal(cropped, expected)
 
 
+@pytest.mark.parametrize("resize", ["squash", "resize_crop", "pad"])
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+def test_a_grayscale_image_is_resized_in_one_channel_with_the_same_pixels(resize, interpolation, monkeypatch):
+    prep = Preprocess(32, resize=resize, interpolation=interpolation)
+    gray = _photo(150, 90).convert("L")
+    blobs = {fmt: _encoded(gray, fmt) for fmt in ("PNG", "JPEG")}
+    modes: list[str] = []
+    resize_ = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda img, *a, **k: modes.append(img.mode) or resize_(img, *a, **k))
+    for fmt, blob in blobs.items():
+        img = Image.open(io.BytesIO(blob))
+        img.draft("RGB", prep.draft_size(*img.size))  # what decode does; a no-op for a PNG
+        before = prep.apply_pil(img.convert("RGB"), prep.geometry(150, 90))  # made RGB first, as it was
+        modes.clear()
+        after = decode(blob, prep, 10**6)
+        assert modes == ["L"], fmt  # one channel resized, not three
+        assert after.shape == (32, 32, 3) and np.array_equal(after, before), fmt
+
+
+def _encoded(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
 def test_a_card_without_a_contract_decodes_large_jpegs_exactly_as_before_and_a_declared_one_finer():
     buf = io.BytesIO()
     _photo(1200, 900).save(buf, format="JPEG", quality=90)
