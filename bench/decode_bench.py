@@ -79,7 +79,7 @@ def candidates() -> dict[str, tuple[Callable[[bytes, Preprocess], np.ndarray] | 
     except ImportError as exc:
         out["simplejpeg"] = (None, f"not installed ({exc})")
     try:
-        from turbojpeg import TJPF_RGB, TurboJPEG
+        from turbojpeg import TJPF_GRAY, TJPF_RGB, TurboJPEG
 
         tj = TurboJPEG()
 
@@ -87,8 +87,8 @@ def candidates() -> dict[str, tuple[Callable[[bytes, Preprocess], np.ndarray] | 
             width, height, _, colorspace = tj.decode_header(data)
             return height, width, {0: "RGB", 1: "YCbCr", 2: "Gray"}.get(colorspace, "CMYK"), ""
 
-        def tj_decode(data: bytes, scale: int) -> np.ndarray:
-            return tj.decode(data, pixel_format=TJPF_RGB, scaling_factor=(1, scale))
+        def tj_decode(data: bytes, scale: int, gray: bool) -> np.ndarray:
+            return tj.decode(data, pixel_format=TJPF_GRAY if gray else TJPF_RGB, scaling_factor=(1, scale))
 
         def turbo(data: bytes, prep: Preprocess) -> np.ndarray:
             got = turbo_path(data, prep, header, tj_decode)
@@ -104,12 +104,14 @@ def turbo_path(
     data: bytes,
     prep: Preprocess,
     header: Callable[[bytes], tuple],
-    decode_scaled: Callable[[bytes, int], np.ndarray],
+    decode_scaled: Callable[[bytes, int, bool], np.ndarray],
 ) -> np.ndarray | None:
     """A clean JPEG decoded by a libjpeg-turbo binding at the DCT scale PIL's draft picks, resized by PIL, or
     None (not a JPEG, CMYK/YCCK, out of the pixel bound, any decoder complaint): PIL's to accept or reject.
+    A grayscale JPEG is decoded and resized in one channel, as the PIL path does (Preprocess.apply_pil).
 
-    `header(data) -> (height, width, colourspace, subsampling)`; `decode_scaled(data, scale) -> HxWx3 uint8`.
+    `header(data) -> (height, width, colourspace, subsampling)`;
+    `decode_scaled(data, scale, gray) -> HxWx3 uint8, or HxWx1 for gray`.
     """
     if data[:3] != b"\xff\xd8\xff":
         return None
@@ -118,12 +120,14 @@ def turbo_path(
         if colourspace not in ("YCbCr", "RGB", "Gray") or not 1 <= width * height <= MAX_PIXELS:
             return None
         scale = draft_scale(width, height, prep.draft_size(width, height))
-        pixels = decode_scaled(data, scale)
+        gray = colourspace == "Gray"
+        pixels = decode_scaled(data, scale, gray)
     except Exception:  # simplejpeg raises ValueError for anything it will not decode strictly
         return None
-    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.shape[:2] != (-(-height // scale), -(-width // scale)):
+    channels = 1 if gray else 3
+    if pixels.ndim != 3 or pixels.shape[2] != channels or pixels.shape[:2] != (-(-height // scale), -(-width // scale)):
         return None
-    return prep.apply_pil(Image.fromarray(pixels), prep.geometry(width, height))
+    return prep.apply_pil(Image.fromarray(pixels[:, :, 0] if gray else pixels), prep.geometry(width, height))
 
 
 def draft_scale(width: int, height: int, size: tuple[int, int]) -> int:
@@ -132,13 +136,17 @@ def draft_scale(width: int, height: int, size: tuple[int, int]) -> int:
     return next(s for s in (8, 4, 2, 1) if fit >= s)
 
 
-def _simplejpeg_scaled(data: bytes, scale: int) -> np.ndarray:
+def _simplejpeg_scaled(data: bytes, scale: int, gray: bool = False) -> np.ndarray:
     """simplejpeg at exactly 1/scale: at least the reduced size and at least that factor."""
     import simplejpeg
 
     height, width, _, _ = simplejpeg.decode_jpeg_header(data)
     return simplejpeg.decode_jpeg(
-        data, "RGB", min_height=-(-height // scale), min_width=-(-width // scale), min_factor=scale
+        data,
+        "GRAY" if gray else "RGB",
+        min_height=-(-height // scale),
+        min_width=-(-width // scale),
+        min_factor=scale,
     )
 
 
