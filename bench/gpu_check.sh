@@ -59,7 +59,8 @@ if $PY -c "from nvidia import nvimgcodec" 2>/dev/null; then
   # its fallback check fails loudly if nvImageCodec cannot decode into device memory (no nvjpeg codec loaded)
   say "nvimgcodec: $($PY -c "from nvidia import nvimgcodec; print(nvimgcodec.__version__, nvimgcodec.__file__)" 2>/dev/null)"
   if [ "${SMALL:-0}" != 1 ]; then
-    SWEEP="$SWEEP;decoder=nvimgcodec;decoder=nvimgcodec,assemble=2,prefetch=6"
+    # its host threads are the decode workers split across assembly workers: 16, 8 and 4 per decoder here
+    SWEEP="$SWEEP;decoder=nvimgcodec;decoder=nvimgcodec,assemble=2,prefetch=6;decoder=nvimgcodec,assemble=4,prefetch=8"
     FEED="$FEED;fetch=64,decode=16,decoder=nvimgcodec"
   fi
   step 30 "nvimgcodec fallback" $PY bench/gpu_fallback_check.py --decoder nvimgcodec --device "$DEVICE"
