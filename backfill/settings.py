@@ -104,7 +104,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("BACKFILL_FETCH_WORKERS", "embed.fetch_workers", _int,
         "image reads in flight per partition (at most the S3 pool, 512)"),
     Variable("BACKFILL_DECODE_WORKERS", "embed.decode_workers", _int,
-        "decode threads (0: one per CPU of the pod's limit)"),
+        "decode threads (0: one per CPU of the pod's limit); with nvimgcodec, its host threads, split across "
+        "assembly workers"),
     Variable("BACKFILL_TORCH_THREADS", "embed.torch_threads", _int,
         "torch intra-op threads (0: one per CPU of the pod's limit)"),
     Variable("BACKFILL_PREFETCH_BATCHES", "embed.prefetch_batches", _int,
