@@ -180,11 +180,12 @@ class Preprocess:
             out = canvas
         return np.asarray(out.convert("RGB") if out.mode == "L" else out, dtype=np.uint8)
 
-    def apply_tensor(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) uint8 images of one shape (any device) -> (N, 3, input_size, input_size) uint8."""
+    def apply_tensor(self, images: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, 3, H, W) uint8 images of one shape (any device) -> (N, 3, input_size, input_size) uint8, written
+        into `into` if given (preprocess_tensor.apply_tensor)."""
         from backfill.preprocess_tensor import apply_tensor  # torch: only where batches are resized on a device
 
-        return apply_tensor(self, images)
+        return apply_tensor(self, images, into)
 
 
 def _number(value: Any) -> bool:

@@ -7,9 +7,19 @@ from torch.nn import functional as F
 
 from backfill.preprocess import INTERPOLATIONS, Preprocess
 
+# filters whose weights can be negative (bicubic's lobes): only their results can leave 0..255 and need a clamp;
+# bilinear's weights are a convex combination, nearest copies pixels
+_OVERSHOOTS = {"bicubic"}
 
-def apply_tensor(prep: Preprocess, images: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) uint8 images of one shape (any device) -> (N, 3, input_size, input_size) uint8."""
+
+def apply_tensor(prep: Preprocess, images: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, 3, H, W) uint8 images of one shape (any device) -> (N, 3, input_size, input_size) uint8.
+
+    `into`: an (N, 3, input_size, input_size) uint8 tensor (a view of a batch's rows, say) the result is written
+    into and returned, already zero where a pad leaves the canvas empty. A batch of many image sizes is resized
+    one size at a time, so what each one costs in kernel launches is the feeder's cost per image (feed.batch):
+    the last pass writes its rounded values straight into `into`, with no uint8 copy or canvas between.
+    """
     height, width = int(images.shape[2]), int(images.shape[3])
     geo = prep.geometry(width, height)
     out = images
@@ -23,16 +33,21 @@ def apply_tensor(prep: Preprocess, images: torch.Tensor) -> torch.Tensor:
             out = images.float()
             for size in ((height, geo.size[0]), (geo.size[1], geo.size[0])):
                 if tuple(out.shape[2:]) != size:
-                    out = F.interpolate(out, size=size, mode=mode, antialias=True, align_corners=False)
-                    out = out.round_().clamp_(0, 255)
-            out = out.to(torch.uint8)
+                    out = F.interpolate(out, size=size, mode=mode, antialias=True, align_corners=False).round_()
+                    if prep.interpolation in _OVERSHOOTS:
+                        out = out.clamp_(0, 255)
+            # whole numbers in 0..255 now: a float -> uint8 copy is exact
     s = prep.input_size
     if geo.crop is not None:
         left, top = geo.crop
-        return out[:, :, top : top + s, left : left + s]
+        out = out[:, :, top : top + s, left : left + s]
     if geo.paste is not None:
         left, top = geo.paste
-        canvas = torch.zeros((len(out), 3, s, s), dtype=torch.uint8, device=out.device)
-        canvas[:, :, top : top + geo.size[1], left : left + geo.size[0]] = out
-        return canvas
-    return out
+        if into is None:
+            into = torch.zeros((len(out), 3, s, s), dtype=torch.uint8, device=out.device)
+        into[:, :, top : top + geo.size[1], left : left + geo.size[0]] = out
+        return into
+    if into is None:
+        return out if out.dtype == torch.uint8 else out.to(torch.uint8)
+    into.copy_(out)
+    return into

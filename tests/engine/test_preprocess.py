@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from backfill.errors import ConfigError, ModelError
 from backfill.feed import Preprocessor
@@ -161,6 +163,74 @@ def test_the_gpu_batch_path_applies_the_contract_like_the_pil_path():
     pil = np.stack([decode(b, prep, 10**8) for b in blobs]).astype(np.int16)
     diff = np.abs(pixels.permute(0, 2, 3, 1).numpy().astype(np.int16) - pil)
     assert diff.mean() < 0.05 and diff.max() <= 1, (diff.mean(), diff.max())
+
+
+class _Launches(TorchDispatchMode):
+    """Counts the ops that run a kernel (on CUDA each one is a launch from the assembly thread); views are free."""
+
+    VIEWS = {"permute", "slice", "unsqueeze", "view", "detach", "lift_fresh", "alias", "select", "expand"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ not in self.VIEWS
+        return func(*args, **(kwargs or {}))
+
+
+def _resized_as_before(prep: Preprocess, image: torch.Tensor) -> torch.Tensor:
+    """The tensor path as it was before batches wrote in place (c60e8ff): the pixels it must still give."""
+    height, width = image.shape[1:]
+    geo, s = prep.geometry(width, height), prep.input_size
+    out = image[None]
+    if (width, height) != geo.size:
+        mode = {"nearest": "nearest-exact", "bilinear": "bilinear", "bicubic": "bicubic"}[prep.interpolation]
+        if mode == "nearest-exact":
+            out = F.interpolate(out, size=(geo.size[1], geo.size[0]), mode=mode)
+        else:
+            out = out.float()
+            for size in ((height, geo.size[0]), (geo.size[1], geo.size[0])):
+                if tuple(out.shape[2:]) != size:
+                    out = F.interpolate(out, size=size, mode=mode, antialias=True, align_corners=False)
+                    out = out.round_().clamp_(0, 255)
+            out = out.to(torch.uint8)
+    if geo.crop is not None:
+        return out[0, :, geo.crop[1] : geo.crop[1] + s, geo.crop[0] : geo.crop[0] + s]
+    if geo.paste is not None:
+        canvas = torch.zeros((3, s, s), dtype=torch.uint8)
+        canvas[:, geo.paste[1] : geo.paste[1] + geo.size[1], geo.paste[0] : geo.paste[0] + geo.size[0]] = out[0]
+        return canvas
+    return out[0]
+
+
+@pytest.mark.parametrize("resize", ["squash", "resize_crop", "pad"])
+@pytest.mark.parametrize("interpolation, launches_per_image", [("bilinear", 6), ("bicubic", 8), ("nearest", 2)])
+def test_a_batch_of_many_sizes_costs_a_few_launches_an_image_and_the_same_pixels(
+    resize, interpolation, launches_per_image
+):
+    # a real corpus has nearly as many sizes as images: each is resized alone, so the launches each one costs
+    # from the assembly thread are the GPU feeder's cost per image (they were 10-12: a stack, two clamps, a
+    # uint8 copy, a canvas, an index tensor and a scatter per size)
+    prep = Preprocess(32, resize=resize, interpolation=interpolation)
+    sizes = [(90, 50), (50, 90), (90, 50), (32, 32), (61, 47), (120, 33), (47, 61), (33, 120), (77, 77), (40, 70)]
+    blobs = []
+    for seed, size in enumerate(sizes):
+        buf = io.BytesIO()
+        _photo(*size, seed=seed).save(buf, format="JPEG", quality=95)
+        blobs.append(buf.getvalue())
+    decoded = {b: torch.from_numpy(np.array(Image.open(io.BytesIO(b)))).permute(2, 0, 1).contiguous() for b in blobs}
+    gpu = Preprocessor(prep, 10**8, "cpu", decoder=lambda datas, mode, device: [decoded[d.numpy().tobytes()]
+                                                                                for d in datas])  # fmt: skip
+    items = [gpu.stage(b) for b in blobs]
+    counted = _Launches()
+    with counted:
+        pixels, failed = gpu.batch(items)
+    assert not failed and pixels.shape == (10, 3, 32, 32)
+    expected = torch.stack([_resized_as_before(prep, decoded[b]) for b in blobs])
+    assert torch.equal(pixels, expected)  # bit for bit, rows 0 and 2 (one size, apart) included
+    # 9 sizes; the one size twice, in rows 0 and 2, is one group written through an index
+    assert counted.count <= 9 * launches_per_image + 4, counted.count
 
 
 def test_a_jpeg_decoded_at_reduced_scale_takes_its_geometry_from_its_true_size(monkeypatch):
