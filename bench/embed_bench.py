@@ -61,20 +61,33 @@ def artifact(name: str) -> bytes:
     return ref_bytes(REFERENCE[name.split("-")[1]])
 
 
-def _jpeg(args: tuple[int, int, int]) -> bytes:
+ASPECTS = (4 / 3, 3 / 4, 3 / 2, 2 / 3, 1.0, 16 / 9, 9 / 16)  # width / height of photos, both orientations
+
+
+def mixed_size(seed: int, side: int) -> tuple[int, int]:
+    """A photo-like size around `side`: long side in [0.75, 1.5] x side, a common aspect ratio. Nearly every
+    image of such a corpus has a size of its own, as in a real one, so the GPU path resizes them one by one."""
+    rng = np.random.default_rng([seed, 7])
+    long, aspect = int(side * rng.uniform(0.75, 1.5)), ASPECTS[int(rng.integers(len(ASPECTS)))]
+    return (long, max(16, round(long / aspect))) if aspect >= 1 else (max(16, round(long * aspect)), long)
+
+
+def _jpeg(args: tuple[int, int, int, int]) -> bytes:
     from backfill.sample import synthetic_image
 
-    seed, side, quality = args
-    img = synthetic_image(np.random.default_rng(seed)).resize((side, side))
+    seed, width, height, quality = args
+    img = synthetic_image(np.random.default_rng(seed)).resize((width, height))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
-def make_corpus(layout: Layout, images: int, unique: int, side: int) -> list[bytes]:
-    """`unique` synthetic side x side JPEGs on disk, listed `images` times over in one manifest shard."""
+def make_corpus(layout: Layout, images: int, unique: int, side: int, mixed: bool = False) -> list[bytes]:
+    """`unique` synthetic side x side JPEGs (of mixed_size sizes if `mixed`) on disk, listed `images` times over
+    in one manifest shard."""
+    sizes = [mixed_size(i, side) if mixed else (side, side) for i in range(unique)]
     with Pool(min(unique, os.cpu_count() or 1)) as pool:
-        blobs = pool.map(_jpeg, [(i, side, 90) for i in range(unique)], chunksize=16)
+        blobs = pool.map(_jpeg, [(i, w, h, 90) for i, (w, h) in enumerate(sizes)], chunksize=16)
     uris = []
     for i, blob in enumerate(blobs):
         path = layout.store.url("corpus", "images", f"{i:08d}.jpg")
@@ -205,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=512, help="rows in the benchmark shard")
     p.add_argument("--unique", type=int, default=0, help="distinct JPEG files (rows repeat them); 0: one per row")
     p.add_argument("--side", type=int, default=512, help="JPEG width and height")
+    p.add_argument(
+        "--mixed", action="store_true", help="JPEGs of many sizes (long side 0.75-1.5 x --side, photo aspect ratios)"
+    )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument(
         "--threads", type=int, default=0, help="torch threads and decode workers; 0: the CPUs of this process"
@@ -239,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     layout = Layout(Store.open(root))
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     try:
-        log(f"writing {unique} JPEGs of {args.side}x{args.side}, {args.images} rows")
-        blobs = make_corpus(layout, args.images, unique, args.side)
+        shape = f"many sizes around {args.side}" if args.mixed else f"{args.side}x{args.side}"
+        log(f"writing {unique} JPEGs of {shape}, {args.images} rows")
+        blobs = make_corpus(layout, args.images, unique, args.side, args.mixed)
         uris = [layout.store.url("corpus", "images", f"{i % unique:08d}.jpg") for i in range(args.images)]
         dim, size = MODELS[args.model]
         began = time.perf_counter()
@@ -327,13 +344,14 @@ def main(argv: list[str] | None = None) -> int:
                 "images": args.images,
                 "unique": unique,
                 "side": args.side,
+                "mixed": args.mixed,
                 "model_load_s": round(load_s, 2),
                 "gpu_decode": prep.gpu_decode,
             }
 
         stem = (
             f"embed_bench_{args.device.replace(':', '')}_{args.model}_{args.precision}"
-            f"{'_pil' if args.no_gpu_decode else ''}"
+            f"{'_pil' if args.no_gpu_decode else ''}{'_mixed' if args.mixed else ''}"
         )
 
         def save(rows: dict[str, tuple[float, str]], text: str = "") -> None:

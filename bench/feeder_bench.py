@@ -89,15 +89,17 @@ def timed_reader(clock: Clock) -> Iterator[type[BatchReader]]:
         reader_module.make_fetcher, reader_module.Preprocessor = saved
 
 
-def corpus(folder: str, unique: int, side: int) -> list[str]:
-    """`unique` synthetic side x side JPEGs (the embed bench's) in a local folder: the fake object store."""
-    from bench.embed_bench import _jpeg
+def corpus(folder: str, unique: int, side: int, mixed: bool = False) -> list[str]:
+    """`unique` synthetic side x side JPEGs (the embed bench's; of many sizes if `mixed`) in a local folder: the
+    fake object store."""
+    from bench.embed_bench import _jpeg, mixed_size
 
     paths = []
     for i in range(unique):
         path = os.path.join(folder, f"{i:06d}.jpg")
+        width, height = mixed_size(i, side) if mixed else (side, side)
         with open(path, "wb") as f:
-            f.write(_jpeg((i, side, 90)))
+            f.write(_jpeg((i, width, height, 90)))
         paths.append(path)
     return paths
 
@@ -177,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=1536, help="rows read (they repeat the unique files)")
     p.add_argument("--unique", type=int, default=128, help="distinct JPEG files")
     p.add_argument("--side", type=int, default=512, help="JPEG width and height")
+    p.add_argument("--mixed", action="store_true", help="JPEGs of many sizes around --side (embed_bench.mixed_size)")
     p.add_argument("--size", type=int, default=224, help="model input size")
     p.add_argument("--contract", choices=("bare", "squash", "resize_crop", "pad"), default="bare")
     p.add_argument("--batch", type=int, default=64)
@@ -194,11 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     contract = Preprocess.of(args.size) if args.contract == "bare" else Preprocess(args.size, args.contract)
     folder = tempfile.mkdtemp(prefix="feeder-bench-")
     try:
-        files = corpus(folder, args.unique, args.side)
+        files = corpus(folder, args.unique, args.side, args.mixed)
         uris = [files[i % len(files)] for i in range(args.images)]
         print(
             f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC device={args.device} cpus={cpu_budget()} "
-            f"load={os.getloadavg()[0]:.1f} rows={args.images} unique={args.unique} side={args.side} "
+            f"load={os.getloadavg()[0]:.1f} rows={args.images} unique={args.unique} "
+            f"side={args.side}{' mixed' if args.mixed else ''} "
             f"contract={contract.describe()} batch={args.batch} no-op model"
         )
         head = (

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one call (about 3 minutes on one H100 with 16 cores before the nvImageCodec rows, which add
-# about half a minute where its wheels are carried; at most 6 by the steps' timeouts).
+# The GPU benchmark in one call (about 3 minutes on one H100 with 16 cores before the nvImageCodec rows and the
+# mixed-size step, which add about a minute; at most 7 by the steps' timeouts).
 # Headline: ResNet-50 bf16 embed_shard end to end (row d) against model-only (row a), with the code's default
 # pipeline settings, plus a sweep of $SWEEP settings as extra "d sweep" rows and each run's ms/batch per stage;
 # then ResNet-18, the feeder alone (no model: what the host side can feed), the CPU decode table, the nvjpeg
@@ -54,7 +54,7 @@ for name in ("torchvision", "simplejpeg", "turbojpeg", "ray", "faiss", "dagster"
         print(name, "not installed:", type(exc).__name__)
 PY
 # nvImageCodec (bench/gpu_wheels.sh carries it to the device): its fallback check, two sweep rows and a feeder row
-nv_fallback_rc=""
+nv_fallback_rc="" MIXED_SWEEP=""
 if $PY -c "from nvidia import nvimgcodec" 2>/dev/null; then
   # its fallback check fails loudly if nvImageCodec cannot decode into device memory (no nvjpeg codec loaded)
   say "nvimgcodec: $($PY -c "from nvidia import nvimgcodec; print(nvimgcodec.__version__, nvimgcodec.__file__)" 2>/dev/null)"
@@ -62,6 +62,7 @@ if $PY -c "from nvidia import nvimgcodec" 2>/dev/null; then
     # its host threads are the decode workers split across assembly workers: 16, 8 and 4 per decoder here
     SWEEP="$SWEEP;decoder=nvimgcodec;decoder=nvimgcodec,assemble=2,prefetch=6;decoder=nvimgcodec,assemble=4,prefetch=8"
     FEED="$FEED;fetch=64,decode=16,decoder=nvimgcodec"
+    MIXED_SWEEP="decoder=nvimgcodec;decoder=nvimgcodec,assemble=2,prefetch=6"
   fi
   step 30 "nvimgcodec fallback" $PY bench/gpu_fallback_check.py --decoder nvimgcodec --device "$DEVICE"
   nv_fallback_rc=$rc
@@ -81,6 +82,11 @@ for model in $MODELS; do
       --images "$IMAGES" --unique "$UNIQUE" --batch "$BATCH" --skip naive,ray --out "$OUT"
   fi
 done
+# the headline model on a corpus of many sizes, as a real one is (the rows above: one size): the GPU path resizes
+# each size on its own, a few kernel launches per image from the assembly thread
+step 60 "embed bench $first bf16, mixed sizes" $PY bench/embed_bench.py --device "$DEVICE" --model "$first" \
+  --precision bf16 --mixed --images "$((IMAGES / 2))" --unique "$UNIQUE" --batch "$BATCH" --skip naive,ray \
+  --sweep "$MIXED_SWEEP" --out "$OUT"
 # the feeder alone (the real reader, nvjpeg on CUDA, a no-op model): the ceiling the host side sets
 # shellcheck disable=SC2086  # FEED is a list of arguments
 step 60 "feeder bench" $PY bench/feeder_bench.py --device "$DEVICE" $FEED --out "$OUT"

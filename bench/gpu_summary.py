@@ -31,8 +31,9 @@ def rows(folder: str) -> list[tuple[str, str, str, str, str]]:
         d = got.get(END_TO_END, {}).get("img_s", float("nan"))
         ratio, floor = GOALS.get(model, (0.0, 0.0))
         # partial: the bench was stopped (a step's timeout) after these rows; the rest were never measured
-        label = (f"{model} {env['precision']}{' PIL decode' if path.endswith('_pil.json') else ''}"
-                 f"{' (partial)' if env.get('partial') else ''}")  # fmt: skip
+        marks = [("_pil" in os.path.basename(path), " PIL decode"), (env.get("mixed"), " mixed sizes"),
+                 (env.get("partial"), " (partial)")]  # fmt: skip
+        label = f"{model} {env['precision']}" + "".join(mark for on, mark in marks if on)
         goal = f">= {ratio:.1f}x and >= {floor:,.0f}" if ratio else f">= {floor:,.0f}" if floor else "(no goal)"
         out.append((f"{label}: model-only", f"{m:,.0f}", "1.00", "", ""))
         # end to end at the defaults, then the sweep's other settings (assembly workers, nvImageCodec), judged alike
@@ -41,7 +42,7 @@ def rows(folder: str) -> list[tuple[str, str, str, str, str]]:
         for what, s in runs:
             verdict = ("met" if s >= floor and s >= ratio * m else "MISSED") if floor else ""
             verdict = "not measured" if floor and s != s else verdict  # NaN: the row never ran
-            out.append((f"{label}: {what}"[:44], f"{s:,.0f}", f"{s / m:.2f}" if m else "-", goal, verdict))
+            out.append((f"{label}: {what}"[:64], f"{s:,.0f}", f"{s / m:.2f}" if m else "-", goal, verdict))
     for path in sorted(glob.glob(os.path.join(folder, "feeder_bench_*.json"))):
         with open(path) as f:
             for setting, row in json.load(f).items():
@@ -56,9 +57,9 @@ def main(argv: list[str]) -> int:
     for name, rc in zip(("nvjpeg fallback check", "nvimgcodec fallback check"), argv[1:]):
         if rc != "":  # "": that check was not run (nvImageCodec not installed)
             table.append((name, "", "", "same outcome as PIL", VERDICTS.get(rc, "FAILED")))
-    print(f"{'':44} {'img/s':>9} {'x model':>8}  {'goal':28} verdict")
+    print(f"{'':64} {'img/s':>9} {'x model':>8}  {'goal':28} verdict")
     for what, rate, ratio, goal, verdict in table:
-        print(f"{what:44} {rate:>9} {ratio:>8}  {goal:28} {verdict}")
+        print(f"{what:64} {rate:>9} {ratio:>8}  {goal:28} {verdict}")
     return 0
 
 

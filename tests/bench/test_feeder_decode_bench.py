@@ -45,6 +45,17 @@ def test_feeder_bench_reads_every_row_and_puts_the_reader_back(tmp_path, capsys)
     assert "fetch=3,decode=2,assemble=3" in capsys.readouterr().out
 
 
+def test_a_mixed_corpus_has_a_size_nearly_per_image_and_the_feeder_reads_it(tmp_path):
+    sizes = [embed_bench.mixed_size(i, 512) for i in range(256)]
+    assert len(set(sizes)) > 200  # as in a real corpus: the GPU path resizes nearly every image on its own
+    assert all(384 <= max(s) <= 768 and min(s) >= 384 * 9 // 16 for s in sizes), sizes  # 16:9 at the most
+    assert {w > h for w, h in sizes} == {True, False}  # landscape and portrait
+    argv = ["--images", "24", "--unique", "6", "--side", "48", "--size", "32", "--batch", "8", "--mixed"]
+    assert feeder_bench.main([*argv, "--grid", "fetch=2,decode=1", "--out", str(tmp_path)]) == 0
+    [row] = json.loads((tmp_path / "feeder_bench_cpu.json").read_text()).values()
+    assert row["images"] == 24 and row["rejects"] == 0
+
+
 @pytest.mark.parametrize("size", [(640, 480), (1003, 701), (100, 60), (4000, 300)])
 def test_draft_scale_is_the_one_pil_picks(size):
     data = _jpeg(synthetic_image(np.random.default_rng(1)).resize(size))
