@@ -330,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             # the best of the rounds: the others were slowed by something other than this code
             if name not in rows or not rate <= rows[name][0]:
                 rows[name] = (rate, note + (f", best of {args.repeat}" if args.repeat > 1 else ""))
+            save(rows)  # each row as it is measured: a step stopped mid-round keeps the rows before
 
         def environment() -> dict:
             return {
@@ -355,8 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         def save(rows: dict[str, tuple[float, str]], text: str = "") -> None:
-            """The JSON after every round and sweep row, marked partial until the end: a step that runs out of
-            time (gpu_check.sh's timeouts) still leaves the rows it measured for the summary."""
+            """The JSON after every row, marked partial until the end: a step that runs out of time (gpu_check.sh's
+            timeouts) still leaves the rows it measured for the summary."""
             if not args.out:
                 return
             os.makedirs(args.out, exist_ok=True)
@@ -405,7 +406,6 @@ def main(argv: list[str] | None = None) -> int:
                     naive(model, uris[:naive_n], size, args.batch, out_dir),
                     f"{naive_n} images, one thread decodes",
                 )
-            save(rows)
             log(f"round {round_ + 1}/{args.repeat} done")
 
         for i, setting in enumerate(filter(None, args.sweep.split(";"))):
@@ -431,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             name = f"d sweep {setting.replace(' ', '')}"[:44]
             if cuda and swept.gpu_decoder == "nvimgcodec" and nv_prep is None:
                 rows[name] = (float("nan"), f"nvimgcodec unavailable: {no_nv}")
+                save(rows)
                 continue
             shutil.rmtree(layout.embeddings(args.model, "bench"), ignore_errors=True)
             stats = embed_shard(layout, "bench", model, swept)

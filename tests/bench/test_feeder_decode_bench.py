@@ -112,33 +112,31 @@ def test_gpu_summary_judges_end_to_end_against_model_only(tmp_path):
     assert table["resnet18 bf16: embed_shard"][2] == "MISSED"  # under 20k
 
 
-def test_gpu_summary_reads_a_bench_stopped_by_its_timeout(tmp_path):
-    # embed_bench saves after every round and sweep row: a headline step cut off by gpu_check.sh's timeout
-    # keeps what it measured, marked partial, and what it never measured is not called missed
+def test_gpu_summary_reads_a_bench_stopped_by_its_timeout(tmp_path, monkeypatch):
+    # embed_bench saves after every row it measures: a step cut off by gpu_check.sh's timeout in the middle of
+    # its one round (the mixed-size and ResNet-18 steps run one) keeps the rows before, marked partial, and what
+    # it never measured is not called missed
     argv = ["--images", "32", "--unique", "4", "--side", "48", "--batch", "8", "--skip", "naive,ray"]
-    real_model_only, calls = embed_bench.model_only, []
 
-    def stopped_in_the_second_round(*args):
-        calls.append(args)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # as timeout --signal=INT would, in round 2 of 2
-        return real_model_only(*args)
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # as timeout --signal=INT would, in round 1's end to end
 
-    embed_bench.model_only = stopped_in_the_second_round
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(embed_bench, "embed_shard", stopped)
         with pytest.raises(KeyboardInterrupt):
-            embed_bench.main([*argv, "--model", "refcnn-v1", "--repeat", "2", "--out", str(tmp_path)])
-    finally:
-        embed_bench.model_only = real_model_only
-    report = json.loads((tmp_path / "embed_bench_cpu_refcnn-v1_bf16.json").read_text())
-    assert report["env"]["partial"] and gpu_summary.END_TO_END in report["rows"]  # round 1's rows
-    assert [p.name for p in tmp_path.iterdir()] == ["embed_bench_cpu_refcnn-v1_bf16.json"]  # no .tmp left
-    with_goal = report
-    with_goal["env"]["model"] = "resnet50"  # judged as the headline model
-    del with_goal["rows"][gpu_summary.END_TO_END]
-    (tmp_path / "embed_bench_cpu_refcnn-v1_bf16.json").write_text(json.dumps(with_goal))
+            embed_bench.main([*argv, "--model", "refcnn-v1", "--mixed", "--out", str(tmp_path)])
+    name = "embed_bench_cpu_refcnn-v1_bf16_mixed.json"
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no .tmp left
+    report = json.loads((tmp_path / name).read_text())
+    assert report["env"]["partial"] and report["env"]["mixed"]
+    assert gpu_summary.MODEL_ONLY in report["rows"] and gpu_summary.END_TO_END not in report["rows"]
+    report["env"]["model"] = "resnet50"  # judged as the headline model
+    (tmp_path / name).write_text(json.dumps(report))
     table = {what: verdict for what, _, _, _, verdict in gpu_summary.rows(str(tmp_path))}
-    assert table == {"resnet50 bf16 (partial): model-only": "", "resnet50 bf16 (partial): embed_shard": "not measured"}
+    assert table == {
+        "resnet50 bf16 mixed sizes (partial): model-only": "",
+        "resnet50 bf16 mixed sizes (partial): embed_shard": "not measured",
+    }
     # and a finished run is not partial
     assert embed_bench.main([*argv, "--model", "refcnn-v1", "--out", str(tmp_path)]) == 0
     finished = json.loads((tmp_path / "embed_bench_cpu_refcnn-v1_bf16.json").read_text())
