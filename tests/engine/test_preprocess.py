@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from backfill.errors import ConfigError, ModelError
 from backfill.feed import Preprocessor
-from backfill.images import decode
+from backfill.images import BadImage, decode
 from backfill.preprocess import Geometry, Preprocess
 from backfill.registry import ModelCard
 
@@ -231,6 +231,40 @@ def test_a_batch_of_many_sizes_costs_a_few_launches_an_image_and_the_same_pixels
     assert torch.equal(pixels, expected)  # bit for bit, rows 0 and 2 (one size, apart) included
     # 9 sizes; the one size twice, in rows 0 and 2, is one group written through an index
     assert counted.count <= 9 * launches_per_image + 4, counted.count
+
+
+@pytest.mark.parametrize("resize", ["squash", "resize_crop", "pad"])
+def test_rows_written_in_place_beside_host_rows_fallbacks_and_rejects(resize):
+    # one batch of everything: GPU rows of one size in rows apart, host rows (PNG, grayscale), a JPEG the GPU
+    # decoder gives back (PIL decodes it) and one both refuse: each row as the paths give it, a pad's margins zero
+    prep = Preprocess(32, resize=resize, interpolation="bilinear")
+
+    def jpeg(img: Image.Image) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=95)
+        return buf.getvalue()
+
+    good = [jpeg(_photo(*size, seed=i)) for i, size in enumerate([(90, 50), (70, 40), (90, 50), (50, 90)])]
+    sos = good[1].index(b"\xff\xda")  # a scan naming a component the frame lacks: no decoder takes it
+    broken = good[1][: sos + 5] + b"\x09" + good[1][sos + 6 :]
+    png, gray = _encoded(_photo(60, 40, seed=7), "PNG"), jpeg(_photo(40, 60, seed=8).convert("L"))
+    blobs = [good[0], png, good[1], broken, good[2], gray, good[3]]
+    refused = {good[1], broken}  # the stand-in GPU decoder gives these back: PIL's to decode or reject
+    decoded = {b: torch.from_numpy(np.array(Image.open(io.BytesIO(b)))).permute(2, 0, 1) for b in good}
+    gpu = Preprocessor(prep, 10**8, "cpu", decoder=lambda datas, mode, device: [
+        None if d.numpy().tobytes() in refused else decoded[d.numpy().tobytes()] for d in datas])  # fmt: skip
+    pixels, failed = gpu.batch([gpu.stage(b) for b in blobs])
+    with pytest.raises(BadImage) as pil:
+        decode(broken, prep, 10**8)
+    assert failed == {3: str(pil.value)} and pixels.shape == (6, 3, 32, 32)
+    kept = [b for b in blobs if b != broken]
+    for row, blob in enumerate(kept):
+        if blob in decoded and blob not in refused:  # resized on the "device"
+            assert torch.equal(pixels[row], _resized_as_before(prep, decoded[blob])), row
+        else:  # PIL's pixels exactly
+            assert np.array_equal(pixels[row].permute(1, 2, 0).numpy(), decode(blob, prep, 10**8)), row
+    if resize == "pad":
+        assert not pixels[0, :, :5].any() and not pixels[0, :, -5:].any()  # 90x50 pasted at 32x18: margins 7
 
 
 def test_a_jpeg_decoded_at_reduced_scale_takes_its_geometry_from_its_true_size(monkeypatch):
