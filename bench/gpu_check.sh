@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The GPU benchmark in one call (about 3 minutes on one H100 with 16 cores before the nvImageCodec rows and the
-# mixed-size step, which add about a minute; at most 7 by the steps' timeouts).
+# mixed-size step, which add about a minute; at most 8 by the steps' timeouts).
 # Headline: ResNet-50 bf16 embed_shard end to end (row d) against model-only (row a), with the code's default
 # pipeline settings, plus a sweep of $SWEEP settings as extra "d sweep" rows and each run's ms/batch per stage;
 # then ResNet-18, the feeder alone (no model: what the host side can feed), the CPU decode table, the nvjpeg
 # fallback check, and one summary table against issue 14's goals (bench/gpu_summary.py). Where nvImageCodec is
-# installed (bench/gpu_wheels.sh), its fallback check, two sweep rows and a feeder row too. PIL_DECODE=1 adds
-# the same end to end with PIL instead of nvjpeg (another ~50 s).
+# installed (bench/gpu_wheels.sh), its fallback check, three sweep rows, two on the mixed sizes and a feeder row
+# too. PIL_DECODE=1 adds the same end to end with PIL instead of nvjpeg (another ~50 s).
 # Needs python3 with torch (CUDA build), numpy, pyarrow, fsspec, pillow; torchvision for nvjpeg, ray optional.
 # Prints the same table as the CPU run of bench/embed_bench.py; tables and JSON land in $OUT (default: a temp folder).
 #   bash bench/gpu_check.sh            # on the device machine
@@ -53,7 +53,7 @@ for name in ("torchvision", "simplejpeg", "turbojpeg", "ray", "faiss", "dagster"
     except Exception as exc:
         print(name, "not installed:", type(exc).__name__)
 PY
-# nvImageCodec (bench/gpu_wheels.sh carries it to the device): its fallback check, two sweep rows and a feeder row
+# nvImageCodec (bench/gpu_wheels.sh carries it to the device): its fallback check, sweep rows and a feeder row
 nv_fallback_rc="" MIXED_SWEEP=""
 if $PY -c "from nvidia import nvimgcodec" 2>/dev/null; then
   # its fallback check fails loudly if nvImageCodec cannot decode into device memory (no nvjpeg codec loaded)
