@@ -16,6 +16,7 @@ from backfill.feed import Preprocessor
 from backfill.images import BadImage, decode
 from backfill.preprocess import Geometry, Preprocess
 from backfill.registry import ModelCard
+from tests.engine.test_feed import _bytes
 
 CARD = {"name": "m", "version": "v1", "dim": 8, "input_size": 32, "sha256": "0" * 64, "created": "x"}
 
@@ -112,7 +113,7 @@ def test_decode_applies_the_contract_and_a_bare_size_still_squashes():
 def test_a_grayscale_image_is_resized_in_one_channel_with_the_same_pixels(resize, interpolation, monkeypatch):
     prep = Preprocess(32, resize=resize, interpolation=interpolation)
     gray = _photo(150, 90).convert("L")
-    blobs = {fmt: _encoded(gray, fmt) for fmt in ("PNG", "JPEG")}
+    blobs = {"PNG": _bytes(gray, "PNG"), "JPEG": _bytes(gray, quality=90)}
     modes: list[str] = []
     resize_ = Image.Image.resize
     monkeypatch.setattr(Image.Image, "resize", lambda img, *a, **k: modes.append(img.mode) or resize_(img, *a, **k))
@@ -124,12 +125,6 @@ def test_a_grayscale_image_is_resized_in_one_channel_with_the_same_pixels(resize
         after = decode(blob, prep, 10**6)
         assert modes == ["L"], fmt  # one channel resized, not three
         assert after.shape == (32, 32, 3) and np.array_equal(after, before), fmt
-
-
-def _encoded(img: Image.Image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return buf.getvalue()
 
 
 def test_a_card_without_a_contract_decodes_large_jpegs_exactly_as_before_and_a_declared_one_finer():
@@ -204,6 +199,17 @@ def _resized_as_before(prep: Preprocess, image: torch.Tensor) -> torch.Tensor:
     return out[0]
 
 
+def _stand_in_gpu(prep: Preprocess, jpegs: list[bytes], refused: set[bytes] = frozenset()):
+    """A Preprocessor whose GPU decoder is a lookup of PIL's full decodes (CHW), giving back None for `refused`,
+    so that no op of its own is counted; and those decodes."""
+    decoded = {b: torch.from_numpy(np.array(Image.open(io.BytesIO(b)))).permute(2, 0, 1).contiguous() for b in jpegs}
+
+    def decode_jpeg(datas, mode, device):
+        return [None if d.numpy().tobytes() in refused else decoded[d.numpy().tobytes()] for d in datas]
+
+    return Preprocessor(prep, 10**8, "cpu", decoder=decode_jpeg), decoded
+
+
 @pytest.mark.parametrize("resize", ["squash", "resize_crop", "pad"])
 @pytest.mark.parametrize("interpolation, launches_per_image", [("bilinear", 6), ("bicubic", 8), ("nearest", 2)])
 def test_a_batch_of_many_sizes_costs_a_few_launches_an_image_and_the_same_pixels(
@@ -214,14 +220,8 @@ def test_a_batch_of_many_sizes_costs_a_few_launches_an_image_and_the_same_pixels
     # uint8 copy, a canvas, an index tensor and a scatter per size)
     prep = Preprocess(32, resize=resize, interpolation=interpolation)
     sizes = [(90, 50), (50, 90), (90, 50), (32, 32), (61, 47), (120, 33), (47, 61), (33, 120), (77, 77), (40, 70)]
-    blobs = []
-    for seed, size in enumerate(sizes):
-        buf = io.BytesIO()
-        _photo(*size, seed=seed).save(buf, format="JPEG", quality=95)
-        blobs.append(buf.getvalue())
-    decoded = {b: torch.from_numpy(np.array(Image.open(io.BytesIO(b)))).permute(2, 0, 1).contiguous() for b in blobs}
-    gpu = Preprocessor(prep, 10**8, "cpu", decoder=lambda datas, mode, device: [decoded[d.numpy().tobytes()]
-                                                                                for d in datas])  # fmt: skip
+    blobs = [_bytes(_photo(*size, seed=seed), quality=95) for seed, size in enumerate(sizes)]
+    gpu, decoded = _stand_in_gpu(prep, blobs)
     items = [gpu.stage(b) for b in blobs]
     counted = _Launches()
     with counted:
@@ -238,21 +238,15 @@ def test_rows_written_in_place_beside_host_rows_fallbacks_and_rejects(resize):
     # one batch of everything: GPU rows of one size in rows apart, host rows (PNG, grayscale), a JPEG the GPU
     # decoder gives back (PIL decodes it) and one both refuse: each row as the paths give it, a pad's margins zero
     prep = Preprocess(32, resize=resize, interpolation="bilinear")
-
-    def jpeg(img: Image.Image) -> bytes:
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=95)
-        return buf.getvalue()
-
-    good = [jpeg(_photo(*size, seed=i)) for i, size in enumerate([(90, 50), (70, 40), (90, 50), (50, 90)])]
+    good = [
+        _bytes(_photo(*size, seed=i), quality=95) for i, size in enumerate([(90, 50), (70, 40), (90, 50), (50, 90)])
+    ]
     sos = good[1].index(b"\xff\xda")  # a scan naming a component the frame lacks: no decoder takes it
     broken = good[1][: sos + 5] + b"\x09" + good[1][sos + 6 :]
-    png, gray = _encoded(_photo(60, 40, seed=7), "PNG"), jpeg(_photo(40, 60, seed=8).convert("L"))
+    png, gray = _bytes(_photo(60, 40, seed=7), "PNG"), _bytes(_photo(40, 60, seed=8).convert("L"), quality=95)
     blobs = [good[0], png, good[1], broken, good[2], gray, good[3]]
     refused = {good[1], broken}  # the stand-in GPU decoder gives these back: PIL's to decode or reject
-    decoded = {b: torch.from_numpy(np.array(Image.open(io.BytesIO(b)))).permute(2, 0, 1) for b in good}
-    gpu = Preprocessor(prep, 10**8, "cpu", decoder=lambda datas, mode, device: [
-        None if d.numpy().tobytes() in refused else decoded[d.numpy().tobytes()] for d in datas])  # fmt: skip
+    gpu, decoded = _stand_in_gpu(prep, good, refused)
     pixels, failed = gpu.batch([gpu.stage(b) for b in blobs])
     with pytest.raises(BadImage) as pil:
         decode(broken, prep, 10**8)
