@@ -40,8 +40,12 @@ def rows(folder: str) -> list[tuple[str, str, str, str, str]]:
         runs = [("embed_shard", d)] + [(name[len(SWEEP) :], row.get("img_s", float("nan")))
                                        for name, row in got.items() if name.startswith(SWEEP)]  # fmt: skip
         for what, s in runs:
-            verdict = ("met" if s >= floor and s >= ratio * m else "MISSED") if floor else ""
-            verdict = "not measured" if floor and s != s else verdict  # NaN: the row never ran
+            if not floor:
+                verdict = ""
+            elif s != s:  # NaN: the row never ran
+                verdict = "not measured"
+            else:
+                verdict = "met" if s >= floor and s >= ratio * m else "MISSED"
             out.append((f"{label}: {what}"[:64], f"{s:,.0f}", f"{s / m:.2f}" if m else "-", goal, verdict))
     for path in sorted(glob.glob(os.path.join(folder, "feeder_bench_*.json"))):
         with open(path) as f:
