@@ -207,7 +207,7 @@ class Preprocessor:
                 # the same geometry and interpolation as the PIL path (preprocess.Preprocess), one size at a time
                 rows = [where[i] for i in positions]
                 group = gpu[positions[0]].unsqueeze(0) if len(rows) == 1 else torch.stack([gpu[i] for i in positions])
-                if rows == list(range(rows[0], rows[0] + len(rows))):
+                if rows[-1] - rows[0] == len(rows) - 1:  # adjacent (rows ascend, as positions and keep do)
                     # written in place: in a corpus of many sizes nearly every size is alone in its batch, and
                     # each launch per image counts (no stack, no canvas, no index tensor, no scatter)
                     self.prep.apply_tensor(group, into=rows_nchw[rows[0] : rows[0] + len(rows)])
